@@ -1,0 +1,751 @@
+"""A decoder-only transformer for the Llama / Qwen2 / Qwen2.5 / Qwen3 / SmolLM families, its KV cache,
+Hugging Face safetensors checkpoints in and out, and the tokenizer (tiktoken built from tokenizer.json).
+
+One Transformer class covers every family; config.json decides the small differences:
+  Llama 3.x, SmolLM/SmolLM2  plain attention, optional "llama3" RoPE frequency scaling
+  Qwen2, Qwen2.5, R1-Distill  bias on the q/k/v projections
+  Qwen3                       RMSNorm on each head's queries and keys, explicit head_dim
+
+    from model import Transformer, Tokenizer
+    model = Transformer.from_pretrained("path/to/hf_folder", dtype=torch.bfloat16, device="cuda")
+    tok = Tokenizer.from_pretrained("path/to/hf_folder")
+    logits = model(torch.tensor([tok.encode("Hello")]))        # [B, T, V]
+    model.save_pretrained("out/my_model", tokenizer=tok)        # loads in transformers and vLLM
+
+Parameter names are the Hugging Face names minus the leading "model.", so checkpoints map one to one.
+"""
+import functools
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name):
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; anything else is a clear error."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 262
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} or None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    architecture: str = "LlamaForCausalLM"
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v only
+    o_bias: bool = False  # Llama/Qwen3 "attention_bias": bias on q/k/v *and* o
+    qk_norm: bool = False  # Qwen3
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, d, source="config.json"):
+        """Read a Hugging Face config.json dict (hub style with rope_theta/rope_scaling, or transformers 5
+        style with rope_parameters)."""
+        arch = (d.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{source}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ValueError(f"{source}: missing required field {key!r}")
+        if d.get("use_sliding_window") or d.get("mlp_bias"):
+            raise ValueError(f"{source}: sliding-window attention and MLP biases are not supported")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3, linear)")
+        known = {"architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                 "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+                 "attention_bias", "bos_token_id", "eos_token_id", "model_type", "torch_dtype", "dtype"}
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type != "default" else None,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            architecture=arch, qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias")),
+            o_bias=arch != "Qwen2ForCausalLM" and bool(d.get("attention_bias")), qk_norm=arch == "Qwen3ForCausalLM",
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+            extra={k: v for k, v in d.items() if k not in known})
+
+    def to_hf(self, dtype=torch.float32):
+        """The config.json dict transformers and vLLM read (hub style: top-level rope_theta / rope_scaling)."""
+        d = dict(self.extra)
+        d.update(architectures=[self.architecture], model_type=MODEL_TYPES[self.architecture],
+                 vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act="silu",
+                 rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                 max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+                 torch_dtype=str(dtype).removeprefix("torch."))
+        if self.architecture != "Qwen2ForCausalLM":
+            d["attention_bias"] = self.o_bias
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # y = x / sqrt(mean(x^2) + eps) * g, computed in float32 and cast back (as the reference does)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg, device=None):
+    """theta_i = base^(-2i/d) (Su et al. 2021), optionally rescaled for long context (Llama 3.1 "llama3")."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif s and s.get("rope_type", s.get("type")) == "llama3":
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly
+        factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by angle pos * theta_i. x: [B, H, T, D]; cos, sin: [B, 1, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)  # stays bf16 under autocast
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.qkv_bias or cfg.o_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, cache_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, cache_pos, k, v)  # [B, H_kv, S, D]: every slot of the cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, cache_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once: [L, B, H_kv, S, D]. Writes go in place at the slots
+    `cache_pos`, so tensor shapes never change during decoding and a decode step can be captured by
+    torch.compile / CUDA graphs."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if self.k.is_cuda:  # tell CUDA graphs these buffers keep their address across calls
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
+
+    def update(self, layer, cache_pos, k, v):
+        self.k[layer].index_copy_(2, cache_pos, k)
+        self.v[layer].index_copy_(2, cache_pos, v)
+        return self.k[layer], self.v[layer]
+
+
+def padding_inputs(attention_mask):
+    """[B, T] 1 = token, 0 = padding -> rope positions [B, T] and a boolean attention mask [B, 1, T, T].
+    Positions count real tokens only, so left padding does not shift them. Each query also sees itself,
+    so a padding row never has all keys masked (which would give NaN)."""
+    valid = attention_mask.bool()
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = causal & valid[:, None, None, :]
+    return positions, mask | torch.eye(T, dtype=torch.bool, device=valid.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_hidden_layers))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None):
+        """idx [B, T] -> logits [B, T, V]; the arguments are those of hidden()."""
+        return self.lm_head(self.hidden(idx, attention_mask, positions, cache, cache_pos))
+
+    def hidden(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None):
+        """idx [B, T] -> final hidden states [B, T, C] (after the last norm; reward and value heads read these).
+        attention_mask: None (plain causal), [B, T] with 0 for padding, or a ready boolean [B, 1, T, S]
+        (True = may attend; S = cache length when decoding). positions: rope positions [B, T]
+        (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
+        that these tokens are written to."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            derived_positions, attention_mask = padding_inputs(attention_mask)
+            positions = derived_positions if positions is None else positions
+        if positions is None:
+            positions = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+        x = self.embed_tokens(idx)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attention_mask, cache, cache_pos,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attention_mask, cache, cache_pos)
+        return self.norm(x)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ checkpoints (Hugging Face format)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Hugging Face folder: config.json + model.safetensors (or sharded, with
+        model.safetensors.index.json). dtype None keeps the checkpoint's stored dtype."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder not found: {path}")
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{config_file} not found (a Hugging Face model folder needs config.json)")
+        try:
+            cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        tensors = read_safetensors(path, dtype=parse_dtype(dtype), device=device)
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(cfg)
+        model.load_hf_state_dict(tensors, source=str(path))
+        model.inv_freq = rope_inv_freq(cfg, device=device)
+        return model
+
+    def load_hf_state_dict(self, tensors, source="checkpoint"):
+        """Take weights named as in Hugging Face (model.layers.0...). Missing, unexpected or mis-shaped tensors
+        are errors naming the tensor, never a silent partial load."""
+        expected = {hf_name(n): p for n, p in self.named_parameters()}  # tied lm_head appears once, as embed
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
+        if missing or unexpected:
+            raise ValueError(f"{source}: tensors do not match the config: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{' ...' if len(unexpected) > 5 else ''}")
+        for name, p in expected.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"config.json implies {tuple(p.shape)}")
+        state = {n: tensors[hf_name(n)] for n, _ in self.named_parameters()}
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def save_pretrained(self, path, tokenizer=None, generation_config=None):
+        """Write config.json, model.safetensors (shards over 4 GB, with an index), generation_config.json and
+        the tokenizer files, atomically: into a temporary folder first, then renamed into place, so a crash
+        never leaves a half-written checkpoint at `path`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        dtype = self.embed_tokens.weight.dtype
+        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(dtype), indent=2) + "\n")
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
+        gen.update(generation_config or {})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        state = {hf_name(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()}
+        write_safetensors(state, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, path)
+
+
+def hf_name(name):
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def read_safetensors(path, dtype=None, device=None):
+    """Every tensor of a (possibly sharded) safetensors checkpoint, by name. Pickle files are never read."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        found = ", ".join(p.name for p in path.iterdir()) or "nothing"
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (found: {found}); "
+                                "only safetensors checkpoints are loaded, never pickle (.bin/.pt)")
+    tensors = {}
+    for f in files:
+        if not (path / f).exists():
+            raise FileNotFoundError(f"{path / f} is listed in {index.name} but missing")
+        with safe_open(path / f, framework="pt", device=str(device or "cpu")) as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                tensors[name] = t.to(dtype) if dtype is not None else t
+    return tensors
+
+
+def write_safetensors(state, folder, max_shard_bytes=4 * 2**30):
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def replace_dir(src, dst):
+    """Move folder src to dst; an existing dst is swapped out by rename and only then deleted."""
+    dst = Path(dst)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Log-probabilities of chosen tokens (shared by every training script)
+
+
+def token_logprobs(logits, targets, chunk_rows=4096):
+    """log pi(y_t | y_<t) of the chosen tokens: logits [B, T, V], targets [B, T] -> [B, T] float32.
+    log_softmax(z)_y = z_y - logsumexp(z), in float32 a chunk of rows at a time, so no full float32
+    [B, T, V] log-softmax is ever held."""
+    flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    out = [z.float().gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z.float(), dim=-1)
+           for z, y in zip(flat.split(chunk_rows), tgt.split(chunk_rows))]
+    return torch.cat(out).view(targets.shape)
+
+
+def token_entropy(logits, chunk_rows=4096):
+    """H(pi(. | y_<t)) = logsumexp(z) - sum_v softmax(z)_v z_v per position: [B, T, V] -> [B, T] float32."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = []
+    for z in flat.split(chunk_rows):
+        z = z.float()
+        out.append(torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: Hugging Face byte-level BPE checkpoints (GPT-2, SmolLM2, Qwen2/2.5/3, Llama 3) run by tiktoken,
+# plus a from-scratch 256-byte tokenizer for tiny models. No transformers/tokenizers/jinja at run time.
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map byte -> printable char: HF byte-level vocabs spell their tokens in this alphabet."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))  # bytes that are not printable are moved past 255, in byte order
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+# GPT-2's pre-tokenizer regex, i.e. HF's ByteLevel(use_regex=True)
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Unicode White_Space: what \s means to HF's (Oniguruma) and tiktoken's (Rust) regexes. Python's \s also matches
+# \x1c-\x1f, so the Python fallback (_python_regex) spells it out.
+_WHITE_SPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# one conversation turn as it reads in a template after _fingerprint(): this is how a format is recognised
+_CHATML_TURN = r"'<|im_start|>'+message['role']+'\n'+message['content']+'<|im_end|>\n'"
+_LLAMA3_TURN = r"'<|start_header_id|>'+message['role']+'<|end_header_id|>\n\n'+message['content']|trim+'<|eot_id|>'"
+
+
+def _fingerprint(template):
+    """Template text without spelling variants (spaces, quote style, message.role vs message['role'])."""
+    t = re.sub(r"[ \t]+", "", template.replace("\n", "\\n")).replace('"', "'")  # a real newline == '\n'
+    t = t.replace("message.role", "message['role']").replace("message.content", "message['content']")
+    return t.replace("'<|im_end|>'+'\\n'", "'<|im_end|>\\n'")
+
+
+def _pre_tokenizer_pattern(pre, where):
+    """The one regex whose matches are the pieces tokenizer.json's pre_tokenizer cuts the text into."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    level = steps[-1] if kinds[-1:] == ["ByteLevel"] else {}
+    regex, split = level.get("use_regex", True), (steps or [{}])[0]
+    if kinds == ["ByteLevel"]:  # GPT-2; without the regex (our byte tokenizer) a whole segment is one piece
+        pattern = _GPT2_PATTERN if regex else r"[\s\S]+"
+    elif (kinds == ["Split", "ByteLevel"] and not regex and "Regex" in split.get("pattern", {})
+          and split.get("behavior") == "Isolated" and not split.get("invert")):
+        pattern = split["pattern"]["Regex"]  # Qwen2/2.5/3, Llama 3: the Split regex is all there is
+    elif kinds == ["Digits", "ByteLevel"] and regex:  # SmolLM2: digits are cut out first, then GPT-2's regex
+        # so digits are pieces of their own, and a whitespace run before a digit ends there (it used to end a
+        # segment): "(?!\S)" must treat a following digit as a boundary
+        digits = r"\p{N}" if split.get("individual_digits") else r"\p{N}+"
+        pattern = rf"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+|\s+(?![^\s\p{{N}}])|\s+"""
+    else:
+        raise ValueError(f"{where}: unsupported pre_tokenizer {json.dumps(pre)[:300]} (supported: ByteLevel, "
+                         "Sequence[Split(Regex), ByteLevel(use_regex=false)], Sequence[Digits, ByteLevel])")
+    if level.get("add_prefix_space"):
+        raise ValueError(f"{where}: ByteLevel pre-tokenizer with add_prefix_space=true is not supported")
+    return pattern
+
+
+@functools.lru_cache(maxsize=None)
+def _python_regex(pattern):
+    """Compile a tiktoken/HF pattern with Python's re, which lacks \\p{..} and reads \\s differently."""
+    @functools.lru_cache(maxsize=None)
+    def category(name):  # char class body of \p{name}: ranges of code points whose category starts with name
+        cps = [cp for cp in range(0x110000) if unicodedata.category(chr(cp)).startswith(name)]
+        if not cps:
+            raise ValueError(f"unsupported regex property \\p{{{name}}} in {pattern}")
+        starts = [c for i, c in enumerate(cps) if i == 0 or cps[i - 1] != c - 1]
+        ends = [c for i, c in enumerate(cps) if i == len(cps) - 1 or cps[i + 1] != c + 1]
+        return "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in zip(starts, ends))
+    out, in_class = [], False
+    for tok in re.findall(r"\\p\{\w+\}|\\.|.", pattern, flags=re.S):
+        if tok.startswith("\\p{") or tok == "\\s":
+            body = _WHITE_SPACE if tok == "\\s" else category(tok[3:-1])
+            tok = body if in_class else f"[{body}]"
+        elif tok == "\\S" and not in_class:
+            tok = f"[^{_WHITE_SPACE}]"
+        elif tok in ("\\S", "\\P"):
+            raise ValueError(f"unsupported regex escape {tok} in {pattern}")
+        elif tok in ("[", "]"):
+            in_class = tok == "["
+        out.append(tok)
+    return re.compile("".join(out))
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer giving the same ids as the checkpoint's Hugging Face tokenizer (encoding runs in
+    tiktoken), plus the checkpoint's chat template rendered in plain Python."""
+
+    def __init__(self, tokenizer_json, config, name_or_path=""):
+        where = os.path.join(name_or_path, "tokenizer.json")
+        self._tokenizer_json, self._config, self.name_or_path = tokenizer_json, config, name_or_path
+        model = tokenizer_json.get("model") or {}
+        decoder = (tokenizer_json.get("decoder") or {}).get("type")
+        if (model.get("type") != "BPE" or decoder != "ByteLevel" or model.get("byte_fallback") or model.get("dropout")
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+            raise ValueError(f"{where}: only byte-level BPE tokenizers are supported (GPT-2 / Llama 3 / Qwen style); "
+                             f"this one has model {model.get('type')} with decoder {decoder}")
+        normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+        if normalizer not in (None, "NFC"):
+            raise ValueError(f"{where}: unsupported normalizer {normalizer} (supported: none, NFC)")
+        self._nfc = normalizer == "NFC"
+        self._pattern = _pre_tokenizer_pattern(tokenizer_json.get("pre_tokenizer") or {}, where)
+
+        # Added tokens (special or not) are cut out of the text before anything else, as HF does.
+        added = tokenizer_json.get("added_tokens", [])
+        for t in added:
+            if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                raise ValueError(f"{where}: added token {t['content']!r} uses lstrip/rstrip/single_word: not supported")
+        self.special_tokens = {t["content"]: t["id"] for t in added}
+        vocab = model["vocab"]
+        self.vocab_size = max([*vocab.values(), *self.special_tokens.values()]) + 1
+        # tiktoken's BPE merges the adjacent pair whose merged token has the lowest id, HF's the pair listed first
+        # in "merges": the same thing only if merge order is id order. Check it rather than encode wrongly.
+        last = -1
+        for n, merge in enumerate(model.get("merges", [])):
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            merged = vocab.get(a + b)
+            if a not in vocab or b not in vocab or merged is None or merged < last:
+                raise ValueError(f"{where}: merge #{n} ({a!r}, {b!r}) breaks 'merge order == token id order', which "
+                                 "this tokenizer needs (tiktoken uses the id as merge priority)")
+            last = merged
+        added_ids = set(self.special_tokens.values())
+        try:
+            self._ranks = {bytes(_BYTE_OF_CHAR[c] for c in s): i for s, i in vocab.items() if i not in added_ids}
+        except KeyError as e:
+            raise ValueError(f"{where}: vocab has a token with char {e} outside the byte-level alphabet") from None
+        # Some vocabs lack a few single bytes (SmolLM2: 21) and HF silently drops those. tiktoken needs every byte
+        # ranked, so they get placeholder ids >= vocab_size, and texts containing them take an exact slow path.
+        self._missing_bytes = set(range(256)) - {b[0] for b in self._ranks if len(b) == 1}
+        ranks = {**self._ranks, **{bytes([b]): self.vocab_size + k for k, b in enumerate(sorted(self._missing_bytes))}}
+        self._enc = tiktoken.Encoding(os.path.basename(name_or_path.rstrip("/")) or "hf", pat_str=self._pattern,
+                                      mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        # longest first: at a given position the longest added token wins (HF matches leftmost-longest)
+        by_length = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+
+        token = lambda key: config[key].get("content") if isinstance(config.get(key), dict) else config.get(key)
+        self._bos_token = token("bos_token")  # (older configs spell a token as {"content": ...})
+        self.bos_token_id, self.eos_token_id = self.token_to_id(self._bos_token), self.token_to_id(token("eos_token"))
+        pad = self.token_to_id(token("pad_token"))
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
+        self.chat_template = config.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load tokenizer.json (+ tokenizer_config.json, chat_template.jinja if present) from a checkpoint folder."""
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise FileNotFoundError(f"no tokenizer.json in {path!r} (missing folder or not a HF checkpoint)")
+
+        def read(name, default=None):
+            file = pathlib.Path(path, name)
+            return file.read_text(encoding="utf-8") if file.is_file() else default
+        config = json.loads(read("tokenizer_config.json", "{}"))
+        if not config.get("chat_template") and read("chat_template.jinja"):  # where newer transformers put it
+            config["chat_template"] = read("chat_template.jinja")
+        return cls(json.loads(read("tokenizer.json")), config, path)
+
+    @classmethod
+    def byte_level(cls, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), chat_template=CHATML_TEMPLATE):
+        """A tokenizer for models trained here: ids 0-255 are the bytes, then the special tokens; eos <|im_end|>."""
+        char = _bytes_to_unicode()
+        level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+        tokenizer_json = {
+            "version": "1.0", "pre_tokenizer": level, "decoder": level,  # no regex: without merges a byte is a token
+            "added_tokens": [{"id": 256 + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, s in enumerate(special_tokens)],
+            "model": {"type": "BPE", "vocab": {char[b]: b for b in range(256)}, "merges": []}}
+        eos = "<|im_end|>" if "<|im_end|>" in special_tokens else (special_tokens[-1] if special_tokens else None)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": eos, "pad_token": eos,
+                  "clean_up_tokenization_spaces": False, "chat_template": chat_template}
+        return cls(tokenizer_json, config, "byte_level")
+
+    def save_pretrained(self, path):
+        """Write tokenizer.json and tokenizer_config.json; the folder loads here and in transformers' AutoTokenizer."""
+        os.makedirs(path, exist_ok=True)
+        for name, obj in (("tokenizer.json", self._tokenizer_json), ("tokenizer_config.json", self._config)):
+            pathlib.Path(path, name).write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    def token_to_id(self, text):
+        """Id of the single token whose text is exactly `text` (e.g. "<|im_end|>", " the"), or None."""
+        try:
+            i = self._enc.encode_single_token(text) if text else None
+        except KeyError:
+            return None
+        return i if i is not None and i < self.vocab_size else None
+
+    def encode(self, text):
+        """Text -> ids, like HF tokenizer(text, add_special_tokens=False): special tokens in the text are recognised."""
+        ids, start = [], 0
+        for m in self._special_re.finditer(text) if self._special_re else ():
+            ids += self._encode_ordinary(text[start:m.start()])
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text):
+        if self._nfc:
+            text = unicodedata.normalize("NFC", text)
+        if self._missing_bytes and not self._missing_bytes.isdisjoint(text.encode("utf-8", "surrogatepass")):
+            return self._encode_dropping_missing_bytes(text)
+        return self._enc.encode_ordinary(text)
+
+    def _encode_dropping_missing_bytes(self, text):
+        # HF cuts the text into pieces first and drops the bytes without a token inside each piece, so the rest of
+        # the piece still merges across the gap ("!!\x04!!" -> "!!!!"). tiktoken can't drop bytes, so cut with
+        # Python's re here (slow, but such bytes are rare) and run the BPE ourselves.
+        ids, inf = [], float("inf")
+        for m in _python_regex(self._pattern).finditer(text):
+            parts = [bytes([b]) for b in m.group().encode("utf-8") if b not in self._missing_bytes]
+            while len(parts) > 1:  # BPE: merge the adjacent pair with the lowest rank (= id) until none is left
+                rank, i = min((self._ranks.get(parts[i] + parts[i + 1], inf), i) for i in range(len(parts) - 1))
+                if rank == inf:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids += [self._ranks[p] for p in parts]
+        return ids
+
+    def decode(self, ids):
+        """Ids -> text (special tokens kept); bytes that are not valid UTF-8 become U+FFFD."""
+        return self._enc.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Render [{"role": ..., "content": ...}, ...] to the exact string the checkpoint's jinja template gives.
+        Recognised: ChatML (SmolLM2, Qwen2/2.5, Qwen3 with its <think> handling; a default system prompt is taken
+        from the template) and Llama 3 / 3.1+. Roles system/user/assistant; tool calls, tool messages, non-text
+        content and template options like Qwen3's enable_thinking are out of scope."""
+        where = os.path.join(self.name_or_path, "tokenizer_config.json")
+        hint = "pass plain text instead (disable the chat template)"
+        if not self.chat_template:
+            raise ValueError(f"{where} has no chat_template; {hint}")
+        for m in messages:
+            if m.get("tool_calls") or m["role"] in ("tool", "ipython") or not isinstance(m["content"], str):
+                raise ValueError(f"chat message {m!r}: tool calls, tool messages and non-text content are unsupported")
+        fingerprint = _fingerprint(self.chat_template)
+        if _CHATML_TURN in fingerprint and "bos_token" not in fingerprint and "eos_token" not in fingerprint:
+            return self._render_chatml(messages, add_generation_prompt)
+        if _LLAMA3_TURN in fingerprint:
+            return self._render_llama3(messages, add_generation_prompt)
+        raise ValueError(f"{where}: unrecognised chat_template (known: ChatML, Llama 3); {hint}")
+
+    def _render_chatml(self, messages, add_generation_prompt):
+        t, out = self.chat_template, ""
+        # the default system prompt is the literal text of a system turn written into the template itself
+        found = re.search(r"<\|im_start\|>system(?:\\n|\n)((?:[^'\"{}<\\]|\\.)*?)<\|im_end\|>", t)
+        if found and messages and messages[0]["role"] != "system":
+            default = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), found.group(1))
+            out += f"<|im_start|>system\n{default}<|im_end|>\n"
+        # Qwen3: assistant turns after the last user query show their reasoning as <think>...</think>, earlier
+        # ones lose it (the template's own logic, in Python)
+        last_query = max([i for i, m in enumerate(messages) if m["role"] == "user" and not (
+            m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))],
+            default=len(messages) - 1)
+        for i, m in enumerate(messages):
+            content = m["content"]
+            if "</think>" in t and m["role"] == "assistant":
+                reasoning = m.get("reasoning_content")
+                if reasoning is None:
+                    reasoning = ""
+                    if "</think>" in content:
+                        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                        content = content.split("</think>")[-1].lstrip("\n")
+                if i > last_query and (i == len(messages) - 1 or reasoning):
+                    content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+            out += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def _render_llama3(self, messages, add_generation_prompt):
+        t, head = self.chat_template, lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        bos = self._bos_token or ""
+        if "Cutting Knowledge Date" in t:  # 3.1+: there is always a system turn, opening with a date preamble
+            system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+            messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
+            knowledge = re.search(r"Cutting Knowledge Date: [^\"'\\]*", t).group()
+            # 3.2+ state today's date (transformers provides strftime_now), 3.1 a fixed date_string
+            date = (time.strftime("%d %b %Y") if "strftime_now" in t
+                    else re.search(r"date_string = [\"']([^\"']*)", t).group(1))
+            out = f"{bos}{head('system')}{knowledge}\nToday Date: {date}\n\n{system}<|eot_id|>"
+        else:  # 3.0: bos before the first turn, and a system message is an ordinary turn
+            out = bos if messages else ""
+        out += "".join(f"{head(m['role'])}{m['content'].strip()}<|eot_id|>" for m in messages)
+        return out + (head("assistant") if add_generation_prompt else "")

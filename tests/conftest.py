@@ -1,0 +1,20 @@
+"""Shared test setup: the `slow` marker and the real SmolLM2-135M-Instruct folder (built by
+../shared/tools/make_smollm2.sh; point SMOLLM2_DIR at it, default ~/.cache/smollm2-135m-instruct)."""
+import os
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_DIR = Path(os.path.expanduser(os.environ.get("SMOLLM2_DIR", "~/.cache/smollm2-135m-instruct")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the scripts (minutes); deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    if not (SMOLLM2_DIR / "model.safetensors").exists():
+        pytest.skip(f"SmolLM2-135M-Instruct not found at {SMOLLM2_DIR}: build it with "
+                    f"`bash ../shared/tools/make_smollm2.sh {SMOLLM2_DIR}` or set SMOLLM2_DIR")
+    return SMOLLM2_DIR
