@@ -1,0 +1,1323 @@
+"""
+Verifiable rewards for RL on reasoning LMs (DeepSeek-R1 recipe): answer extraction, a math
+equivalence checker, format / length / language rewards, a sandbox for code rewards, pass@k and
+majority voting, and the jsonl loaders every script uses. Only stdlib + sympy (imported lazily).
+
+Rules that decide rewards (tests in tests/test_verify.py pin each one):
+- Numbers are compared exactly as rationals (0.5 == 1/2 == \\frac{2}{4}). If either side was written
+  as a decimal / scientific literal it is treated as rounded and we allow
+  |a - b| <= 1e-6 * min(1, max(|a|, |b|)): relative 1e-6 for |x| <= 1, absolute 1e-6 above, so
+  3 != 3.0001, 16386.16 != 16386.17, 1/3 == 0.333333, and 1e-7 != 0 (only exact zero equals 0).
+- Percent: "p%" equals both p and p/100 (gold "10\\%" accepts 10, 0.1 and 10%); without a % sign
+  10 != 0.1.
+- Units / currency / degrees after a number are dropped ("5 dollars" == 5, "90^\\circ" == 90).
+- "x = 3" equals "3" when the left side is a bare name (no digits: x, f(x), a+b, |AB|); two equations
+  are equal when (lhs - rhs) of one is a nonzero constant multiple of the other's ("a \\approx 0.58"
+  stands for its exact left side a).
+- Comma / "and" / "or" lists of answers are unordered multisets ("x=1, x=2" == "2, 1"; a list of
+  tuples is a set); \\{sets\\} are unordered; (tuples), [intervals] and matrices are ordered and their
+  brackets must match ([1,2) != [1,2]); a one-variable inequality equals the set it describes
+  (x > 3 == (3, \\infty)); "a \\pm b" is the list a+b, a-b.
+- Symbolic equality (done by sympy in a worker process): identical after sympy's canonicalisation,
+  numerically equal to 30 digits for constants, or equal at 6 random points for expressions.
+- Multi-letter words are compared as case-insensitive text ("Even" == "even"); single letters as
+  multiple-choice letters or variables, case-sensitive ("(A)" == "A" == "\\text{(A)}").
+is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 5000 nested braces
+(the first symbolic comparison also spends ~1 s of that budget starting the sympy worker).
+"""
+
+import atexit
+import functools
+import json
+import math
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import warnings
+from fractions import Fraction
+
+# -----------------------------------------------------------------------------
+# answer extraction
+
+def _match_brace(s, i):
+    """Index of the '}' closing the '{' at s[i], or -1. Escaped \\{ \\} are not group braces."""
+    depth = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return i
+        i += 1
+    return -1
+
+def _boxed(text, last_only=False):
+    """Contents of the well-formed \\boxed{...} / \\fbox{...} / `\\boxed 5` in text (at most 50,
+    scanning from the end when last_only)."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text)]
+    out = []
+    for i in (reversed(starts[-50:]) if last_only else starts[:50]):
+        rest = text[i:].lstrip(" ")
+        j = _match_brace(rest, 0) if rest.startswith("{") else -1
+        if j >= 0:
+            out.append(rest[1:j].strip())
+        elif text[i:i + 1] in tuple(" 0123456789") and (tok := re.match(r"[^\s${}]+", rest)):
+            out.append(tok.group(0))
+        if out and last_only:
+            break
+    return out
+
+def extract_answer(text):
+    """Content of the last well-formed \\boxed{...} / \\fbox{...} (or `\\boxed 5`), else of the last
+    <answer>...</answer>, else None."""
+    if text is None:
+        return None
+    text = str(text)
+    if box := _boxed(text, last_only=True):
+        return box[0]
+    tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+    return tags[-1].strip() if tags else None
+
+def extract_gsm8k_answer(text):
+    """GSM8K gold solutions end with '#### 1,234': return '1234' (None if there is no ####)."""
+    if text is None or "####" not in str(text):
+        return None
+    return str(text).split("####")[-1].strip().replace(",", "")
+
+# -----------------------------------------------------------------------------
+# normalisation: LaTeX answer -> canonical string (cheap, pure string work)
+
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|textup|mathrm|mathbf|"
+                      r"mathit|mathsf|mathtt|mathcal|mathbb|mathnormal|mbox|hbox|operatorname|"
+                      r"boldsymbol|bm|emph)\s*\{")
+_LATEX = [  # (pattern, replacement), applied in order when s has LaTeX or unicode in it
+    (r"\\(?:left|right)\s*\.", ""), (r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])", ""),
+    (r"\\[\[\]()]", " "), (r"\\?\$", ""),                                 # math delimiters, dollars
+    (r"\{,\}", ""), (r"(?<=\d)(?:,\\!|\\[,!]|,\\,)\s*(?=\d{3}(?!\d))", ""),  # 1{,}000  1,\!000  1\,000
+    (r"(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree)(?:\s*[CF](?![a-zA-Z]))?", ""),  # degrees (and °C, °F)
+    (r"\\%", "%"),
+    (r"\\[,;:!> ]|\\q?quad|~|\\hspace\*?\{[^}]*\}", " "),      # spacing commands
+    (r"\\(?:displaystyle|textstyle|limits|nolimits|middle)(?![a-zA-Z])", ""),
+    (r"\\[dtc]frac", r"\\frac"), (r"\\[dt]binom", r"\\binom"),
+    (r"\\leqslant|\\leq?(?![a-zA-Z])|≤", "<="), (r"\\geqslant|\\geq?(?![a-zA-Z])|≥", ">="),
+    (r"\\neq?(?![a-zA-Z])|\\not\s*=|≠", "!="), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
+    (r"\\langle(?![a-zA-Z])", "("), (r"\\rangle(?![a-zA-Z])", ")"), (r"\\varnothing|\\\{\s*\\\}", r"\\emptyset"),
+    (r"−", "-"), (r"×", r"\\times "), (r"[·⋅]", r"\\cdot "), (r"÷", r"\\div "), (r"π", r"\\pi "),
+    (r"∞", r"\\infty "), (r"√", r"\\sqrt"), (r"∪", r"\\cup "), (r"∈", r"\\in "), (r"[€£¥₹]", ""),
+]
+_TEXT = [  # applied to every answer
+    (r"\ball real numbers\b", r"(-\\infty,\\infty)"), (r"\s*\b(?:percent|percentage|pct)\b", "%"),
+    (r"(?:,\s*)?\b(?:and|or)\b", ","), (r"\s*;\s*", ","), (r"\s+", " "),  # "1 and 2", "1; 2" are lists
+]
+_LATEX, _TEXT = ([(re.compile(p), r) for p, r in subs] for subs in (_LATEX, _TEXT))
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")  # a plain decimal: the common case in RL
+_MAX_LEN = 1000  # longer answers are only compared as strings (a guard against pathological input)
+
+def _clean(s):
+    s = str(s).strip()
+    return _clean_cached(s) if len(s) < 2000 else _clean_uncached(s)
+
+@functools.lru_cache(maxsize=1 << 14)  # golds repeat across a group of samples
+def _clean_cached(s):
+    return _clean_uncached(s)
+
+def _clean_uncached(s):
+    if len(s) > 20 * _MAX_LEN or _NUMBER.fullmatch(s):
+        return s
+    if "\\boxed" in s or "\\fbox" in s:  # several boxes in one answer are a list: \boxed{1}, \boxed{2}
+        boxes = list(dict.fromkeys(b for b in _boxed(s) if b))
+        s = ", ".join(boxes) if boxes else s
+    if not s.isascii() or any(c in s for c in "\\${}^~"):
+        s = re.sub(r"(?<!\\)\\\\(?=[a-zA-Z]{2,})", r"\\", s)  # over-escaped \\frac -> \frac
+        s = s.replace("\\\\", " \\cr ")  # protect matrix row breaks from the spacing rules below
+        s = re.sub(r"\\mathbb\s*\{R\}", r"(-\\infty,\\infty)", s)
+        while m := _WRAPPER.search(s):  # \text{abc} -> abc (unbalanced: drop the command)
+            j = _match_brace(s, m.end() - 1)
+            s = s[:m.start()] + (" " + s[m.end():j] + " " + s[j + 1:] if j > 0 else s[m.end():])
+        for pat, rep in _LATEX:
+            s = pat.sub(rep, s)
+    for pat, rep in _TEXT:
+        s = pat.sub(rep, s)
+    return s.strip().rstrip(" .,;:\\").lstrip(" ,;:")
+
+def _squash(s):
+    return re.sub(r"\s+", "", s)
+
+# -----------------------------------------------------------------------------
+# structure: split an answer into lists / sets / tuples / intervals / matrices / relations
+
+def _split_top(s, sep=","):
+    """Split on `sep` outside of any ( [ { brackets."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and s[i + 1:i + 2] not in ("{", "}") and not s.startswith(sep, i):
+            i += 2  # skip escapes like \, but count \{ \} as brackets
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i = i + len(sep)
+            continue
+        i += 1
+    return [p.strip() for p in parts + [s[start:]]]
+
+def _wrapped(s):
+    """True if the bracket opening s closes exactly at its last character."""
+    depth = 0
+    for i, c in enumerate(s):
+        depth += (c in "([{") - (c in ")]}")
+        if depth == 0:
+            return i == len(s) - 1
+    return False
+
+_REL = re.compile(r"<=|>=|!=|==|=|<|>|\\approx(?![a-zA-Z])|\\in(?![a-zA-Z])")
+_REL_NAME = {"==": "=", "\\approx": "~", "\\in": "in"}
+
+def _split_rel(s):
+    """'a < b <= c' -> (['a', 'b', 'c'], ['<', '<=']) using top-level relation symbols only."""
+    parts, ops, depth, start, i = [], [], 0, 0, 0
+    while i < len(s):
+        m = _REL.match(s, i) if depth == 0 else None
+        if m:
+            parts.append(s[start:i].strip())
+            ops.append(_REL_NAME.get(m.group(0), m.group(0)))
+            start = i = m.end()
+            continue
+        depth += (s[i] in "([{") - (s[i] in ")]}")
+        i += 2 if s[i] == "\\" and s[i + 1:i + 2] not in ("{", "}") and not s[i + 1:i + 2].isalpha() else 1
+    return parts + [s[start:].strip()], ops
+
+def _is_name(lhs):
+    """Left side of an assignment: a name without digits once subscripts and arguments are dropped
+    (x, y_1, f(x), a+b, |AB|, A:B) -- so 'x = 3' answers 3 but '2x + z = 1' is an equation."""
+    t = re.sub(r"_\{[^{}]*\}|_\w", "", lhs).strip()
+    t = re.sub(r"(?<=\w)\([^()]*\)", "", t[1:-1] if t[:1] == "(" and _wrapped(t) else t)  # (p,q); f(x) -> f
+    return bool(t.strip()) and not re.search(r"\d", t)
+
+_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array|smallmatrix)\}(?:\{[^}]*\})?(.*)\\end\{\1\}", re.S)
+
+def _parse_answer(s):
+    """Whole answer -> item; a top-level comma list becomes ('list', items). ± expands to both signs."""
+    if re.fullmatch(r"[^,(\[]*?\d{1,3}(?:,\d{3})+(?:\.\d+)?[^,\d)\]]*", s):
+        s = re.sub(r"(?<=\d),(?=\d{3})", "", s)  # 1,000,000 is a number; 1,2 and (1,000) are not
+    elif re.fullmatch(r"-?\d+(?: \d+)+(?:\.\d+)?", s):
+        s = s.replace(" ", "")  # 1 000 000 (and LaTeX renders "4 2" as 42)
+    items = []
+    for p in _split_top(s):
+        if not p:
+            continue
+        variants = [p]
+        if re.search(r"\\(?:pm|mp)(?![a-zA-Z])", p):  # a \pm b \mp c -> a + b - c and a - b + c
+            variants = [re.sub(r"\\mp(?![a-zA-Z])", t, re.sub(r"\\pm(?![a-zA-Z])", s_, p)) for s_, t in (("+", "-"), ("-", "+"))]
+        items += [_parse_item(v) for v in variants]
+    return items[0] if len(items) == 1 else ("list", items)
+
+def _parse_item(p):
+    p = p.strip()
+    if p.startswith("{") and _wrapped(p):  # a bare LaTeX group {1,3} is invisible
+        return _parse_answer(p[1:-1].strip())
+    parts, ops = _split_rel(p)
+    if ops and all(parts):
+        return ("rel", parts, ops)
+    if p.startswith("\\{") and p.endswith("\\}") and _wrapped(p[1:]):
+        return ("set", [_parse_item(q) for q in _split_top(p[2:-2]) if q])
+    if m := _MATRIX.fullmatch(p):
+        rows = [r for r in m.group(2).split("\\cr") if r.strip()]
+        return ("matrix", [[_parse_item(c) for c in r.split("&")] for r in rows])
+    if len(u := _split_top(p, "\\cup")) > 1:
+        return ("union", [_parse_item(q) for q in u])
+    if p[:1] in "([" and p[-1:] in ")]" and _wrapped(p):
+        inner = _split_top(p[1:-1])
+        if len(inner) > 1:
+            return ("seq", p[0], p[-1], [_parse_item(q) for q in inner])
+        if p[0] + p[-1] in ("()", "[]"):  # (x+1) or [\begin{array}...\end{array}]: plain grouping
+            return _parse_item(p[1:-1])
+    if len(r := _split_top(p, ":")) > 1:
+        return ("ratio", [_parse_item(q) for q in r])
+    return ("expr", _strip_units(p))
+
+_UNITS = re.compile(r"(?:sq(?:uare)?\.? |cubic )?(?:units?|cm|mm|km|m|meters?|metres?|centimeters?|"
+                    r"millimeters?|kilometers?|inch(?:es)?|in|feet|foot|ft|yards?|yd|miles?|mph|kg|g|"
+                    r"grams?|kilograms?|lbs?|pounds?|ounces?|oz|liters?|litres?|ml|seconds?|sec|s|"
+                    r"minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|dollars?|cents?|yuan|"
+                    r"euros?|degrees?|deg|radians?|rad|st|nd|rd|th)\.?", re.I)
+_MATH_WORDS = {"sin", "cos", "tan", "sec", "csc", "cot", "log", "ln", "exp", "sqrt", "pi", "oo", "inf",
+               "infinity", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "abs"}
+
+def _strip_units(p):
+    """'10 cm^2' -> '10', '5 dollars' -> '5' (only when what remains is a number)."""
+    m = len(p) < 200 and re.fullmatch(r"(.*?[\d}%)])(\s*)([a-zA-Z][a-zA-Z .]*?)\s*(?:\^\s*\{?\s*[23]\s*\}?)?", p)
+    if not m:
+        return p
+    num, space, unit = m.groups()
+    known = _UNITS.fullmatch(unit) and (space or len(unit) > 1)
+    words = re.findall(r"[a-zA-Z]+", unit)  # '5 apples', '70 miles per hour'; not '20 x y'
+    if known or (space and all(len(w) > 1 and w.lower() not in _MATH_WORDS for w in words)):
+        try:
+            if not _symbols(_Parser(num).parse()):
+                return num.strip()
+        except (ValueError, IndexError):
+            pass
+    return p
+
+# -----------------------------------------------------------------------------
+# expression parser: LaTeX / plain math -> small tuple AST, shared by the exact evaluator (parent
+# process) and the sympy builder (worker). Nodes: ('n', Fraction, is_decimal) ('s', name)
+# ('c', 'pi'|'E'|'I'|'oo') (op, a, b) for + - * / ^, ('neg', a), ('!', a), ('f', name, [args]).
+
+_FUNCS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh",
+          "tanh", "log", "ln", "exp", "sqrt", "abs", "lg"}
+_CONSTS = {"pi": "pi", "infty": "oo", "infinity": "oo", "inf": "oo", "oo": "oo", "e": "E", "i": "I"}
+_WORDS = sorted((_FUNCS | set(_CONSTS)) - {"e", "i"}, key=len, reverse=True)
+_MUL = {"*", "\\cdot", "\\times", "\\ast"}
+_DIV = {"/", "\\div"}
+_CLOSE = {"(": ")", "[": "]", "{": "}", "\\lfloor": "\\rfloor", "\\lceil": "\\rceil"}
+_SKIP_CMDS = {"\\overline", "\\vec", "\\hat", "\\bar", "\\widehat", "\\overrightarrow", "\\tilde",
+              "\\underline", "\\cr", "\\!", "\\,", "\\prime"}
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|(\\[a-zA-Z]+|\\.)|"
+                    r"([a-zA-Z]+)|(\*\*|\S))")
+
+def _tokenize(s):
+    out, pos, end = [], 0, len(s.rstrip())
+    while pos < end:
+        m = _TOKEN.match(s, pos)
+        num, cmd, word, op = m.groups()
+        pos = m.end()
+        if num:
+            out.append(("num", num))
+        elif cmd:
+            name = cmd[1:]
+            kind = "func" if name in _FUNCS and name != "sqrt" else "const" if name in _CONSTS else "cmd"
+            out.append((kind, name if kind != "cmd" else cmd))
+        elif word:  # split 'sinx' -> sin x, '2xy' -> x y; known words win
+            i = 0
+            while i < len(word):
+                w = next((w for w in _WORDS if word.startswith(w, i)), word[i])
+                out.append(("func" if w in _FUNCS else "const" if w in _CONSTS and len(w) > 1 else "name", w))
+                i += len(w)
+        else:
+            out.append(("op", op))
+    return out
+
+class _Parser:
+    """Recursive descent: expr = term (+|- term)*; term = unary ((*|/|implicit) unary)*;
+    unary = -unary | power; power = postfix (^ unary)?; postfix = atom (! | %)*."""
+
+    def __init__(self, s):
+        if len(s) > _MAX_LEN:
+            raise ValueError("too long")
+        self.t, self.i, self.bars = _tokenize(s), 0, 0
+
+    def peek(self, k=0):
+        return self.t[self.i + k] if self.i + k < len(self.t) else ("end", "")
+
+    def take(self, want=None):
+        tok = self.peek()
+        if tok[0] == "end" or (want is not None and tok[1] != want):
+            raise ValueError(f"expected {want}")
+        self.i += 1
+        return tok
+
+    def parse(self):
+        e = self.expr()
+        if self.peek()[0] != "end":
+            raise ValueError("trailing input")
+        return e
+
+    def expr(self):
+        e = self.term()
+        while self.peek()[1] in ("+", "-"):
+            e = (self.take()[1], e, self.term())
+        return e
+
+    def term(self):
+        e = self.unary()
+        while True:
+            v = self.peek()[1]
+            if v in _MUL or v in _DIV:
+                self.take()
+                e = ("*" if v in _MUL else "/", e, self.unary())
+            elif self.starts_atom():
+                e = ("*", e, self.power())
+            else:
+                return e
+
+    def unary(self):
+        if self.peek()[1] in ("-", "+"):
+            return ("neg", self.unary()) if self.take()[1] == "-" else self.unary()
+        return self.power()
+
+    def power(self):
+        base = self.postfix()
+        if self.peek()[1] in ("^", "**"):
+            self.take()
+            return ("^", base, self.group() if self.peek()[1] == "{" else self.unary())
+        return base
+
+    def postfix(self):
+        e = self.atom()
+        while self.peek()[1] in ("!", "%"):
+            e = ("!", e) if self.take()[1] == "!" else ("/", e, ("n", Fraction(100), False))
+        return e
+
+    def starts_atom(self):
+        kind, v = self.peek()
+        if kind in ("num", "name", "func", "const"):
+            return True
+        if kind == "cmd":
+            return v not in _MUL | _DIV | {"\\rfloor", "\\rceil", "\\cr"}
+        return v in ("(", "[", "{") or (v == "|" and self.bars == 0)
+
+    def group(self):
+        self.take("{")
+        e = self.expr()
+        self.take("}")
+        return e
+
+    def arg(self):
+        """Argument of \\frac / \\sqrt: a {group} or a single character (\\frac12 = 1/2)."""
+        kind, v = self.peek()
+        if v == "{":
+            return self.group()
+        if kind == "num" and len(v) > 1:
+            self.t[self.i] = ("num", v[1:])
+            return ("n", Fraction(int(v[0])), False)
+        return self.atom()
+
+    def subscript(self):
+        self.take("_")
+        if self.peek()[1] != "{":
+            return self.take()[1]
+        j = self.i + 1
+        depth = 1
+        while depth:
+            depth += (self.t[j][1] == "{") - (self.t[j][1] == "}")
+            j += 1
+        sub = "".join(v for _, v in self.t[self.i + 1:j - 1])
+        self.i = j
+        return sub
+
+    def number(self, v):
+        if "e" in v.lower() and abs(int(re.split("[eE]", v)[1])) > 1000:
+            raise ValueError("exponent too large")
+        return ("n", Fraction(v), "." in v or "e" in v.lower())
+
+    def atom(self):
+        kind, v = self.take()
+        if kind == "num":
+            n = self.number(v)
+            if self.peek()[1] == "_":  # 204_5: a numeral in another base, kept opaque
+                return ("s", f"{v}_{self.subscript()}")
+            if self.peek()[1] == "\\frac" and not n[2]:  # mixed number 2\frac{1}{2} = 5/2
+                save = self.i, list(self.t)
+                self.take()
+                f = ("/", self.arg(), self.arg())
+                if f[1][0] == f[2][0] == "n" and 0 < f[1][1] < f[2][1]:
+                    return ("+", n, f)
+                self.i, self.t = save
+            return n
+        if kind == "name" or (kind == "cmd" and v not in _CLOSE and v not in _SKIP_CMDS and v[1:].isalpha()
+                              and v not in ("\\frac", "\\sqrt", "\\binom")):
+            name = v.lstrip("\\")
+            if self.peek()[1] == "_":
+                return ("s", f"{name}_{self.subscript()}")
+            return ("c", _CONSTS[name]) if name in ("e", "i") and kind == "name" else ("s", name)
+        if kind == "const":
+            return ("c", _CONSTS[v])
+        if kind == "func":
+            return self.function(v)
+        if v in _CLOSE:
+            self.bars, bars = 0, self.bars
+            e = self.expr()
+            self.take(_CLOSE[v])
+            self.bars = bars
+            return ("f", v[1:], [e]) if v.startswith("\\") else e
+        if v == "|":
+            self.bars += 1
+            e = self.expr()
+            self.take("|")
+            self.bars -= 1
+            return ("f", "abs", [e])
+        if v == "\\frac":
+            return ("/", self.arg(), self.arg())
+        if v == "\\binom":
+            return ("f", "binom", [self.arg(), self.arg()])
+        if v == "\\sqrt":
+            n = None
+            if self.peek()[1] == "[":
+                self.take()
+                n = self.expr()
+                self.take("]")
+            return ("f", "sqrt", [self.arg()] + ([n] if n else []))
+        if v in _SKIP_CMDS:  # decorations: \overline{AB} is just AB
+            return self.arg() if self.peek()[1] == "{" else self.atom()
+        raise ValueError(f"unexpected {v}")
+
+    def function(self, name):
+        base = power = None
+        if self.peek()[1] == "_":
+            self.take()
+            base = self.arg()
+        if self.peek()[1] in ("^", "**"):  # \sin^2 x
+            self.take()
+            power = self.group() if self.peek()[1] == "{" else self.unary()
+        if self.peek()[1] in ("(", "{", "["):
+            arg = self.atom()
+        else:  # \sin 2x = sin(2x): an implicit product, stopping at the next function
+            arg = self.power()
+            while self.starts_atom() and self.peek()[0] != "func":
+                arg = ("*", arg, self.power())
+        if power == ("neg", ("n", 1, False)) and name in ("sin", "cos", "tan"):
+            name, power = "a" + name, None  # \sin^{-1} x = arcsin x
+        node = ("f", name, [arg] + ([base] if base is not None else []))
+        return ("^", node, power) if power is not None else node
+
+def _symbols(node):
+    if node[0] == "s":
+        return {node[1]}
+    kids = node[2] if node[0] == "f" else node[1:] if node[0] not in ("n", "c") else ()
+    return set().union(*(_symbols(k) for k in kids if isinstance(k, tuple)))
+
+def _has_decimal(node):
+    if node[0] == "n":
+        return node[2]
+    kids = node[2] if node[0] == "f" else node[1:] if node[0] not in ("s", "c") else ()
+    return any(_has_decimal(k) for k in kids if isinstance(k, tuple))
+
+# -----------------------------------------------------------------------------
+# exact rational evaluation: decides plain numbers without sympy (microseconds)
+
+class _NotRational(Exception):
+    pass
+
+_MAX_BITS = 100_000  # refuse powers/factorials whose result would exceed ~30k digits
+
+def _check_pow(base_bits, exp):
+    if abs(exp) > 10_000 or abs(exp) * base_bits > _MAX_BITS:
+        raise ValueError("power too large")
+
+def _rat(n):
+    op = n[0]
+    if op == "n":
+        return n[1]
+    if op == "neg":
+        return -_rat(n[1])
+    if op in ("+", "-", "*", "/", "^"):
+        a, b = _rat(n[1]), _rat(n[2])
+        if op == "+": return a + b
+        if op == "-": return a - b
+        if op == "*": return a * b
+        if op == "/":
+            if b == 0:
+                raise _NotRational
+            return a / b
+        if b.denominator != 1 or (a == 0 and b < 0):
+            raise _NotRational
+        _check_pow(max(abs(a.numerator), a.denominator).bit_length() if abs(a) != 1 else 0, b)
+        return a ** int(b)
+    if op == "!":
+        a = _rat(n[1])
+        if a.denominator != 1 or a < 0:
+            raise _NotRational
+        if a > 5000:
+            raise ValueError("factorial too large")
+        return Fraction(math.factorial(int(a)))
+    if op == "f" and n[1] in ("sqrt", "abs") and len(n[2]) == 1:
+        a = _rat(n[2][0])
+        if n[1] == "abs":
+            return abs(a)
+        r = (math.isqrt(a.numerator), math.isqrt(a.denominator)) if a >= 0 else (0, 0)
+        if a >= 0 and r[0] ** 2 == a.numerator and r[1] ** 2 == a.denominator:
+            return Fraction(*r)
+    raise _NotRational
+
+def _close(a, b, decimal):
+    """Exact equality, or the documented tolerance when a decimal literal was involved."""
+    return a == b or (decimal and abs(a - b) <= Fraction(1, 10**6) * min(1, max(abs(a), abs(b))))
+
+# -----------------------------------------------------------------------------
+# comparison of parsed answers. sym=False is the fast path in the caller's process: it raises
+# _NeedSympy instead of guessing, and the same function then runs with sym=True in the worker.
+
+class _NeedSympy(Exception):
+    pass
+
+def _equiv(a, b, sym):
+    return _item_equal(_parse_answer(a), _parse_answer(b), sym)
+
+def _assignment_value(x):
+    """'x = 1 + 1 = 2' -> item for '2' (the last exact '=' part); '\\frac{\\sqrt3}{3} \\approx 0.577' ->
+    the exact value in front; None if x is not an assignment."""
+    parts, ops = x[1], x[2]
+    if set(ops) == {"~"} and not _is_name(parts[0]):
+        return _parse_item(parts[0])
+    if not (all(o in ("=", "~", "in") for o in ops) and _is_name(parts[0])):
+        return None
+    exact = [p for p, o in zip(parts[1:], ops) if o in ("=", "in")]
+    return _parse_item(exact[-1] if exact else parts[-1])
+
+def _match_unordered(xs, ys, sym):
+    """Same multiset of answers: pair every item with a distinct equal item on the other side.
+    Lists of tuples are solution sets of a system: there a repeated tuple is ignored."""
+    if all(z[0] == "seq" for z in xs + ys):
+        return (all(any(_item_equal(x, y, sym) for y in ys) for x in xs)
+                and all(any(_item_equal(x, y, sym) for x in xs) for y in ys))
+    if len(xs) != len(ys):
+        return False
+    left = list(ys)
+    for x in xs:
+        j = next((j for j, y in enumerate(left) if _item_equal(x, y, sym)), None)
+        if j is None:
+            return False
+        left.pop(j)
+    return True
+
+def _item_equal(x, y, sym):
+    kx, ky = x[0], y[0]
+    if kx == "rel" and ky != "rel" and (v := _assignment_value(x)) is not None:
+        return _item_equal(v, y, sym)
+    if ky == "rel" and kx != "rel" and (v := _assignment_value(y)) is not None:
+        return _item_equal(x, v, sym)
+    if kx in ("list", "set") and ky in ("list", "set"):
+        return _match_unordered(x[1], y[1], sym)
+    if {kx, ky} == {"list", "seq"}:  # "1, 3" is read as the tuple (1, 3), in order
+        xs, s = (x[1], y) if kx == "list" else (y[1], x)
+        return s[1:3] == ("(", ")") and len(xs) == len(s[3]) and all(_item_equal(a, b, sym) for a, b in zip(xs, s[3]))
+    if kx == ky == "seq":
+        return (x[1:3] == y[1:3] and len(x[3]) == len(y[3])
+                and all(_item_equal(a, b, sym) for a, b in zip(x[3], y[3])))
+    if kx == ky == "ratio":
+        return len(x[1]) == len(y[1]) and all(_item_equal(a, b, sym) for a, b in zip(x[1], y[1]))
+    if "matrix" in (kx, ky):
+        rows = lambda z: z[1] if z[0] == "matrix" else [[c] for c in z[3]] if z[0] == "seq" and z[1] == "(" else None
+        rx, ry = rows(x), rows(y)
+        vector = lambda r: len(r) == 1 or all(len(row) == 1 for row in r)
+        if rx is None or ry is None or ("seq" in (kx, ky) and not (vector(rx) and vector(ry))):
+            return False
+        fx, fy = [c for r in rx for c in r], [c for r in ry for c in r]
+        shape_ok = [len(r) for r in rx] == [len(r) for r in ry] or "seq" in (kx, ky)
+        return shape_ok and len(fx) == len(fy) and all(_item_equal(a, b, sym) for a, b in zip(fx, fy))
+    if kx == ky == "expr":
+        return _expr_equal(x[1], y[1], sym)
+    if kx == ky == "rel":
+        vx, vy = _assignment_value(x), _assignment_value(y)
+        if vx is not None and vy is not None and _squash(x[1][0]) == _squash(y[1][0]):
+            return _item_equal(vx, vy, sym)
+    setlike = {"rel", "seq", "union", "set"}
+    if kx in setlike and ky in setlike and (kx == "rel" or ky == "rel" or "union" in (kx, ky)):
+        if kx == ky == "union" and _match_unordered(x[1], y[1], sym):
+            return True
+        if not sym:
+            raise _NeedSympy
+        return _sympy_structured_equal(x, y)
+    return False
+
+def _text(s):
+    """Lower-cased text if s reads as words (not math), else None."""
+    if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", s) and any(
+            len(w) > 1 and w.lower() not in _MATH_WORDS for w in re.split(r"[ '\-]", s)):
+        return " ".join(s.lower().split())
+    return None
+
+_MC = re.compile(r"\(([A-E])\)(?:\s.*)?|([A-E])[.:)](?:\s.*)?|([A-E])")
+
+def _expr_equal(a, b, sym):
+    if _squash(a) == _squash(b):
+        return True
+    ta, tb = _text(a), _text(b)
+    if ta is not None and tb is not None:
+        return ta == tb
+    ma, mb = _MC.fullmatch(a), _MC.fullmatch(b)
+    if ma and mb:
+        return "".join(ma.groups(default="")) == "".join(mb.groups(default=""))
+    if len(a) == len(b) == 1 and a.isalpha() and b.isalpha():
+        return False  # different single letters (variables are case-sensitive: e != E)
+    try:
+        pa, pb = _expr_node(a), _expr_node(b)
+        va, vb = _value(pa[0]), _value(pb[0])
+    except (ValueError, IndexError, KeyError, RecursionError, ZeroDivisionError, OverflowError):
+        return False  # unparseable (or absurdly large) and not string-equal
+    decimal = _has_decimal(pa[0]) or _has_decimal(pb[0])
+    if va is not None and vb is not None:  # both plain numbers: decided here, exactly
+        if pa[1] == pb[1]:
+            return _close(va, vb, decimal)
+        return _close(va, vb, decimal) or _close(va / 100 if pa[1] else va, vb / 100 if pb[1] else vb, decimal)
+    if (va is not None and tb is not None) or (vb is not None and ta is not None):
+        return False
+    if not sym:
+        raise _NeedSympy
+    return _sympy_expr_equal(pa, pb, decimal)
+
+@functools.lru_cache(maxsize=1 << 14)
+def _expr_node(s):
+    """(AST, had_percent_sign). '2 1/2' is a mixed number; a trailing % is remembered, not applied."""
+    pct = s.endswith("%")
+    s = s.rstrip("%").strip()
+    if _NUMBER.fullmatch(s):
+        return ("n", Fraction(s), "." in s), pct
+    if m := re.fullmatch(r"(-?)(\d+) (\d+)/(\d+)", s):
+        s = f"{m[1]}({m[2]}+{m[3]}/{m[4]})"
+    return _Parser(s).parse(), pct
+
+def _value(node):
+    try:
+        return _rat(node)
+    except _NotRational:
+        return None
+
+# -----------------------------------------------------------------------------
+# sympy backend (runs only inside the worker process, see _SympyWorker)
+
+def _to_sympy(n):
+    import sympy as sp
+    op = n[0]
+    if op == "n": return sp.Rational(n[1].numerator, n[1].denominator)
+    if op == "s": return sp.Symbol(n[1])
+    if op == "c": return {"pi": sp.pi, "E": sp.E, "I": sp.I, "oo": sp.oo}[n[1]]
+    if op == "neg": return -_to_sympy(n[1])
+    if op == "!":
+        a = _to_sympy(n[1])
+        if a.is_number and a > 5000:
+            raise ValueError("factorial too large")
+        return sp.factorial(a)
+    if op == "f":
+        args = [_to_sympy(a) for a in n[2]]
+        if n[1] == "sqrt":
+            return sp.root(args[0], args[1]) if len(args) > 1 else sp.sqrt(args[0])
+        if n[1] in ("log", "ln", "lg"):
+            return sp.log(args[0], args[1] if len(args) > 1 else 10 if n[1] == "lg" else sp.E)
+        fn = {"abs": sp.Abs, "lfloor": sp.floor, "lceil": sp.ceiling, "binom": sp.binomial,
+              "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan}.get(n[1]) or getattr(sp, n[1])
+        return fn(*args)
+    a, b = _to_sympy(n[1]), _to_sympy(n[2])
+    if op == "+": return a + b
+    if op == "-": return a - b
+    if op == "*": return a * b
+    if op == "/": return a / b
+    if b.is_number and b.is_real and abs(b) > 1:  # guard before sympy evaluates 9^(9^9)
+        bits = float(sp.log(abs(sp.N(a, 15)) + 2, 2)) if a.is_number else 64.0
+        _check_pow(bits, float(sp.N(abs(b), 15)))
+    return a ** b
+
+_TOL_EXACT, _TOL_DECIMAL = 1e-20, 1e-6
+
+def _num_close(x, y, decimal):
+    """x, y: sympy numbers evaluated to 30 digits (may be complex)."""
+    diff, scale = abs(x - y), max(abs(x), abs(y))
+    if decimal:
+        return bool(diff <= _TOL_DECIMAL * min(1, scale) or diff < 1e-25)
+    return bool(diff <= _TOL_EXACT * scale or diff < 1e-25)
+
+def _at_random_points(exprs, free):
+    """Values of the expressions at 6 fixed pseudo-random points (real, both signs, |v| in [0.3, 2.5]);
+    points where any of them is undefined are skipped."""
+    import sympy as sp
+    rng, rows = random.Random(0), []
+    for _ in range(6):
+        pt = {s: sp.Float(rng.choice([-1, 1]) * rng.uniform(0.3, 2.5), 30) for s in free}
+        vals = [e.evalf(30, subs=pt) for e in exprs]
+        if all(v.is_number and not v.has(sp.oo, -sp.oo, sp.zoo, sp.nan) for v in vals):
+            rows.append(vals)
+    return rows
+
+def _sym_equal(a, b, decimal):
+    import sympy as sp
+    if a == b:
+        return True
+    free = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not free:
+        if a.has(sp.oo, -sp.oo, sp.zoo, sp.nan) or b.has(sp.oo, -sp.oo, sp.zoo, sp.nan):
+            return False
+        return _num_close(sp.N(a, 30), sp.N(b, 30), decimal)
+    # a different value at any point proves inequality; agreement at >= 3 generic points (real or
+    # complex values alike) is taken as an identity
+    rows = _at_random_points([a, b], free)
+    if len(rows) >= 3:
+        return all(_num_close(x, y, decimal) for x, y in rows)
+    return sp.simplify(a - b) == 0
+
+def _proportional(dx, dy, decimal, sign=0):
+    """dx = c * dy for a constant c != 0 (c > 0 if sign > 0): the same equation / inequality."""
+    import sympy as sp
+    free = sorted(dx.free_symbols | dy.free_symbols, key=str)
+    ratios = [x / y for x, y in _at_random_points([dx, dy], free) if y != 0]
+    if len(ratios) < 3:
+        ratio = sp.simplify(dx / dy)
+        return bool(ratio.is_number and ratio != 0 and ratio.is_finite and (sign <= 0 or ratio > 0))
+    c = ratios[0]
+    return bool(c != 0 and (sign <= 0 or sp.re(c) > 0) and all(_num_close(r, c, decimal) for r in ratios))
+
+def _sympy_expr_equal(pa, pb, decimal):
+    a, b = _to_sympy(pa[0]), _to_sympy(pb[0])
+    if pa[1] != pb[1]:  # one side had a % sign: p% equals p and p/100
+        return _sym_equal(a, b, decimal) or _sym_equal(a / 100 if pa[1] else a, b / 100 if pb[1] else b, decimal)
+    return _sym_equal(a, b, decimal)
+
+def _sympy_relation(item):
+    import sympy as sp
+    parts, ops = item[1], item[2]
+    exprs = [_to_sympy(_Parser(p).parse()) for p in parts]
+    rel = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge, "!=": sp.Ne, "=": sp.Eq, "~": sp.Eq}
+    return exprs, [rel[o] for o in ops]
+
+def _to_set(item):
+    """Interval / union / finite set / univariate inequality -> sympy set (ValueError if not a set)."""
+    import sympy as sp
+    kind = item[0]
+    if kind == "seq" and len(item[3]) == 2:
+        lo, hi = (_to_sympy(_Parser(i[1]).parse()) for i in item[3] if i[0] == "expr")
+        return sp.Interval(lo, hi, item[1] == "(", item[2] == ")")
+    if kind == "union":
+        return sp.Union(*(_to_set(i) for i in item[1]))
+    if kind == "set":
+        return sp.FiniteSet(*(_to_sympy(_Parser(i[1]).parse()) for i in item[1]))
+    if kind == "expr" and item[1] in ("\\emptyset", "\\varnothing"):
+        return sp.EmptySet
+    if kind == "rel" and item[2] == ["in"]:
+        return _to_set(_parse_item(item[1][1]))
+    if kind == "rel" and "in" not in item[2]:
+        exprs, rels = _sympy_relation(item)
+        free = set().union(*(e.free_symbols for e in exprs))
+        varying = [e for e in exprs if e.free_symbols]
+        if len(free) > 1 and len(varying) == 1 and len(rels) > 1:  # 0 < f(x) < 1: values of f(x)
+            exprs = [sp.Symbol("_t") if e.free_symbols else e for e in exprs]
+            free = {sp.Symbol("_t")}
+        if len(free) == 1:
+            x = free.pop()
+            r = sp.Symbol(x.name, real=True)
+            cond = sp.And(*(R(exprs[i], exprs[i + 1]) for i, R in enumerate(rels)))
+            return cond.subs(x, r).as_set()
+    raise ValueError("not a set")
+
+def _sympy_structured_equal(x, y):
+    """Relations and set-like answers: equations up to a constant factor, inequalities and
+    intervals as sets of reals."""
+    decimal = any(re.search(r"\d\.\d|\d[eE]", str(z)) for z in (x, y))
+    if x[0] == y[0] == "rel" and all(o in ("=", "~") for o in x[2] + y[2]):
+        (ex, _), (ey, _) = _sympy_relation(x), _sympy_relation(y)
+        if not any(e.free_symbols for e in ex + ey):  # statements about numbers (log_3 27 = 3): side by side
+            return _sym_equal(ex[0], ey[0], decimal) and _sym_equal(ex[-1], ey[-1], decimal)
+        return _proportional(ex[0] - ex[-1], ey[0] - ey[-1], decimal)  # lhs - rhs up to a factor
+    try:
+        return _sets_equal(_to_set(x), _to_set(y), decimal)
+    except Exception:  # not sets, or sympy cannot decide (NotImplementedError, TypeError)
+        pass
+    if x[0] == y[0] == "rel" and len(x[2]) == len(y[2]) == 1 and "~" not in x[2] + y[2]:
+        flip = {"<": ">", "<=": ">="}  # multivariate: a < b  <=>  c * (b - a) > 0 for some c > 0
+        (ex, _), (ey, _) = _sympy_relation(x), _sympy_relation(y)
+        dx = (ex[0] - ex[1]) * (-1 if x[2][0] in flip else 1)
+        dy = (ey[0] - ey[1]) * (-1 if y[2][0] in flip else 1)
+        if flip.get(x[2][0], x[2][0]) != flip.get(y[2][0], y[2][0]):
+            return False
+        return _proportional(dx, dy, decimal, sign=0 if x[2][0] == "!=" else 1)
+    return False
+
+def _sets_equal(sx, sy, decimal):
+    """Compare sets of reals interval by interval (sympy's own == is structural, its
+    symmetric_difference can take seconds)."""
+    import sympy as sp
+    if sx == sy:
+        return True
+    def pieces(s):
+        out = []
+        for p in (s.args if isinstance(s, sp.Union) else (s,)):
+            if isinstance(p, sp.FiniteSet):
+                out += [(e, e, False, False) for e in p.args]
+            elif isinstance(p, sp.Interval):
+                out.append((p.start, p.end, bool(p.left_open), bool(p.right_open)))
+            elif p != sp.EmptySet:
+                raise ValueError("not a union of intervals")
+        return sorted(out, key=lambda t: (float(t[0]), float(t[1])))
+    px, py = pieces(sx), pieces(sy)
+    return len(px) == len(py) and all(a[2:] == b[2:] and _sym_equal(a[0], b[0], decimal) and _sym_equal(a[1], b[1], decimal)
+                                      for a, b in zip(px, py))
+
+# -----------------------------------------------------------------------------
+# sympy worker processes: a persistent `python verify.py --sympy-worker` per concurrent caller,
+# started lazily, reused, killed (and replaced on the next call) when a comparison runs past its
+# deadline. A subprocess (not fork/signal.alarm) so it works from any thread, from multiprocessing
+# children, and inside CUDA/torch processes; it imports nothing from the caller's __main__.
+
+_WORKER_CMD = [sys.executable, os.path.abspath(__file__), "--sympy-worker"]
+
+class _SympyWorker:
+    def __init__(self):
+        self.proc = subprocess.Popen(_WORKER_CMD, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.buf, self.ready = b"", False
+        _workers.add(self)
+
+    def readline(self, deadline):
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise EOFError("sympy worker died")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+    def kill(self):
+        _workers.discard(self)
+        try:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        except Exception:
+            pass
+
+_pool_lock, _idle, _workers = threading.Lock(), [], set()
+
+def _reset_pool_after_fork():  # a forked child must not talk to (or keep open) its parent's workers
+    global _pool_lock, _idle, _workers
+    for w in _workers:
+        for f in (w.proc.stdin, w.proc.stdout):
+            try:
+                f.close()
+            except Exception:
+                pass
+    _pool_lock, _idle, _workers = threading.Lock(), [], set()
+
+os.register_at_fork(after_in_child=_reset_pool_after_fork)
+atexit.register(lambda: [w.kill() for w in list(_workers)])
+
+def _sympy_equiv(a, b, timeout):
+    deadline = time.monotonic() + timeout
+    with _pool_lock:
+        idle = [_idle.pop() for _ in range(len(_idle))]
+        w = next((w for w in idle if w.proc.poll() is None), None)  # skip workers that died meanwhile
+        _idle.extend(x for x in idle if x is not w and x.proc.poll() is None)
+    w = w or _SympyWorker()
+    try:
+        if not w.ready:  # still importing sympy: if that outlasts the deadline, keep it warming up
+            line = w.readline(deadline)
+            if line is None:
+                with _pool_lock:
+                    _idle.append(w)
+                return False
+            w.ready = True
+        w.proc.stdin.write(json.dumps([a, b]).encode() + b"\n")
+        w.proc.stdin.flush()
+        line = w.readline(deadline)
+        if line is None:  # past the deadline: kill it and start warming a replacement right away
+            w.kill()
+            fresh = _SympyWorker()
+            with _pool_lock:
+                _idle.append(fresh)
+            return False
+        with _pool_lock:
+            _idle.append(w) if len(_idle) < 8 else w.kill()
+        return line == b"1"
+    except Exception:
+        w.kill()
+        return False
+
+def _worker_main():
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # sympy blowups become MemoryError, not swap
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30 if hard == resource.RLIM_INFINITY else min(4 << 30, hard), hard))
+    _equiv("x > 3", "(3, \\infty)", True)  # warm sympy's lazy imports (~1 s) before taking requests
+    out = sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
+    for line in sys.stdin.buffer:
+        try:
+            a, b = json.loads(line)
+            ok = _equiv(a, b, True)
+        except BaseException:
+            ok = False
+        out.write(b"1\n" if ok else b"0\n")
+        out.flush()
+
+def is_equiv(pred, gold, timeout=5.0):
+    """True if the two answers are mathematically equal (rules in the module docstring). Never
+    raises; returns within `timeout` seconds (sympy runs in a worker that is killed past it)."""
+    try:
+        if pred is None or gold is None:
+            return False
+        a, b = _clean(str(pred)), _clean(str(gold))
+        if not a or not b:
+            return False
+        if a == b:
+            return True
+        if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):  # microseconds, no parsing
+            return _close(Fraction(a), Fraction(b), "." in a + b)
+        if len(a) > _MAX_LEN or len(b) > _MAX_LEN:
+            return False
+        try:
+            return bool(_equiv(a, b, False))
+        except _NeedSympy:
+            return timeout > 0 and _sympy_equiv(a, b, timeout)
+    except Exception:
+        return False
+
+# -----------------------------------------------------------------------------
+# rewards
+
+def math_reward(response, gold):
+    """1.0 if the response's final answer equals gold (a plain answer, a \\boxed solution, or a
+    GSM8K '#### x' solution), else 0.0."""
+    pred = extract_answer(response)
+    gold = str(gold)
+    gold = extract_gsm8k_answer(gold) if "####" in gold else (extract_answer(gold) or gold) if (
+        "\\boxed" in gold or "\\fbox" in gold or "<answer>" in gold) else gold
+    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+
+def format_reward(response, require_open_tag=False):
+    """R1 template, lenient: [<think>] reasoning </think> ... answer. Passes iff the text before the
+    first </think> (after an optional leading <think>) has non-whitespace reasoning and the text after
+    it holds a non-empty \\boxed{} or <answer></answer>. The opening tag is optional by default
+    because many chat prompts already end with '<think>'; require_open_tag=True demands it."""
+    response = str(response)
+    m = re.match(r"\s*" + ("<think>" if require_open_tag else "(?:<think>)?") + r"(.*?)</think>(.*)\Z", response, re.S)
+    return 1.0 if m and m.group(1).strip() and (extract_answer(m.group(2)) or "").strip() else 0.0
+
+_EOS = re.compile(r"<\|[^|>]*\|>|</s>|<｜[^｜]*｜>")
+
+def strict_format_reward(response, require_open_tag=True):
+    """Un-gameable template: exactly one <think> (optional if require_open_tag=False, but then at
+    most one and only at the start), exactly one </think>, non-whitespace reasoning with no \\boxed /
+    \\fbox / <answer> inside it, then exactly one final answer -- one \\boxed{...} or one
+    <answer>...</answer> pair (which may hold one box), non-empty -- and after that answer only
+    whitespace, '.', '!', '*', '$', '\\]', '\\)' and end-of-sequence tags (<|im_end|>, </s>, ...)."""
+    r = str(response)
+    opens = r.count("<think>")
+    if r.count("</think>") != 1 or opens > 1 or (require_open_tag and opens != 1):
+        return 0.0
+    if opens and not r.lstrip().startswith("<think>"):
+        return 0.0
+    think, tail = r.lstrip()[len("<think>") if opens else 0:].split("</think>")
+    if not think.strip() or any(t in think for t in ("\\boxed", "\\fbox", "<answer>", "</answer>")):
+        return 0.0
+    boxes = len(re.findall(r"\\(?:boxed|fbox)(?![a-zA-Z])", tail))
+    if "<answer>" in tail or "</answer>" in tail:
+        if tail.count("<answer>") != 1 or tail.count("</answer>") != 1 or boxes > 1:
+            return 0.0
+        before, _, rest = tail.partition("<answer>")
+        content, _, end = rest.partition("</answer>")
+        if not content.strip() or "</answer>" in before or boxes > content.count("\\boxed") + content.count("\\fbox"):
+            return 0.0
+    else:
+        m = re.search(r"\\(?:boxed|fbox)\s*\{", tail)
+        j = _match_brace(tail, m.end() - 1) if m and boxes == 1 else -1
+        if j < 0 or not tail[m.end():j].strip():
+            return 0.0
+        end = tail[j + 1:]
+    return 1.0 if re.fullmatch(r"(?:\s|[.!*$]|\\\]|\\\))*", _EOS.sub("", end)) else 0.0
+
+def cosine_length_reward(correct, length, max_length, r_correct=(2.0, 1.0), r_wrong=(-10.0, 0.0), r_exceed=-10.0):
+    """Cosine length-scaling reward (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning
+    in LLMs", Sec. 4.2; defaults from their runs: r_0^c=2, r_L^c=1, r_0^w=-10, r_L^w=0, r_e=-10).
+    r_correct / r_wrong = (r_0, r_L): the reward at length 0 and at length L_max. Correct answers earn
+    more when short (2 -> 1), wrong answers are punished less when long (-10 -> 0, keep thinking);
+    hitting the length limit (length >= max_length, i.e. truncated) gives r_exceed."""
+    if length >= max_length:
+        return float(r_exceed)
+    r0, rL = r_correct if correct else r_wrong
+    # CosFn(t, T, eta_min, eta_max) = eta_min + 1/2 (eta_max - eta_min)(1 + cos(t pi / T)), eta_min=r_L, eta_max=r_0
+    return rL + 0.5 * (r0 - rL) * (1.0 + math.cos(math.pi * length / max_length))
+
+def overlong_penalty(length, max_length, cache_length):
+    """DAPO soft overlong punishment (Yu et al. 2025, Sec. 3.4), added to the task reward:
+    0 if L <= L_max - L_cache; ((L_max - L_cache) - L) / L_cache inside the cache window; -1 beyond L_max."""
+    if length <= max_length - cache_length:
+        return 0.0
+    if length <= max_length:  # R = ((L_max - L_cache) - |y|) / L_cache, from 0 down to -1
+        return ((max_length - cache_length) - length) / cache_length
+    return -1.0
+
+def lcpo_reward(correct, length, target_length, alpha=0.0003):
+    """L1 / LCPO-Exact (Aggarwal & Welleck 2025): r = 1[y = y_gold] - alpha * |n_gold - n_y|."""
+    return float(bool(correct)) - alpha * abs(target_length - length)  # r = 1[y = y_gold] - alpha |n_gold - n_y|
+
+def lcpo_max_reward(correct, length, target_length, alpha=0.0003, delta=0.5):
+    """L1 / LCPO-Max: r = 1[y = y_gold] * clip(alpha * (n_gold - n_y) + delta, 0, 1); n_gold is a budget."""
+    return float(bool(correct)) * min(1.0, max(0.0, alpha * (target_length - length) + delta))  # clip(., 0, 1)
+
+def kimi_length_reward(lengths, correct):
+    """Kimi k1.5 length penalty within one prompt's group of samples:
+    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len); correct -> lambda_i, wrong ->
+    min(0, lambda_i); all 0 when every length is equal."""
+    if not lengths:
+        return []
+    lo, hi = min(lengths), max(lengths)
+    if hi == lo:
+        return [0.0] * len(lengths)
+    lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]  # lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)
+    return [l if c else min(0.0, l) for l, c in zip(lam, correct)]
+
+_LANG_SCRIPTS = {"zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"},
+                 "ru": {"CYRILLIC"}, "uk": {"CYRILLIC"}, "ar": {"ARABIC"}, "he": {"HEBREW"},
+                 "el": {"GREEK"}, "hi": {"DEVANAGARI"}, "th": {"THAI"}}
+_UNSPACED = {"CJK", "HIRAGANA", "KATAKANA", "THAI"}  # scripts written without spaces between words
+
+def language_consistency_reward(response, language="en"):
+    """DeepSeek-R1 language-consistency reward: the fraction of words in the chain of thought (the
+    <think> block if there is a </think>, else the whole response) written in the target language's
+    script. Math ($...$, \\[...\\], \\(...\\)), code, LaTeX commands, digits and punctuation are
+    ignored; a word is a run of letters of one script, each CJK / kana / Thai character counts as one
+    word, and one-letter Latin words (math variables like x) are ignored. Languages not listed in
+    _LANG_SCRIPTS are taken to be Latin-script (en, fr, de, es, ...). No words -> 0.0."""
+    text = str(response)
+    if "</think>" in text:
+        text = text.split("</think>")[0].split("<think>")[-1]
+    text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|\\\[.*?\\\]|\\\(.*?\\\)|```.*?```|`[^`]*`|\\[a-zA-Z]+", " ", text, flags=re.S)
+    target = _LANG_SCRIPTS.get(language.split("-")[0].lower(), {"LATIN"})  # "zh-CN" -> zh
+    words, prev = [], None
+    for ch in text:
+        script = unicodedata.name(ch, " ").split(" ")[0] if ch.isalpha() else None
+        if script and script == prev and script not in _UNSPACED:
+            words[-1][1] += 1
+        elif script:
+            words.append([script, 1])
+        prev = script
+    words = [s for s, n in words if not (s == "LATIN" and n == 1)]
+    return sum(s in target for s in words) / len(words) if words else 0.0
+
+# -----------------------------------------------------------------------------
+# code sandbox. Each test case runs in a fresh `python -I` process that (see _HARNESS):
+#  - is enforced: wall-clock `timeout` (the whole process group / pid namespace is SIGKILLed),
+#    RLIMIT_CPU, RLIMIT_AS (`memory_mb`), RLIMIT_FSIZE (16 MiB), no core dumps, RLIMIT_NPROC (a fork
+#    bomb hits EAGAIN), an empty environment (PATH/LANG only: no secrets), stdin from /dev/null (or
+#    the case input), cwd = a fresh temp dir that is deleted afterwards, and a per-run secret marker
+#    printed only after the asserts pass (sys.exit(0) / os._exit(0) before the tests earns nothing);
+#  - where `unshare` works (root, or unprivileged user namespaces): no network (empty net namespace)
+#    and a private pid namespace + /proc, so every process the program starts dies with it and the
+#    caller's processes and environ are invisible;
+#  - as root: the program runs as uid/gid 65534 (nobody) keeping only CAP_DAC_READ_SEARCH (so the
+#    interpreter stays readable wherever it is installed): it cannot write outside its temp dir to
+#    anything nobody can't write (root-owned dirs) and RLIMIT_NPROC is enforced (it is not for root).
+#    If even that cannot run the interpreter here, it runs as root: then RLIMIT_NPROC does not hold
+#    and a fork bomb is only bounded by the timeout (and the pid namespace).
+#    As non-root, RLIMIT_NPROC counts all of the user's tasks (we allow current + 128) and the program
+#    can write wherever the user can. Reading files is never prevented.
+#  - not defended: a program that deliberately introspects the harness's memory for the marker, and,
+#    without unshare, processes that escape the process group with setsid().
+# _sandbox_config() probes once which of these this machine allows and uses the strongest that works.
+
+_HARNESS = r"""
+import os, resource, sys
+tmp, mode, drop, cpu, mem, nproc = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:7])
+for res, lim in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 16 << 20),
+                 (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+    resource.setrlimit(res, (lim, lim))
+os.chdir(tmp)
+marker = open("marker").read()
+os.unlink("marker")
+if drop:  # root -> nobody, keeping only CAP_DAC_READ_SEARCH (bit 2) so imports keep working
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)(4, 4, 0, 0, 0, 0))
+sys.argv = ["main.py"]
+g = {"__name__": "__main__" if mode == "io" else "solution"}
+exec(compile(open("main.py").read(), "main.py", "exec"), g)
+if mode == "assert":
+    exec(compile(open("test.py").read(), "test.py", "exec"), g)
+sys.stdout.flush()
+if mode == "assert":
+    os.write(1, ("\n" + marker + "\n").encode())
+os._exit(0)  # done: don't wait for threads or atexit handlers the program left behind
+"""
+_SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_sandbox = None  # (unshare prefix, drop root) that works on this machine, probed once
+
+def _sandbox_config():
+    """The strongest setup that runs a trivial test here: namespaces if `unshare` is permitted,
+    root dropped to nobody if we are root and the interpreter still imports afterwards."""
+    global _sandbox
+    if _sandbox is None:
+        ns = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        if os.geteuid() != 0:  # unprivileged: a user namespace makes the others possible
+            ns = ns[:1] + ["--user", "--map-root-user"] + ns[1:]
+        options = [(pre, drop) for pre in ([ns] if shutil.which("unshare") else []) + [[]]
+                   for drop in ([True] if os.geteuid() == 0 else []) + [False]]
+        nproc = _task_count(65534 if os.geteuid() == 0 else os.getuid()) + 128
+        _sandbox = next((cfg for cfg in options if _run_case("import json, math", "assert math.pi > 3", 30, 512, nproc, cfg)), ([], False))
+    return _sandbox
+
+def _task_count(uid):
+    """Tasks (threads included) owned by uid: RLIMIT_NPROC counts these for the whole user."""
+    n = 0
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and os.stat(f"/proc/{p}").st_uid == uid:
+                n += len(os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            pass
+    return n
+
+def extract_code(text):
+    """The last ```python (or plain ```) fenced block of a model response; the text itself if none."""
+    blocks = re.findall(r"```(?:python|py|python3)[^\n]*\n(.*?)```", text, re.S) or re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+    return blocks[-1] if blocks else text
+
+def _run_case(code, test, timeout, memory_mb, nproc, config):
+    prefix, drop = config
+    tmp = tempfile.mkdtemp(prefix="verify-sandbox-")
+    marker = os.urandom(16).hex()
+    try:
+        for name, content in (("main.py", code), ("test.py", test if isinstance(test, str) else ""), ("marker", marker)):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(content)
+        os.chmod(os.path.join(tmp, "marker"), 0o600)
+        if drop:
+            os.chown(tmp, 65534, 65534)
+        mode = "assert" if isinstance(test, str) else "io"
+        cmd = prefix + [sys.executable, "-I", "-c", _HARNESS, tmp, mode, "1" if drop else "0",
+                        str(math.ceil(timeout) + 1), str(memory_mb << 20), str(nproc)]
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as inp:
+            inp.write(str(test.get("input", "")).encode() if mode == "io" else b"")
+            inp.seek(0)
+            proc = subprocess.Popen(cmd, stdin=inp, stdout=out, stderr=subprocess.DEVNULL, cwd=tmp,
+                                    env=_SANDBOX_ENV, start_new_session=True)
+            deadline, pause = time.monotonic() + timeout, 0.001
+            # wait without reaping, so the process group id stays ours until we have killed it
+            while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rc = proc.wait()
+            out.seek(0)
+            stdout = out.read().decode(errors="replace")
+        if rc != 0:
+            return False
+        if mode == "assert":
+            return stdout.rstrip().endswith(marker)
+        return stdout.split() == str(test.get("output", "")).split()
+    finally:
+        for parent, dirs, _ in os.walk(tmp):  # the program may have chmod-ed its own dirs to 000
+            for d in dirs:
+                try:
+                    os.chmod(os.path.join(parent, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+def code_reward(program, tests, timeout=5.0, memory_mb=512):
+    """Fraction of tests passed by `program` (a model response is reduced with extract_code). tests:
+    a list of assert-style statement strings (each one test; a single str is one test), a list of
+    {"input", "output"} stdin/stdout cases (outputs compared token by token), or {"inputs": [...],
+    "outputs": [...]}. Test cases run in parallel, each in its own sandboxed process (see above)."""
+    from concurrent.futures import ThreadPoolExecutor
+    code = extract_code(str(program))
+    if isinstance(tests, dict):
+        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+    tests = [tests] if isinstance(tests, str) else list(tests)
+    if not tests:
+        return 0.0
+    config = _sandbox_config()
+    nproc = _task_count(65534 if config[1] else os.getuid()) + 128  # allow 128 more tasks than now
+    run = lambda t: _run_case(code, t, timeout, memory_mb, nproc, config)
+    with ThreadPoolExecutor(max(1, min(len(tests), os.cpu_count() or 1))) as ex:
+        return sum(ex.map(run, tests)) / len(tests)
+
+# -----------------------------------------------------------------------------
+# evaluation helpers
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product
+    1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+def majority_vote(answers, timeout=5.0):
+    """Most common answer, grouping equivalent spellings with is_equiv (0.5 and 1/2 vote together).
+    None never wins; ties go to the answer that appeared first. Returns the group's first spelling."""
+    groups = []  # [representative, count]
+    for a in answers:
+        if a is None:
+            continue
+        g = next((g for g in groups if is_equiv(a, g[0], timeout)), None)
+        if g:
+            g[1] += 1
+        else:
+            groups.append([a, 1])
+    return max(groups, key=lambda g: g[1])[0] if groups else None
+
+def maj_at_k(answers, gold, k=None):
+    """1.0 if the majority vote over the first k answers equals gold, else 0.0."""
+    winner = majority_vote(answers[:k] if k else answers)
+    return 1.0 if winner is not None and is_equiv(winner, gold) else 0.0
+
+# -----------------------------------------------------------------------------
+# data helpers
+
+def read_jsonl(path):
+    """[(line_number, record)] for every non-blank line; ValueError names path:line on bad lines."""
+    out = []
+    with open(path, encoding="utf-8") as f:  # FileNotFoundError names the path
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            out.append((lineno, rec))
+    return out
+
+def load_problems(path):
+    """[{"prompt", "answer"}] from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"},
+    MATH {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution)."""
+    problems = []
+    for lineno, rec in read_jsonl(path):
+        prompt = rec.get("prompt", rec.get("question", rec.get("problem")))
+        answer = rec.get("answer")
+        if isinstance(answer, str) and "####" in answer:
+            answer = extract_gsm8k_answer(answer)
+        elif answer is None and "solution" in rec:
+            answer = extract_answer(str(rec["solution"]))
+        if not isinstance(prompt, str) or answer is None or str(answer).strip() == "":
+            raise ValueError(f"{path}:{lineno}: expected prompt/question/problem and answer (or a "
+                             f"solution with \\boxed{{}}), got keys {sorted(rec)}")
+        problems.append({"prompt": prompt, "answer": str(answer).strip()})
+    if not problems:
+        raise ValueError(f"{path}: no problems found (empty file)")
+    return problems
+
+_warned = set()
+
+def safe_reward(fn, *args, default=0.0, **kwargs):
+    """fn(*args, **kwargs) as a float, or `default` if it raises (warning once per distinct error),
+    so one broken verifier call cannot crash an RL step."""
+    try:
+        return float(fn(*args, **kwargs))
+    except Exception as e:
+        key = (getattr(fn, "__name__", repr(fn)), type(e).__name__, str(e)[:200])
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"reward {key[0]} raised {key[1]}: {key[2]}; using {default}", RuntimeWarning, stacklevel=2)
+        return default
+
+if __name__ == "__main__" and sys.argv[1:] == ["--sympy-worker"]:
+    _worker_main()
