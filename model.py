@@ -338,13 +338,14 @@ class Transformer(nn.Module):
         tensors = read_safetensors(path, dtype=parse_dtype(dtype), device=device)
         with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(cfg)
-        model.load_hf_state_dict(tensors, source=str(path))
+        model.load_hf_state_dict(tensors, source=str(path), assign=True)
         model.inv_freq = rope_inv_freq(cfg, device=device)
         return model
 
-    def load_hf_state_dict(self, tensors, source="checkpoint"):
+    def load_hf_state_dict(self, tensors, source="checkpoint", assign=False):
         """Take weights named as in Hugging Face (model.layers.0...). Missing, unexpected or mis-shaped tensors
-        are errors naming the tensor, never a silent partial load."""
+        are errors naming the tensor, never a silent partial load. Values are copied into the existing parameters
+        (an optimizer holding them stays valid) unless assign, which adopts the given tensors (meta-device init)."""
         expected = {hf_name(n): p for n, p in self.named_parameters()}  # tied lm_head appears once, as embed
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
@@ -357,7 +358,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                  f"config.json implies {tuple(p.shape)}")
         state = {n: tensors[hf_name(n)] for n, _ in self.named_parameters()}
-        self.load_state_dict(state, strict=False, assign=True)
+        self.load_state_dict(state, strict=False, assign=assign)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

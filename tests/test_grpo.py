@@ -1,0 +1,150 @@
+"""grpo.py: each formula against a hand computation, and the gradient identities the algorithm rests on."""
+import math
+
+import pytest
+import torch
+
+import grpo
+from grpo import aggregate, all_equal_groups, clipped_surrogate, group_advantages, kl_k3
+from model import ModelConfig, Transformer, token_logprobs
+
+# One group of G = 2 completions: rewards [1, 0]. Sequence 0 has 2 completion tokens with ratios 1.1, 1.5;
+# sequence 1 has 3 with ratios 0.9, 0.5, 1.0. eps = 0.2.
+RATIOS = torch.tensor([[1.1, 1.5, 1.0], [0.9, 0.5, 1.0]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+OLD = torch.full((2, 3), -1.0)
+LOGP = OLD + RATIOS.log()
+STD_SCALED = 0.5 / (math.sqrt(0.5) + 1e-4)  # |A| with std normalisation: 0.5 / (std([1, 0]) + eps)
+
+
+def variant_loss(loss, eps_high=0.2):
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, scale=loss != "dr_grpo")
+    per_token, clipped = clipped_surrogate(LOGP, OLD, adv[:, None], 0.2, eps_high)
+    return aggregate(per_token, MASK, loss, n_seqs=2, n_tokens=MASK.sum(), max_len=3), clipped
+
+
+def test_group_advantages_by_hand():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0, 2.0, 4.0]), 2)
+    # groups [1, 0] -> +-0.5 / (0.7071 + 1e-4); [3, 3] -> 0; [2, 4] -> +-1 / (1.4142 + 1e-4)
+    want = [STD_SCALED, -STD_SCALED, 0.0, 0.0, -1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)]
+    assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
+
+
+def test_dr_grpo_advantages_are_not_scaled():
+    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0, 5.0, 1.0]), 2, scale=False),
+                       torch.tensor([0.5, -0.5, 2.0, -2.0]))
+
+
+def test_grpo_loss_by_hand():
+    # per-token losses (a = |A|): seq 0: -1.1a, -1.2a (1.5 clipped to 1.2); seq 1: 0.9a, 0.8a (0.5 clipped to 0.8), 1.0a
+    # per-sequence means: -1.15a and 0.9a; mean over the two sequences: -0.125a
+    loss, clipped = variant_loss("grpo")
+    assert loss.item() == pytest.approx(-0.125 * STD_SCALED, abs=1e-6)
+    assert clipped.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_dr_grpo_loss_by_hand():
+    # a = 0.5, token sum (-1.1 - 1.2 + 0.9 + 0.8 + 1.0) a = 0.4 a = 0.2, over N * L_max = 2 * 3
+    loss, _ = variant_loss("dr_grpo")
+    assert loss.item() == pytest.approx(0.2 / 6, abs=1e-6)
+
+
+def test_dapo_loss_by_hand_with_clip_higher():
+    # eps_high = 0.28: ratio 1.5 on a positive advantage is clipped to 1.28; token sum 0.32 a over 5 tokens
+    loss, clipped = variant_loss("dapo", eps_high=0.28)
+    assert loss.item() == pytest.approx(0.32 * STD_SCALED / 5, abs=1e-6)
+    assert clipped[0].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_kl_k3_by_hand_and_nonnegative():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -2.0])
+    want = [0.0, math.exp(1) - 1 - 1, math.exp(-1.5) + 1.5 - 1]
+    assert torch.allclose(kl_k3(logp, ref), torch.tensor(want), atol=1e-6)
+    assert (kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_all_equal_groups():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    assert all_equal_groups(rewards, 4).tolist() == [False, False, True]
+    assert all_equal_groups(rewards, 2).tolist() == [True, False, False, True, True, True]
+
+
+# ------------------------------------------------------------------ gradient identities on a tiny model
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2)
+    model = Transformer(cfg)
+    x = torch.randint(0, 40, (4, 9))
+    y = torch.randint(0, 40, (4, 9))
+    mask = torch.zeros(4, 9)
+    mask[0, 3:7] = mask[1, 2:9] = mask[2, 5:6] = mask[3, 4:9] = 1
+    return model, x, y, mask
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_first_iteration_ratio_is_exactly_one(tiny):
+    model, x, y, mask = tiny
+    with torch.no_grad():
+        old = token_logprobs(model(x), y)  # pi_old: the trainer's own forward, without gradient
+    logp = token_logprobs(model(x), y)
+    assert torch.equal(torch.exp(logp - old), torch.ones_like(logp))
+
+
+def test_beta0_mu1_gradient_is_reinforce_with_group_baseline(tiny):
+    model, x, y, mask = tiny
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = group_advantages(rewards, 2)
+    logp = token_logprobs(model(x), y)
+    per_token, _ = clipped_surrogate(logp, logp.detach(), adv[:, None], 0.2, 0.2)
+    aggregate(per_token, mask, "grpo", 4, mask.sum(), 9).backward()
+    ours = grads(model)
+    model.zero_grad()
+    # REINFORCE with the group mean as baseline: grad = -1/N sum_i A_i 1/|o_i| sum_t grad log pi(o_it)
+    logp = token_logprobs(model(x), y)
+    (-(adv * (logp * mask).sum(1) / mask.sum(1)).mean()).backward()
+    assert torch.allclose(ours, grads(model), atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_masked_tokens_get_no_gradient(tiny, loss):
+    _, _, y, mask = tiny
+    logits = torch.randn(4, 9, 40, requires_grad=True)
+    logp = token_logprobs(logits, y)
+    per_token, _ = clipped_surrogate(logp, logp.detach() + 0.05, torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None], 0.2, 0.28)
+    per_token = per_token + 0.1 * kl_k3(logp, logp.detach() - 0.3)
+    aggregate(per_token, mask, loss, 4, mask.sum(), 9).backward()
+    assert (logits.grad[mask == 0] == 0).all()
+    assert (logits.grad[mask == 1].abs().sum(-1) > 0).all()
+
+
+def test_dynamic_sampling_keeps_exactly_the_informative_groups(monkeypatch):
+    """fill_batch drops the all-equal groups, samples a second round, and fills the batch from it."""
+    rounds = [torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])]
+
+    def fake_rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
+        r = rounds.pop(0)
+        ids = [[int(10 * x)] for x in r.tolist()]
+        return {"prompts": ids, "completions": ids, "texts": [""] * 6, "truncated": [False] * 6, "rewards": r,
+                "parts": {"accuracy": r.tolist()}}
+
+    monkeypatch.setattr(grpo, "rollout", fake_rollout)
+    monkeypatch.setattr(grpo, "problems_for_step", lambda *a: [None] * 3)
+    args = grpo.parse_args(["--loss", "dapo", "--group_size", "2", "--batch_size", "6"])
+    run = type("R", (), {"world": 1, "rank": 0})()
+    batch = grpo.fill_batch(args, run, None, None, None, 0, None)
+    # round 1: groups [1,1] (dropped), [0,1], [0,0] (dropped); round 2: [0,1], [1,1] (dropped), [1,0]
+    assert batch["rewards"].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert batch["all_equal_frac"] == pytest.approx(3 / 6)
+
+
+def test_batch_not_divisible_by_group_size_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--batch_size", "10", "--group_size", "4"])
+    assert "--batch_size 10 is not divisible by --group_size 4" in capsys.readouterr().err

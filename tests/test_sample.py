@@ -1,0 +1,87 @@
+"""sample.py's command line: evaluation (pass@k, maj@k), checkpoint comparison, streaming chat."""
+import json
+import math
+
+import pytest
+import torch
+
+import sample
+from model import ModelConfig, Tokenizer, Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                    eos_token_id=tok.eos_token_id))
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder, tokenizer=tok)
+    return folder
+
+
+def fake_generate(texts):
+    """A stand-in for generate() that returns the given completions in order (and stops each with eos)."""
+    tok = Tokenizer.byte_level()
+    queue = list(texts)
+
+    def gen(model, prompts, max_new_tokens, **kw):
+        return [tok.encode(queue.pop(0)) + [tok.eos_token_id] for _ in prompts]
+    return gen
+
+
+def test_evaluate_pass_and_majority_by_hand(monkeypatch, tmp_path):
+    problems = [{"prompt": "a", "answer": "5"}, {"prompt": "b", "answer": "1/2"}]
+    completions = ["\\boxed{5}", "\\boxed{4}", "\\boxed{4}", "\\boxed{5}",  # problem 0: 2 of 4 correct, vote tie 5/4
+                   "\\boxed{2}", "<think>x</think>\\boxed{0.5}", "\\boxed{0.5}", "no answer"]  # problem 1: 2 of 4
+    monkeypatch.setattr(sample, "generate", fake_generate(completions))
+    s = sample.evaluate(None, Tokenizer.byte_level(), problems, n=4, batch_size=3, samples_file=tmp_path / "s.jsonl")
+    assert s["pass@1"] == 0.5
+    assert s["pass@2"] == pytest.approx(1 - math.comb(2, 2) / math.comb(4, 2))  # 5/6 for both problems
+    assert s["pass@4"] == 1.0
+    assert s["maj@1"] == 0.5  # first samples: 5 (right), 2 (wrong)
+    assert s["maj@2"] == 0.5  # ties go to the first answer seen: 5 (right), 2 (wrong)
+    assert s["maj@4"] == 1.0  # problem 0: 5 vs 4 tie, 5 seen first; problem 1: 0.5 (= 1/2) twice
+    assert s["well_formed"] == 1 / 8
+    rows = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows] == [1, 0, 0, 1, 0, 1, 1, 0] and rows[7]["answer"] is None
+
+
+def test_eval_cli_compares_checkpoints_on_the_same_problems(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"question": "q1", "answer": "x #### 3"}) + "\n" + json.dumps({"problem": "q2", "solution": "\\boxed{4}"}) + "\n")
+    import shutil
+    a, b = tmp_path / "a" / "final", tmp_path / "b" / "final"  # same folder name, different runs
+    shutil.copytree(tiny_dir, a)
+    shutil.copytree(tiny_dir, b)
+    results = sample.main(["--eval", str(data), "--compare", str(a), str(b), "--n", "2",
+                           "--max_new_tokens", "4", "--out", str(tmp_path / "ev")])
+    table = capsys.readouterr().out
+    assert "| pass@2 |" in table and "| maj@2 |" in table and str(a) in table and str(b) in table
+    assert list(results) == [str(a), str(b)] and results[str(a)] == results[str(b)]  # same weights, same seeds
+    assert len(list((tmp_path / "ev").glob("*/summary.json"))) == 2
+
+
+def test_eval_builtin_uses_the_heldout_split():
+    problems = sample.load_eval_problems("builtin", sample.PROMPT_TEMPLATE)
+    assert len(problems) == 500 and problems[0]["prompt"].startswith("Compute ")
+
+
+def test_file_questions_get_the_prompt_template(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n")
+    (p,) = sample.load_eval_problems(str(data), "Q: {question} Box it.")
+    assert p["prompt"] == "Q: What is 2+2? Box it."
+
+
+def test_chat_cli_streams_a_completion(tiny_dir, capsys):
+    sample.main(["--model", str(tiny_dir), "--prompt", "Compute 1+2.", "--max_new_tokens", "5"])
+    captured = capsys.readouterr()
+    assert "tok/s" in captured.err
+
+
+def test_stop_tokens_include_generation_config_eos(tiny_dir):
+    (tiny_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 258]}))
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    assert sample.stop_token_ids_for(tiny_dir, tok) == sorted({7, 258, tok.eos_token_id})

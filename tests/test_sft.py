@@ -1,0 +1,181 @@
+"""sft.py: the built-in task, chat data and loss masks, batching, schedule, checkpoints and exact resume."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sft
+from model import ModelConfig, Tokenizer, Transformer
+from verify import math_reward
+
+TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--builtin_size", "200", "--batch_size", "8",
+        "--heldout_problems", "16", "--eval_every", "0", "--warmup_steps", "2"]
+
+
+# ------------------------------------------------------------------ built-in task
+
+
+def test_builtin_splits_are_disjoint_and_seeded():
+    train = sft.builtin_problems("train", 3000)
+    heldout = sft.builtin_problems("heldout", 500)
+    assert not {p["expr"] for p in train} & {p["expr"] for p in heldout}
+    assert sft.builtin_problems("heldout", 500) == heldout
+
+
+def test_worked_solutions_are_correct_and_well_formed():
+    for p in sft.builtin_problems("train", 200):
+        for steps in (True, False):
+            text = sft.worked_solution(p, show_steps=steps)
+            assert math_reward(text, p["answer"]) == 1.0
+            assert text.startswith("<think>\n") and "</think>\n\\boxed{" in text
+    p = {"expr": "7+5-3+8", "answer": "17", "steps": ["7+5=12", "12-3=9", "9+8=17"]}
+    assert sft.worked_solution(p) == "<think>\n7+5=12\n12-3=9\n9+8=17\n</think>\n\\boxed{17}"
+
+
+def test_arithmetic_problem_answer_is_the_expression_value():
+    import random
+    rng = random.Random(0)
+    for _ in range(300):
+        p = sft.arithmetic_problem(rng)
+        assert int(p["answer"]) == eval(p["expr"])  # the test may eval its own generated arithmetic
+
+
+def test_export_builtin_round_trips(tmp_path):
+    sft.export_builtin(tmp_path, n_train=30, n_heldout=10)
+    chats = sft.load_chats(tmp_path / "builtin_sft_train.jsonl")
+    assert len(chats) == 30 and chats[0][1]["role"] == "assistant"
+    from verify import load_problems
+    assert len(load_problems(tmp_path / "builtin_heldout.jsonl")) == 10
+
+
+# ------------------------------------------------------------------ chat data and loss masks
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.byte_level()
+
+
+def test_loss_mask_covers_exactly_the_assistant_turns(tok):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok!"}]
+    ids, mask = sft.tokenize_chat(tok, msgs)
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, add_generation_prompt=False)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "yo<|im_end|>\nok!<|im_end|>\n"
+
+
+def test_prompt_tokens_carry_no_gradient(tok):
+    examples = [sft.tokenize_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                for q, a in (("2+2?", "4"), ("a longer question", "ok"))]
+    (_, x, y, w), = sft.micro_batches(examples, 10_000, tok.pad_token_id)
+    logits = torch.randn(*x.shape, tok.vocab_size, requires_grad=True)
+    sft.sft_loss_sum(lambda _: logits, x, y, w).backward()
+    assert w.sum() == (1 + 2) + 2 * 2  # the answers "4" and "ok", each + <|im_end|> + newline
+    assert (logits.grad[w == 0] == 0).all()
+    assert (logits.grad[w == 1].abs().sum(-1) > 0).all()
+
+
+def test_prompt_completion_records_are_chats(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    assert sft.load_chats(f) == [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "q"}\n', r"d.jsonl:1: needs 'messages' or 'prompt' and 'completion'"),
+    ('{"messages": [{"role": "user", "content": "q"}]}\n', r"d.jsonl:1: no assistant message"),
+    ('{"prompt": "q", "completion": "a"}\n{oops\n', r"d.jsonl:2: malformed JSON"),
+    ('\n', r"d.jsonl: no records"),
+])
+def test_bad_chat_data_names_file_and_line(tmp_path, content, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        sft.load_chats(f)
+
+
+def test_truncation_and_drops_are_counted(tok):
+    chats = [[{"role": "user", "content": "q" * 50}, {"role": "assistant", "content": "a"}],
+             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 50}]]
+    examples, stats = sft.tokenize_dataset(tok, chats, max_len=30)
+    assert stats == {"truncated": 2, "dropped": 1}  # the first loses its whole answer, the second is cut
+    assert len(examples) == 1 and len(examples[0][0]) == 30
+
+
+def test_micro_batches_respect_the_token_budget_and_shift_targets():
+    examples = [(list(range(n)), [0] * (n // 2) + [1] * (n - n // 2)) for n in (5, 9, 3, 12, 7, 4)]
+    batches = sft.micro_batches(examples, max_tokens=24, pad_id=-1)
+    assert sorted(r for rows, *_ in batches for r in rows) == list(range(6))
+    for rows, x, y, w in batches:
+        assert x.numel() <= 24 or len(rows) == 1
+        for r, i in enumerate(rows):
+            n = len(examples[i][0]) - 1
+            assert x[r, :n].tolist() == examples[i][0][:-1] and y[r, :n].tolist() == examples[i][0][1:]
+            assert w[r, :n].tolist() == examples[i][1][1:] and w[r, n:].sum() == 0
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    args = sft.parse_args(["--lr", "1.0", "--warmup_steps", "4", "--max_steps", "104", "--min_lr_ratio", "0.1"])
+    assert [sft.lr_at(s, args) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert sft.lr_at(54, args) == pytest.approx(0.55)  # half way through the cosine: (1 + 0.1) / 2
+    assert sft.lr_at(104, args) == pytest.approx(0.1) and sft.lr_at(500, args) == pytest.approx(0.1)
+
+
+def test_optimizer_state_round_trips_through_safetensors_layout():
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = sft.flatten_optimizer(opt.state_dict())
+    json.dumps(meta)  # the non-tensor part is plain JSON
+    back = sft.unflatten_optimizer(tensors, meta)
+    for k, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(st[n], back["state"][k][n]) for n in st)
+
+
+# ------------------------------------------------------------------ end to end (short runs in a subprocess)
+
+
+def run_sft(tmp_path, *extra, check=True):
+    return subprocess.run([sys.executable, "sft.py", *TINY, "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, check=check, env={**__import__("os").environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+
+
+def losses(folder):
+    return [json.loads(l)["loss"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    import os
+    import signal
+    import time
+    run_sft(tmp_path / "full", "--max_steps", "40")
+    cmd = [sys.executable, "sft.py", *TINY, "--out", str(tmp_path / "part"), "--max_steps", "40"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # a pre-emption mid-run
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()
+    assert sft.latest_checkpoint(tmp_path / "part") is not None
+    run_sft(tmp_path / "part", "--max_steps", "40", "--resume", "auto")
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    summary = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert summary["steps"] == 40 and 0.0 <= summary["heldout_acc"] <= 1.0
+
+
+def test_final_checkpoint_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run_sft(tmp_path, "--max_steps", "2")
+    ours = Transformer.from_pretrained(tmp_path / "final")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    x = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max() < 1e-4
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "final")("7+5")["input_ids"] == [55, 43, 53]
