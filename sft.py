@@ -46,16 +46,17 @@ from verify import math_reward, read_jsonl
 # answers wrong, so RL has something real to find (show the work) and response length grows as it does.
 
 
-def arithmetic_problem(rng, min_terms=2, max_terms=5, max_value=9):
-    """A random problem: {"prompt", "answer", "steps"}; difficulty grows with max_terms and max_value."""
-    nums = [rng.randint(1, max_value) for _ in range(rng.randint(min_terms, max_terms))]
-    ops = [rng.choice("+-") for _ in nums[1:]]
-    expr = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:]))
-    steps, total = [], nums[0]
-    for op, n in zip(ops, nums[1:]):
+def arithmetic_problem(rng, min_terms=2, max_terms=6, max_value=9):
+    """A random problem: {"prompt", "answer", "steps", "expr"}. Running totals never go below zero, so every step
+    is one small fact ("12-3=9"); difficulty grows with max_terms and max_value."""
+    total = rng.randint(1, max_value)
+    expr, steps = str(total), []
+    for _ in range(rng.randint(min_terms, max_terms) - 1):
+        n = rng.randint(1, max_value)
+        op = "+" if n > total or rng.random() < 0.5 else "-"
         new = total + n if op == "+" else total - n
         steps.append(f"{total}{op}{n}={new}")
-        total = new
+        expr, total = expr + op + str(n), new
     return {"prompt": f"Compute {expr}.", "answer": str(total), "steps": steps, "expr": expr}
 
 
@@ -213,6 +214,7 @@ def add_training_args(p, script, lr, max_steps, batch_size):
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive NaN/inf steps")
@@ -251,6 +253,15 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             for junk in self.out.glob(".ckpt-*.tmp-*"):  # a save that was killed half-way
                 shutil.rmtree(junk, ignore_errors=True)
+            earlier = sorted(self.out.glob("ckpt-*")) + [self.out / f for f in ("metrics.jsonl", "summary.json", "final")
+                                                          if (self.out / f).exists()]
+            if earlier and not args.resume:  # never mix two runs in one folder, never delete one unasked
+                if not args.overwrite:
+                    raise SystemExit(f"{self.out} already holds a run ({', '.join(p.name for p in earlier)}): pass "
+                                     "--resume auto to continue it, --overwrite to replace it, or another --out")
+                for p in earlier:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.barrier()
         for sig in (signal.SIGINT, signal.SIGTERM):  # pre-emption: finish the step, checkpoint, exit non-zero
             signal.signal(sig, self._on_signal)
 

@@ -150,6 +150,7 @@ def losses(folder):
     return [json.loads(l)["loss"] for l in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
     import os
     import signal
@@ -179,3 +180,93 @@ def test_final_checkpoint_loads_in_transformers(tmp_path):
     with torch.no_grad():
         assert (ours(x) - ref(x).logits).abs().max() < 1e-4
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "final")("7+5")["input_ids"] == [55, 43, 53]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """2 gloo processes with the same global batch reach the same parameters as 1 process."""
+    import os
+    from safetensors.torch import load_file
+    args = [*TINY, "--max_steps", "3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "sft.py", *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                    *args, "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_nan_gradient_skips_the_step_and_too_many_stop_the_run(tmp_path):
+    args = sft.parse_args(["--out", str(tmp_path), "--max_bad_steps", "3", "--device", "cpu"])
+    run = sft.Run(args, "sft")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for i in range(2):
+        model.weight.grad = torch.full_like(model.weight, float("nan"))
+        model.bias.grad = torch.zeros_like(model.bias)
+        norm, skipped = sft.optimizer_step(run, model, opt, 0.1)
+        assert skipped and math.isnan(norm) and run.bad_steps == i + 1
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was applied
+    model(torch.randn(4, 3)).sum().backward()
+    assert sft.optimizer_step(run, model, opt, 0.1)[1] is False and run.bad_steps == 0  # a good step resets
+    with pytest.raises(SystemExit, match="3 consecutive steps with NaN/inf gradients"):
+        for _ in range(3):
+            model.weight.grad = torch.full_like(model.weight, float("inf"))
+            sft.optimizer_step(run, model, opt, 0.1)
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_leaves_every_checkpoint_loadable(tmp_path):
+    """A process saving checkpoints back to back is SIGKILLed at random moments; every ckpt-* folder that exists
+    afterwards is complete and loads, and the next run clears the half-written temporary folder."""
+    import os
+    import random
+    import signal
+    import time
+    script = f"""
+import torch, sft
+from model import ModelConfig, Tokenizer, Transformer
+args = sft.parse_args(["--out", {str(tmp_path)!r}, "--keep_checkpoints", "3", "--resume", "auto"])
+run = sft.Run(args, "sft")
+tok = Tokenizer.byte_level()
+model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4))
+opt = sft.make_optimizer(model, args)
+model(torch.randint(0, 200, (1, 8))).sum().backward(); opt.step()
+step = (sft.latest_checkpoint(args.out) and int(sft.latest_checkpoint(args.out).name[5:])) or 0
+while True:
+    step += 1
+    sft.save_checkpoint(run, step, {{"": model}}, {{"policy": opt}}, tok)
+"""
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        newest = sft.latest_checkpoint(tmp_path)
+        while sft.latest_checkpoint(tmp_path) == newest and proc.poll() is None:
+            time.sleep(0.05)  # the first save of this process has completed: now kill it at a random moment
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpts = sorted(tmp_path.glob("ckpt-*"))
+        assert ckpts, "no checkpoint was completed"
+        for c in ckpts:
+            Transformer.from_pretrained(c)
+            assert json.loads((c / "training_state.json").read_text())["step"] == int(c.name[5:])
+    sft.Run(sft.parse_args(["--out", str(tmp_path), "--resume", "auto"]), "sft")  # clears leftovers of killed saves
+    assert not list(tmp_path.glob(".ckpt-*"))
+
+
+def test_a_second_run_in_the_same_folder_is_refused_unless_asked(tmp_path):
+    run_sft(tmp_path, "--max_steps", "1")
+    again = run_sft(tmp_path, "--max_steps", "1", check=False)
+    assert again.returncode != 0 and "already holds a run" in again.stderr and "--resume auto" in again.stderr
+    run_sft(tmp_path, "--max_steps", "2", "--overwrite")
+    assert len(losses(tmp_path)) == 2  # the earlier run's metrics were replaced, not appended to

@@ -1,0 +1,347 @@
+"""PPO for language models with a learned critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022):
+the RLHF recipe, here with a verifier's or a reward model's score as the reward.
+
+Each step samples completions for a batch of prompts and scores them (verify.py, or --reward_model).
+Every completion token gets the reward -beta * KL(pi || pi_ref) (per-token k1 estimate), and the last one the
+sequence score too. A value model (transformer + scalar head per token) estimates the return from each token;
+GAE turns rewards and values into advantages; then several epochs of clipped policy and value updates run over
+shuffled minibatches of the batch.
+
+CPU, no arguments: the committed tiny checkpoint on the built-in arithmetic task (a few minutes), printing
+held-out greedy accuracy before and after:
+    python ppo.py
+With a learned reward instead of the verifier (train one first: python reward_model.py):
+    python ppo.py --reward_model out/reward_model/final
+8 GPUs (the --batch_size counts completions over all GPUs):
+    torchrun --nproc_per_node=8 ppo.py --model Qwen2.5-1.5B-Instruct --data gsm8k_train.jsonl \
+        --heldout_data gsm8k_test.jsonl --batch_size 512 --lr 1e-6 --critic_lr 5e-6 --max_new_tokens 1024 \
+        --max_steps 300 --micro_batch_tokens 32768 --grad_checkpointing --save_every 50 --target_kl 6
+    bash train_ddp.sh ppo.py 8 --model ... (same flags)
+
+Per step, on [B, T] right-padded prompt + completion tensors, position t predicting token t + 1 (mask: the
+positions whose next token is a completion token):
+  logp, ref_logp   log pi_old(y_t), log pi_ref(y_t)                            rollout policy, frozen reference
+  V_t              critic value of the state after tokens 0..t                 rollout critic
+  r_t              -beta (logp_t - ref_logp_t) (+ R(x, y) at the last token)    token_rewards
+  A_t, G_t         GAE(gamma, lambda) backwards over completion tokens; G = A + V    gae
+  A_t              whitened over the batch's completion tokens                    whiten
+  loss             clipped surrogate (grpo.clipped_surrogate) - c_H entropy     policy, token mean
+                   0.5 max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)          critic, token mean
+"""
+import argparse
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import verify
+from grpo import clipped_surrogate, problems_for_step
+from model import Tokenizer, Transformer, token_entropy, token_logprobs
+from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
+from sample import PROMPT_TEMPLATE, generate
+from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_model, lr_at, make_optimizer,
+                 micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
+    p.add_argument("--ref_model", default=None, help="frozen reference for the KL penalty (default: --model)")
+    p.add_argument("--reward_model", default=None, help="a reward_model.py folder: its score replaces the verifier")
+    p.add_argument("--critic_model", default=None, help="value model init: a reward-model or causal LM folder "
+                   "(default: --reward_model if given, else --model)")
+    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH), or 'builtin'")
+    p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out)")
+    p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
+    p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
+    p.add_argument("--group_size", type=int, default=1, help="completions sampled per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="completion length limit")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--top_p", type=float, default=None, help="rollout nucleus sampling")
+    p.add_argument("--accuracy_weight", type=float, default=1.0, help="verifier reward: weight of math_reward")
+    p.add_argument("--format_weight", type=float, default=0.1, help="verifier reward: weight of format_reward")
+    p.add_argument("--kl_coef", type=float, default=0.02, help="beta: initial KL(pi || pi_ref) penalty per token")
+    p.add_argument("--target_kl", type=float, default=0.0, help="adaptive KL controller target (nats per "
+                   "sequence; 0: fixed beta)")
+    p.add_argument("--kl_horizon", type=int, default=10000, help="adaptive KL controller horizon (sequences)")
+    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    p.add_argument("--lam", type=float, default=1.0, help="GAE lambda (1: the critic is only a baseline, which a "
+                   "fresh critic can be; lower values lean on its estimates and cut variance once it is good)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="policy clip range: ratio in [1 - eps, 1 + eps]")
+    p.add_argument("--value_clip", type=float, default=0.2, help="value clip range around the rollout values")
+    p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus coefficient")
+    p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (more reuse each sample; "
+                   "on CPU the default spends the time on fresh samples instead)")
+    p.add_argument("--n_minibatches", type=int, default=2, help="optimizer steps per pass (minibatches per rank)")
+    p.add_argument("--critic_lr", type=float, default=1e-3, help="critic peak learning rate (--lr is the policy's)")
+    p.add_argument("--eval_every", type=int, default=0, help="held-out accuracy every N steps (0: start and end)")
+    add_training_args(p, "ppo", lr=2e-4, max_steps=25, batch_size=128)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % (args.group_size * world):
+        p.error(f"--batch_size {args.batch_size} is not divisible by --group_size {args.group_size} x {world} ranks")
+    if args.batch_size // world < args.n_minibatches:
+        p.error(f"--n_minibatches {args.n_minibatches} is more than the {args.batch_size // world} sequences per rank")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# The algorithm: small pure functions on [B, T] tensors (mask = 1 on the positions that emit a completion token)
+
+
+def token_rewards(scores, logp, ref_logp, mask, kl_coef):
+    """r_t = -beta * (log pi(y_t) - log pi_ref(y_t)) on completion tokens (k1 estimate of KL(pi || pi_ref)),
+    and r_T += R(x, y) on the last one (Ziegler et al. 2019). scores [B] -> (rewards [B, T], kl [B, T])."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    rewards[torch.arange(len(scores)), last_token_index(mask)] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lambda A_{t+1} (Schulman et al. 2016), run
+    backwards over each row's completion tokens; the value after the last one is 0 (the episode is over).
+    Returns (advantages [B, T], returns G_t = A_t + V_t [B, T]), zero off the mask."""
+    adv, next_adv, next_value = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # off the mask: 0, so nothing leaks across
+        next_value = values[:, t] * mask[:, t]
+        adv[:, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def masked_mean_var(x, mask, all_sum=None):
+    """Mean and (biased) variance of x over mask, over all ranks when all_sum (sums a number across ranks)."""
+    total = all_sum or (lambda v: v)
+    n = total((mask.sum()).item())
+    mean = total((x * mask).sum().item()) / n
+    var = total((((x - mean) ** 2) * mask).sum().item()) / n
+    return mean, var
+
+
+def whiten(x, mask, all_sum=None, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) over the masked entries of the whole batch; 0 off the mask."""
+    mean, var = masked_mean_var(x, mask, all_sum)
+    return (x - mean) / math.sqrt(var + eps) * mask
+
+
+def clipped_value_loss(values, old_values, returns, clip):
+    """0.5 max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2) per token (PPO2's value clipping);
+    also returns where the clipped term is the larger one."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.max(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).float()
+
+
+def explained_variance(values, returns, mask, all_sum=None):
+    """1 - Var(G - V) / Var(G) over the masked tokens: 1 is a perfect critic, 0 no better than a constant."""
+    var_g = masked_mean_var(returns, mask, all_sum)[1]
+    return 1 - masked_mean_var(returns - values, mask, all_sum)[1] / max(var_g, 1e-8)
+
+
+def adaptive_kl_coef(beta, kl, target, n_steps, horizon):
+    """beta <- beta (1 + clip((KL - target) / target, -0.2, 0.2) n_steps / horizon) (Ziegler et al. 2019)."""
+    error = min(max((kl - target) / target, -0.2), 0.2)
+    return beta * (1 + error * n_steps / horizon)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
+    """Sample group_size completions per problem (one batched generate call) and score them. The verifier's
+    accuracy is always computed (it is logged); the reward is the reward model's score when there is one."""
+    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
+    problems = [p for p in problems for _ in range(args.group_size)]
+    with run.autocast():
+        outs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        stop_token_ids=[tokenizer.eos_token_id], seed=seed)
+    truncated = [not (o and o[-1] == tokenizer.eos_token_id) for o in outs]
+    texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
+    accuracy = [verify.safe_reward(verify.math_reward, c, p["answer"]) for c, p in zip(texts, problems)]
+    if reward_model is not None:
+        scores = reward_model.score([p["prompt"] for p in problems], texts)
+    else:
+        fmt = [verify.safe_reward(verify.format_reward, c) for c in texts]
+        scores = torch.tensor([args.accuracy_weight * a + args.format_weight * f for a, f in zip(accuracy, fmt)])
+    return {"prompts": prompts, "completions": outs, "truncated": truncated, "accuracy": accuracy,
+            "scores": scores.float()}
+
+
+def row_chunks(lengths, rows, max_tokens):
+    """Sort rows by length and cut them into pieces of at most max_tokens padded tokens: [(rows, T)]."""
+    rows = sorted(rows, key=lambda r: lengths[r])
+    out, start = [], 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and (end + 1 - start) * lengths[rows[end]] <= max_tokens:
+            end += 1
+        out.append((rows[start:end], lengths[rows[end - 1]]))
+        start = end
+    return out
+
+
+@torch.no_grad()
+def prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, pad_id):
+    """Rollouts -> the tensors PPO trains on: x, y, mask, old logp, old values, advantages, returns [B, T]."""
+    examples = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(batch["prompts"], batch["completions"])]
+    [(rows, x, y, mask)] = micro_batches(examples, math.inf, pad_id)  # one right-padded batch, sorted by length
+    x, y, mask = x.to(run.device), y.to(run.device), mask.to(run.device)
+    scores = batch["scores"][rows].to(run.device)
+    lengths = [len(examples[r][0]) - 1 for r in rows]
+    logp, ref_logp, values = (torch.zeros_like(mask) for _ in range(3))
+    for idx, T in row_chunks(lengths, range(len(rows)), args.micro_batch_tokens):
+        with run.autocast():
+            logp[idx, :T] = token_logprobs(policy(x[idx, :T]), y[idx, :T])
+            ref_logp[idx, :T] = token_logprobs(ref_model(x[idx, :T]), y[idx, :T]) if ref_model else logp[idx, :T]
+            values[idx, :T] = critic(x[idx, :T])
+    rewards, kl = token_rewards(scores, logp, ref_logp, mask, kl_coef)
+    adv, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
+    return {"x": x, "y": y, "mask": mask, "lengths": lengths, "logp": logp, "values": values * mask,
+            "returns": returns, "adv": whiten(adv, mask, run.all_sum), "kl": kl.sum(1),
+            "explained_variance": explained_variance(values * mask, returns, mask, run.all_sum)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_critic, data):
+    """ppo_epochs passes over this rank's rollouts, each in n_minibatches shuffled minibatches; one optimizer
+    step of each model per minibatch. Losses are token means over the minibatch on all ranks."""
+    stats = {k: 0.0 for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy")}
+    n_updates = args.ppo_epochs * args.n_minibatches
+    B = len(data["lengths"])
+    # shuffles follow from (seed, step, rank) alone, so a resumed run takes the same minibatches
+    gen = torch.Generator().manual_seed(random.Random(f"ppo-{args.seed}-{step}-{run.rank}").randrange(2**31))
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(B, generator=gen).tolist()
+        for mb in range(args.n_minibatches):
+            rows = perm[mb * B // args.n_minibatches:(mb + 1) * B // args.n_minibatches]
+            n_tokens = run.all_sum(data["mask"][rows].sum().item())
+            chunks = row_chunks(data["lengths"], rows, args.micro_batch_tokens)
+            for i, (idx, T) in enumerate(chunks):
+                x, y, w = data["x"][idx, :T], data["y"][idx, :T], data["mask"][idx, :T]
+                sync = run.world == 1 or i == len(chunks) - 1
+                with (train_policy.no_sync() if not sync else nullcontext()), \
+                        (train_critic.no_sync() if not sync else nullcontext()), run.autocast():
+                    logits = train_policy(x)  # [b, T, V]
+                    logp = token_logprobs(logits, y)  # [b, T]
+                    pg, clipped = clipped_surrogate(logp, data["logp"][idx, :T], data["adv"][idx, :T],
+                                                    args.epsilon, args.epsilon)
+                    entropy = token_entropy(logits if args.entropy_coef else logits.detach())  # [b, T]
+                    policy_loss = ((pg - args.entropy_coef * entropy) * w).sum() / n_tokens
+                    (policy_loss * run.world).backward()  # DDP averages over ranks; n_tokens counts all ranks
+                    vf, vclipped = clipped_value_loss(train_critic(x), data["values"][idx, :T],
+                                                      data["returns"][idx, :T], args.value_clip)
+                    value_loss = (vf * w).sum() / n_tokens
+                    (value_loss * run.world).backward()
+                for k, v in (("policy_loss", policy_loss.item()), ("value_loss", value_loss.item()),
+                             ("clip_frac", (clipped * w).sum().item() / n_tokens),
+                             ("value_clip_frac", (vclipped * w).sum().item() / n_tokens),
+                             ("entropy", (entropy.detach() * w).sum().item() / n_tokens)):
+                    stats[k] += v / n_updates
+            policy_norm, skipped_p = optimizer_step(run, train_policy, opt_policy, lr_at(step, args))
+            critic_norm, skipped_c = optimizer_step(run, train_critic, opt_critic, lr_at(step, args, args.critic_lr))
+    stats = {k: run.all_sum(v) for k, v in stats.items()}
+    return {**stats, "grad_norm": policy_norm, "critic_grad_norm": critic_norm, "skipped": skipped_p or skipped_c}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(args, "ppo")
+    policy, tokenizer = load_model(args.model, run)
+    ref_model = None
+    if args.kl_coef > 0:  # beta = 0 (and no controller to raise it): no reference model at all
+        ref_dtype = torch.bfloat16 if run.device.type == "cuda" else run.dtype
+        ref_model = Transformer.from_pretrained(args.ref_model or args.model, dtype=ref_dtype, device=run.device)
+        ref_model.requires_grad_(False)
+    reward_model = None
+    if args.reward_model:
+        reward_model = load_reward_model(args.reward_model, device=run.device, tokenizer_of_policy=tokenizer)
+    critic_path = args.critic_model or args.reward_model or args.model
+    check_same_tokenizer(Tokenizer.from_pretrained(critic_path), tokenizer, what="critic")  # it reads policy ids
+    critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
+    critic.backbone.grad_checkpointing = args.grad_checkpointing
+    template = args.prompt_template.replace("\\n", "\n")
+    data = None if args.data == "builtin" else [
+        {**p, "prompt": template.replace("{question}", p["prompt"])} for p in verify.load_problems(args.data)]
+    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else [
+        {**p, "prompt": template.replace("{question}", p["prompt"])}
+        for p in verify.load_problems(args.heldout_data)[:args.heldout_problems]]
+
+    opt_policy, opt_critic = make_optimizer(policy, args), make_optimizer(critic, args, lr=args.critic_lr)
+    models, optimizers = {"": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
+    state = resume(run, models, optimizers)
+    step, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
+    acc_before = state.get("heldout_acc_before")
+    if acc_before is None:
+        acc_before, len_before = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
+        run.print(f"held-out greedy accuracy before: {acc_before:.3f} (mean length {len_before:.1f})")
+        run.log(step, {"heldout_acc": acc_before, "heldout_mean_length": len_before})
+    train_policy = run.wrap(torch.compile(policy) if args.compile else policy)
+    train_critic = run.wrap(torch.compile(critic) if args.compile else critic)
+
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="ppo")
+    while step < args.max_steps:
+        t0 = time.time()
+        problems = problems_for_step(args, run, data, step, 0)
+        seed = random.Random(f"sample-{args.seed}-{step}-{run.rank}").randrange(2**31)
+        batch = rollout(args, run, policy, tokenizer, problems, seed, reward_model)
+        t_gen = time.time() - t0
+        prepared = prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, tokenizer.pad_token_id)
+        stats = ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_critic, prepared)
+        t_train = time.time() - t0 - t_gen
+        step += 1
+        n = run.all_sum(len(batch["completions"]))
+        kl = run.all_sum(prepared["kl"].sum().item()) / n  # nats per sequence: sum over its tokens of k1
+        lengths = torch.tensor([len(c) for c in batch["completions"]], dtype=torch.float)
+        metrics = {"reward": run.all_sum(batch["scores"].sum().item()) / n,
+                   "accuracy": run.all_sum(sum(batch["accuracy"])) / n, "kl": kl, "kl_coef": kl_coef,
+                   **stats, "explained_variance": prepared["explained_variance"],
+                   "completion_len_mean": run.all_sum(lengths.sum().item()) / n,
+                   "completion_len_max": run.all_max(lengths.max().item()),
+                   "truncated_frac": run.all_sum(sum(batch["truncated"])) / n,
+                   "lr": lr_at(step - 1, args), "critic_lr": lr_at(step - 1, args, args.critic_lr),
+                   "gen_s": t_gen, "train_s": t_train}
+        if args.target_kl > 0:
+            kl_coef = adaptive_kl_coef(kl_coef, kl, args.target_kl, n, args.kl_horizon)
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            metrics["heldout_acc"], metrics["heldout_mean_length"] = heldout_accuracy(
+                run, policy, tokenizer, heldout, args.max_new_tokens)
+        run.log(step, metrics)
+        pbar.update(1)
+        pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}", kl=f"{kl:.2f}",
+                         ev=f"{metrics['explained_variance']:.2f}")
+        ckpt_state = {"heldout_acc_before": acc_before, "kl_coef": kl_coef}
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            save_checkpoint(run, step, models, optimizers, tokenizer, ckpt_state)
+        if run.should_stop():
+            save_checkpoint(run, step, models, optimizers, tokenizer, ckpt_state)
+            run.print(f"stopped at step {step}; continue with --resume auto")
+            raise SystemExit(130)
+    pbar.close()
+
+    acc_after, len_after = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
+    run.log(step, {"heldout_acc": acc_after, "heldout_mean_length": len_after})
+    save_checkpoint(run, step, models, optimizers, tokenizer, {"heldout_acc_before": acc_before, "kl_coef": kl_coef})
+    final = save_checkpoint(run, step, {"": policy}, {}, tokenizer, name="final")
+    run.print(f"held-out greedy accuracy: {acc_before:.3f} -> {acc_after:.3f} ({len(heldout)} problems); saved {final}")
+    run.write_summary({"heldout_acc_before": acc_before, "heldout_acc_after": acc_after,
+                       "heldout_mean_length_after": len_after, "heldout_problems": len(heldout), "steps": step,
+                       "final_kl_coef": kl_coef, "final_checkpoint": str(final)})
+
+
+if __name__ == "__main__":
+    main()
