@@ -23,16 +23,16 @@ Loss variants (--loss), one code path with these differences:
 import argparse
 import json
 import math
+import os
 import random
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
 import verify
 from model import Transformer, parse_dtype, token_entropy, token_logprobs
-from sample import PROMPT_TEMPLATE, generate
+from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, templated_problems
 from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_model, lr_at, make_optimizer,
                  micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
 
@@ -79,6 +79,10 @@ def parse_args(argv=None):
     args.overlong_cache = args.overlong_cache if args.overlong_cache is not None else (args.max_new_tokens // 4 if dapo else 0)
     if args.batch_size % args.group_size:
         p.error(f"--batch_size {args.batch_size} is not divisible by --group_size {args.group_size}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if (args.batch_size // args.group_size) % world:
+        p.error(f"--batch_size {args.batch_size} / --group_size {args.group_size} = {args.batch_size // args.group_size}"
+                f" prompts per step cannot be split evenly over {world} processes")
     return args
 
 
@@ -180,8 +184,8 @@ def problems_for_step(args, run, data, step, round_):
 def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
     """Sample G completions per problem (one batched generate call), score them. Returns a dict of lists."""
     prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
-    with run.autocast():
-        outs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    with run.full_params(policy) as model, run.autocast():
+        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         stop_token_ids=[tokenizer.eos_token_id], seed=seed)
     truncated = [not (o and o[-1] == tokenizer.eos_token_id) for o in outs]
     texts = [tokenizer.decode(o[:-1] if not t else o) for o, t in zip(outs, truncated)]
@@ -223,7 +227,7 @@ def fill_batch(args, run, policy, tokenizer, data, step, reward_model):
 # Training
 
 
-def policy_loss_step(args, run, policy, train_model, ref_model, optimizer, batch, lr):
+def policy_loss_step(args, run, train_model, ref_model, optimizer, batch, lr):
     """mu optimisation iterations on one rollout batch. pi_old (and pi_ref) log-probs come from the trainer's own
     forward pass, computed once without gradient (for mu = 1, pi_old = pi_theta detached: the ratio is exactly 1)."""
     examples = [(p + c, [0] * len(p) + [0 if args.mask_truncated and t else 1] * len(c))
@@ -237,13 +241,12 @@ def policy_loss_step(args, run, policy, train_model, ref_model, optimizer, batch
     with torch.no_grad(), run.autocast():
         for rows, x, y, w in chunks:
             x, y = x.to(run.device), y.to(run.device)
-            old.append(token_logprobs(policy(x), y) if args.mu > 1 else None)
+            old.append(token_logprobs(train_model(x), y) if args.mu > 1 else None)
             ref.append(token_logprobs(ref_model(x), y) if ref_model is not None else None)
     for it in range(args.mu):
         for i, (rows, x, y, w) in enumerate(chunks):
             x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
-            sync = run.world == 1 or i == len(chunks) - 1
-            with (train_model.no_sync() if not sync else nullcontext()), run.autocast():
+            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
                 logits = train_model(x)  # [B, T, V]
                 logp = token_logprobs(logits, y)  # [B, T]
                 old_logp = old[i] if old[i] is not None else logp.detach()
@@ -276,13 +279,14 @@ def main(argv=None):
     if args.reward_model:
         from reward_model import load_reward_model
         reward_model = load_reward_model(args.reward_model, device=run.device, tokenizer_of_policy=tokenizer)
-    template = args.prompt_template.replace("\\n", "\n")
-    data = None if args.data == "builtin" else [
-        {**p, "prompt": template.replace("{question}", p["prompt"])} for p in verify.load_problems(args.data)]
-    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else [
-        {**p, "prompt": template.replace("{question}", p["prompt"])}
-        for p in verify.load_problems(args.heldout_data)[:args.heldout_problems]]
+    limit = policy.config.max_position_embeddings
+    data = None if args.data == "builtin" else drop_long_prompts(
+        templated_problems(args.data, args.prompt_template), tokenizer, args.max_new_tokens, limit, args.data)
+    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else drop_long_prompts(
+        templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems], tokenizer,
+        args.max_new_tokens, limit, args.heldout_data)
 
+    train_model = run.wrap(policy)
     optimizer = make_optimizer(policy, args)
     state = resume(run, {"": policy}, {"policy": optimizer})
     step = state.get("step", 0)
@@ -291,14 +295,13 @@ def main(argv=None):
         acc_before, len_before = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
         run.print(f"held-out greedy accuracy before: {acc_before:.3f} (mean length {len_before:.1f})")
         run.log(step, {"heldout_acc": acc_before, "heldout_mean_length": len_before})
-    train_model = run.wrap(torch.compile(policy) if args.compile else policy)
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=f"{args.loss}")
     while step < args.max_steps:
         t0 = time.time()
         batch = fill_batch(args, run, policy, tokenizer, data, step, reward_model)
         t_gen = time.time() - t0
-        stats = policy_loss_step(args, run, policy, train_model, ref_model, optimizer, batch, lr_at(step, args))
+        stats = policy_loss_step(args, run, train_model, ref_model, optimizer, batch, lr_at(step, args))
         t_train = time.time() - t0 - t_gen
         step += 1
         lengths = torch.tensor([len(c) for c in batch["completions"]], dtype=torch.float)

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -42,7 +41,7 @@ import verify
 from grpo import clipped_surrogate, problems_for_step
 from model import Tokenizer, Transformer, token_entropy, token_logprobs
 from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
-from sample import PROMPT_TEMPLATE, generate
+from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, templated_problems
 from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_model, lr_at, make_optimizer,
                  micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
 
@@ -164,8 +163,8 @@ def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
     accuracy is always computed (it is logged); the reward is the reward model's score when there is one."""
     prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
     problems = [p for p in problems for _ in range(args.group_size)]
-    with run.autocast():
-        outs = generate(policy, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    with run.full_params(policy) as model, run.autocast():
+        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         stop_token_ids=[tokenizer.eos_token_id], seed=seed)
     truncated = [not (o and o[-1] == tokenizer.eos_token_id) for o in outs]
     texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
@@ -233,9 +232,8 @@ def ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_crit
             chunks = row_chunks(data["lengths"], rows, args.micro_batch_tokens)
             for i, (idx, T) in enumerate(chunks):
                 x, y, w = data["x"][idx, :T], data["y"][idx, :T], data["mask"][idx, :T]
-                sync = run.world == 1 or i == len(chunks) - 1
-                with (train_policy.no_sync() if not sync else nullcontext()), \
-                        (train_critic.no_sync() if not sync else nullcontext()), run.autocast():
+                last = i == len(chunks) - 1
+                with run.no_sync(train_policy, last), run.no_sync(train_critic, last), run.autocast():
                     logits = train_policy(x)  # [b, T, V]
                     logp = token_logprobs(logits, y)  # [b, T]
                     pg, clipped = clipped_surrogate(logp, data["logp"][idx, :T], data["adv"][idx, :T],
@@ -274,13 +272,14 @@ def main(argv=None):
     check_same_tokenizer(Tokenizer.from_pretrained(critic_path), tokenizer, what="critic")  # it reads policy ids
     critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
     critic.backbone.grad_checkpointing = args.grad_checkpointing
-    template = args.prompt_template.replace("\\n", "\n")
-    data = None if args.data == "builtin" else [
-        {**p, "prompt": template.replace("{question}", p["prompt"])} for p in verify.load_problems(args.data)]
-    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else [
-        {**p, "prompt": template.replace("{question}", p["prompt"])}
-        for p in verify.load_problems(args.heldout_data)[:args.heldout_problems]]
+    limit = policy.config.max_position_embeddings
+    data = None if args.data == "builtin" else drop_long_prompts(
+        templated_problems(args.data, args.prompt_template), tokenizer, args.max_new_tokens, limit, args.data)
+    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else drop_long_prompts(
+        templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems], tokenizer,
+        args.max_new_tokens, limit, args.heldout_data)
 
+    train_policy, train_critic = run.wrap(policy), run.wrap(critic)
     opt_policy, opt_critic = make_optimizer(policy, args), make_optimizer(critic, args, lr=args.critic_lr)
     models, optimizers = {"": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
     state = resume(run, models, optimizers)
@@ -290,8 +289,6 @@ def main(argv=None):
         acc_before, len_before = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
         run.print(f"held-out greedy accuracy before: {acc_before:.3f} (mean length {len_before:.1f})")
         run.log(step, {"heldout_acc": acc_before, "heldout_mean_length": len_before})
-    train_policy = run.wrap(torch.compile(policy) if args.compile else policy)
-    train_critic = run.wrap(torch.compile(critic) if args.compile else critic)
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="ppo")
     while step < args.max_steps:

@@ -37,7 +37,6 @@ import random
 import re
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -433,6 +432,7 @@ def main(argv=None):
               f"{len(evals or [])} held-out; model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     pad = tokenizer.pad_token_id
 
+    train_model = run.wrap(model)
     optimizer = make_optimizer(model, args)
     state = resume(run, {"": model}, {"reward_model": optimizer})
     step = state.get("step", 0)
@@ -441,7 +441,6 @@ def main(argv=None):
         before = evaluate(run, model, evals, args.micro_batch_tokens, pad)
         run.print(f"held-out pairwise accuracy before training: {before['heldout_pair_acc']:.3f}")
         run.log(step, before)
-    train_model = run.wrap(torch.compile(model) if args.compile else model)
     per_epoch = max(1, len(train) // args.batch_size)
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="reward_model")
     while step < args.max_steps:
@@ -454,8 +453,7 @@ def main(argv=None):
         sums, n_tokens = {"loss": 0.0, "correct": 0.0, "gap": 0.0}, 0
         chunks = pair_micro_batches(batch, args.micro_batch_tokens, pad)
         for i, (rows, ids, mask, margins) in enumerate(chunks):
-            sync = run.world == 1 or i == len(chunks) - 1
-            with (train_model.no_sync() if not sync else nullcontext()), run.autocast():
+            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
                 rc, rr = pair_scores(train_model, ids, mask, run.device)
                 loss = bt_loss(rc, rr, margins.to(run.device)).sum()
                 (loss * run.world / n_pairs).backward()  # DDP averages over ranks; we want the mean over all pairs

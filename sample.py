@@ -147,13 +147,32 @@ def stop_token_ids_for(model_dir, tokenizer):
 # Evaluation: pass@k, maj@k, lengths and format over a problems file
 
 
+def templated_problems(path, template):
+    """The problems of a JSONL file (verify.load_problems), each question put into the prompt template."""
+    return [{**p, "prompt": template.replace("\\n", "\n").replace("{question}", p["prompt"])}
+            for p in verify.load_problems(path)]
+
+
+def drop_long_prompts(problems, tokenizer, max_new_tokens, max_positions, source="data"):
+    """Problems whose prompt leaves room for max_new_tokens within the context; the others are dropped, counted
+    and reported (a prompt that does not fit is never silently cut)."""
+    kept = [p for p in problems if len(prompt_ids(tokenizer, p["prompt"])) + max_new_tokens <= max_positions]
+    if len(kept) < len(problems):
+        print(f"{source}: dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompt + "
+              f"{max_new_tokens} new tokens exceeds the context ({max_positions})", file=sys.stderr)
+    if not kept:
+        raise SystemExit(f"{source}: no problem fits the context of {max_positions} tokens with "
+                         f"max_new_tokens {max_new_tokens}")
+    return kept
+
+
 def load_eval_problems(source, template):
     """Problems from a JSONL file (the template turns each question into the user turn), or the built-in task's
     held-out split ('builtin': prompts used as they are, the way the built-in models were trained)."""
     if source == "builtin":
         from sft import builtin_problems  # imported here: sft.py itself imports this file
         return builtin_problems("heldout", 500)
-    return [{**p, "prompt": template.replace("{question}", p["prompt"])} for p in verify.load_problems(source)]
+    return templated_problems(source, template)
 
 
 def powers_of_two(n):
@@ -230,7 +249,7 @@ def parse_args(argv=None):
 
 
 def run_eval(args):
-    problems = load_eval_problems(args.eval, args.prompt_template.replace("\\n", "\n"))[:args.limit]
+    problems = load_eval_problems(args.eval, args.prompt_template)[:args.limit]
     results = {}
     for path in args.compare or [args.model]:
         tokenizer = Tokenizer.from_pretrained(path)

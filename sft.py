@@ -21,21 +21,25 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm import tqdm
 
-from model import ModelConfig, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir
+from model import Block, ModelConfig, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir
 from sample import generate, prompt_ids, render
 from verify import math_reward, read_jsonl
 
@@ -46,14 +50,20 @@ from verify import math_reward, read_jsonl
 # answers wrong, so RL has something real to find (show the work) and response length grows as it does.
 
 
-def arithmetic_problem(rng, min_terms=2, max_terms=6, max_value=9):
-    """A random problem: {"prompt", "answer", "steps", "expr"}. Running totals never go below zero, so every step
-    is one small fact ("12-3=9"); difficulty grows with max_terms and max_value."""
+def arithmetic_problem(rng, min_terms=2, max_terms=6, max_value=9, max_total=19):
+    """A random problem: {"prompt", "answer", "steps", "expr"}. Running totals stay within [0, max_total], so each
+    step is one of a few hundred small facts ("12-3=9") while the whole chain is long; difficulty grows with
+    max_terms, max_value and max_total."""
     total = rng.randint(1, max_value)
     expr, steps = str(total), []
     for _ in range(rng.randint(min_terms, max_terms) - 1):
         n = rng.randint(1, max_value)
-        op = "+" if n > total or rng.random() < 0.5 else "-"
+        can_add, can_sub = total + n <= max_total, total - n >= 0
+        op = "+" if can_add and (not can_sub or rng.random() < 0.5) else "-" if can_sub else None
+        if op is None:  # neither fits: pick a smaller number that can be subtracted
+            n, op = rng.randint(1, total) if total else 0, "-"
+            if n == 0:
+                n, op = rng.randint(1, max_value), "+"
         new = total + n if op == "+" else total - n
         steps.append(f"{total}{op}{n}={new}")
         expr, total = expr + op + str(n), new
@@ -216,6 +226,8 @@ def add_training_args(p, script, lr, max_steps, batch_size):
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over ranks "
+                   "(FSDP2) instead of replicating them (DDP): for models that do not fit one GPU with DDP")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive NaN/inf steps")
     return p
@@ -311,18 +323,52 @@ class Run:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def wrap(self, model):
-        """DDP across ranks (gradients all-reduced in backward); the plain model on one process."""
-        if self.world == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        """The model as it trains across ranks; call before make_optimizer. --fsdp: FSDP2, every transformer block
+        its own unit, parameters, gradients and optimizer state sharded over ranks (the model is sharded in place);
+        otherwise DDP: full replicas, gradients all-reduced in backward. --compile: then torch.compile."""
+        if self.world > 1 and self.args.fsdp:
+            for block in [m for m in model.modules() if isinstance(m, Block)]:
+                fully_shard(block)
+            fully_shard(model)
+        elif self.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.args.compile else model
+
+    @staticmethod
+    def no_sync(train_model, sync):
+        """Gradient accumulation: skip the gradient all-reduce / reduce-scatter unless `sync` (the last micro-batch)."""
+        m = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel) and not sync:
+            return m.no_sync()
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    @contextmanager
+    def full_params(self, model):
+        """Every parameter whole on every rank inside the block: FSDP all-gathers them once (nothing to do
+        otherwise), so generation and saving run on plain tensors and ranks may run different numbers of forward
+        passes. Yields the plain module (no DDP / compile wrapper)."""
+        model = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for u in units:
+            u.set_reshard_after_forward(False)
+            u.unshard()
+        try:
+            yield model
+        finally:
+            for u in units:
+                u.reshard()
+                u.set_reshard_after_forward(True)
 
 
 def load_model(path, run, config=None):
     """A checkpoint folder (model + tokenizer), or with path None a fresh model of `config` with a byte-level
     tokenizer. Ranks start from identical weights: the fresh init is seeded identically everywhere."""
-    if path is None:
-        tokenizer = Tokenizer.byte_level()
+    if path is None:  # <think> and </think> as single tokens, as in Qwen3 and DeepSeek-R1 vocabularies
+        tokenizer = Tokenizer.byte_level(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                                                         "</think>"))
         torch.manual_seed(run.args.seed)
         config.vocab_size, config.eos_token_id = tokenizer.vocab_size, tokenizer.eos_token_id
         model = Transformer(config).to(run.device, run.dtype)
@@ -356,6 +402,7 @@ def optimizer_step(run, model, optimizer, lr):
     """Clip, then step, unless the gradient is NaN/inf: then the step is skipped and counted; too many in a
     row stop the run (the last checkpoint stays good). Returns (grad_norm, skipped)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.args.grad_clip)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         run.bad_steps += 1
@@ -378,24 +425,41 @@ def optimizer_step(run, model, optimizer, lr):
 
 
 def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=None):
-    """models / optimizers: {"": policy, "critic": ...}; "" is saved at the top of the folder."""
+    """models / optimizers: {"": policy, "critic": ...}; "" is saved at the top of the folder. Under FSDP the
+    weights are gathered for rank 0 and every rank writes its own optimizer shard."""
     final = run.out / (name or f"ckpt-{step:06d}")
-    tmp = run.out / f".ckpt-{step:06d}.tmp-{os.getpid()}"
-    if run.is_main:
-        for sub, model in models.items():
-            model = getattr(model, "module", model)
-            model.save_pretrained(tmp / sub if sub else tmp, tokenizer=tokenizer)
-        for key, opt in optimizers.items():
+    tmp = run.out / f".ckpt-{step:06d}.tmp-{os.getpid() if run.is_main else 0}"
+    tmp = Path(broadcast_str(run, str(tmp)))  # rank 0's pid names the folder every rank writes into
+    sharded = run.args.fsdp and run.world > 1
+    for sub, model in sorted(models.items()):  # "" first: the top-level save replaces the (empty) folder
+        with run.full_params(model) as m:
+            if run.is_main:
+                m.save_pretrained(tmp / sub if sub else tmp, tokenizer=tokenizer)
+    run.barrier()
+    for key, opt in optimizers.items():
+        if run.is_main or sharded:
             tensors, meta = flatten_optimizer(opt.state_dict())
-            save_file(tensors, tmp / f"optimizer_{key}.safetensors")
-            (tmp / f"optimizer_{key}.json").write_text(json.dumps(meta))
-        (tmp / "training_state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+            suffix = f".rank{run.rank}" if sharded else ""
+            save_file(tensors, tmp / f"optimizer_{key}{suffix}.safetensors")
+            (tmp / f"optimizer_{key}{suffix}.json").write_text(json.dumps(meta))
+    run.barrier()
+    if run.is_main:
+        (tmp / "training_state.json").write_text(json.dumps({"step": step, "world_size": run.world, **(state or {})},
+                                                            indent=2))
         replace_dir(tmp, final)
         if name is None:
             for old in sorted(run.out.glob("ckpt-*"))[: -run.args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
     run.barrier()
     return final
+
+
+def broadcast_str(run, text):
+    if run.world == 1:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def latest_checkpoint(out):
@@ -415,15 +479,18 @@ def resume(run, models, optimizers):
         return {}
     if not (path / "training_state.json").exists():
         raise SystemExit(f"--resume {path}: not a checkpoint folder (no training_state.json)")
-    for sub, model in models.items():
-        model = getattr(model, "module", model)
-        src = path / sub if sub else path
-        model.load_hf_state_dict(read_safetensors(src, dtype=model.embed_tokens.weight.dtype,
-                                                  device=model.embed_tokens.weight.device), source=str(src))
-    for key, opt in optimizers.items():
-        meta = json.loads((path / f"optimizer_{key}.json").read_text())
-        opt.load_state_dict(unflatten_optimizer(load_file(path / f"optimizer_{key}.safetensors"), meta))
     state = json.loads((path / "training_state.json").read_text())
+    sharded = run.args.fsdp and run.world > 1
+    if sharded and state.get("world_size") != run.world:
+        raise SystemExit(f"--resume {path}: saved by {state.get('world_size')} FSDP ranks, this run has {run.world} "
+                         "(sharded optimizer state needs the same number)")
+    for sub, model in models.items():
+        load_weights(getattr(getattr(model, "_orig_mod", model), "module", model), path / sub if sub else path)
+    for key, opt in optimizers.items():
+        suffix = f".rank{run.rank}" if sharded else ""
+        meta = json.loads((path / f"optimizer_{key}{suffix}.json").read_text())
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.load_state_dict(unflatten_optimizer(load_file(path / f"optimizer_{key}{suffix}.safetensors"), meta, params))
     run.barrier()
     if run.is_main and (run.out / "metrics.jsonl").exists():
         lines = (run.out / "metrics.jsonl").read_text().splitlines()
@@ -433,22 +500,47 @@ def resume(run, models, optimizers):
     return state
 
 
+def load_weights(model, folder):
+    """A checkpoint's weights into a plain or an FSDP-sharded model (then each rank keeps its own shard)."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    param = next(model.parameters())
+    device = param.device_mesh.device_type if isinstance(param, DTensor) else param.device
+    tensors = read_safetensors(folder, dtype=param.dtype, device=device)
+    if not units:
+        return model.load_hf_state_dict(tensors, source=str(folder))
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    plain.load_hf_state_dict(tensors, source=str(folder), assign=True)
+    set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+
+
 def flatten_optimizer(sd):
-    """optimizer.state_dict() -> (tensors for safetensors, JSON-able rest)."""
-    tensors, scalars = {}, {}
+    """optimizer.state_dict() -> (tensors for safetensors, JSON-able rest). A sharded (FSDP) value is saved as this
+    rank's shard, its placement noted so that resume rebuilds it."""
+    tensors, scalars, placements = {}, {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
+            if isinstance(v, DTensor):
+                placements[f"{idx}.{k}"] = {"placements": [str(p) for p in v.placements], "shape": list(v.shape)}
+                v = v.to_local()
             if torch.is_tensor(v):
                 tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "placements": placements}
 
 
-def unflatten_optimizer(tensors, meta):
+def unflatten_optimizer(tensors, meta, params=None):
     state = {}
     for key, v in [*tensors.items(), *meta["scalars"].items()]:
         idx, k = key.split(".", 1)
+        if key in meta.get("placements", {}):
+            saved = meta["placements"][key]
+            places = [Replicate() if p == "Replicate()" else Shard(int(re.search(r"\d+", p).group()))
+                      for p in saved["placements"]]
+            shape = torch.Size(saved["shape"])  # the global shape: shards may be uneven (259 rows over 2 ranks)
+            v = DTensor.from_local(v.to(params[int(idx)].device), params[int(idx)].device_mesh, places, shape=shape,
+                                   stride=torch.empty(shape, device="meta").stride())
         state.setdefault(int(idx), {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
@@ -460,14 +552,13 @@ def unflatten_optimizer(tensors, meta):
 @torch.no_grad()
 def heldout_accuracy(run, model, tokenizer, problems, max_new_tokens=96, batch_size=256):
     """Greedy accuracy (verify.math_reward) and mean completion length over problems, split across ranks."""
-    model = getattr(model, "module", model)
     mine = problems[run.rank::run.world]
     correct = length = 0.0
     for i in range(0, len(mine), batch_size):
         chunk = mine[i:i + batch_size]
         prompts = [prompt_ids(tokenizer, p["prompt"]) for p in chunk]
-        with run.autocast():
-            outs = generate(model, prompts, max_new_tokens, temperature=0, stop_token_ids=[tokenizer.eos_token_id])
+        with run.full_params(model) as m, run.autocast():
+            outs = generate(m, prompts, max_new_tokens, temperature=0, stop_token_ids=[tokenizer.eos_token_id])
         for p, o in zip(chunk, outs):
             correct += math_reward(tokenizer.decode(o), p["answer"])
             length += len(o)
@@ -510,9 +601,9 @@ def parse_args(argv=None):
 def train(run, args, model, tokenizer, train, evals=None):
     """The SFT loop (distill.py runs it too): token-mean cross-entropy on the loss-masked examples, for
     args.max_steps steps of args.batch_size examples, resuming from args.resume. Returns (steps, tokens)."""
+    train_model = run.wrap(model)
     optimizer = make_optimizer(model, args)
     step = resume(run, {"": model}, {"policy": optimizer}).get("step", 0)
-    train_model = run.wrap(torch.compile(model) if args.compile else model)
     per_epoch = max(1, len(train) // args.batch_size)
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=run.script)
     tokens_seen = 0
@@ -527,8 +618,7 @@ def train(run, args, model, tokenizer, train, evals=None):
         chunks = micro_batches(batch, args.micro_batch_tokens, tokenizer.pad_token_id)
         for i, (_, x, y, w) in enumerate(chunks):
             x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
-            sync = run.world == 1 or i == len(chunks) - 1
-            with (train_model.no_sync() if not sync else nullcontext()), run.autocast():
+            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
                 loss = sft_loss_sum(train_model, x, y, w)
                 (loss * run.world / n_loss_tokens).backward()  # DDP averages over ranks; we want the global token mean
             loss_sum += loss.item()

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import sft
+
 import ppo
 from model import ModelConfig, Tokenizer, Transformer
 from ppo import adaptive_kl_coef, clipped_value_loss, explained_variance, gae, token_rewards, whiten
@@ -162,7 +164,8 @@ def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regress
         return 0.0, False
     monkeypatch.setattr(ppo, "optimizer_step", record)
     args = ppo.parse_args(["--ppo_epochs", "1", "--n_minibatches", "1", "--batch_size", "4"])
-    run = type("R", (), {"world": 1, "rank": 0, "all_sum": staticmethod(lambda v: v), "autocast": nullcontext})()
+    run = type("R", (), {"world": 1, "rank": 0, "all_sum": staticmethod(lambda v: v), "autocast": nullcontext,
+                         "no_sync": staticmethod(sft.Run.no_sync)})()
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (policy, critic)]
     ppo.ppo_update(args, run, 0, policy, critic, *opts, data)
     n = MASK.sum()

@@ -270,3 +270,27 @@ def test_a_second_run_in_the_same_folder_is_refused_unless_asked(tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr and "--resume auto" in again.stderr
     run_sft(tmp_path, "--max_steps", "2", "--overwrite")
     assert len(losses(tmp_path)) == 2  # the earlier run's metrics were replaced, not appended to
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path):
+    """--fsdp (FSDP2, 2 gloo processes): same parameters as 1 process; the sharded optimizer state resumes exactly;
+    the checkpoint is a plain Hugging Face folder."""
+    import os
+    from safetensors.torch import load_file
+    args = [*TINY, "--max_steps", "4", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py"]
+    subprocess.run([sys.executable, "sft.py", *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([*torchrun, *args, "--fsdp", "--save_every", "2", "--out", str(tmp_path / "fsdp")], check=True,
+                   env=env, capture_output=True)
+    subprocess.run([*torchrun, *args, "--fsdp", "--resume", str(tmp_path / "fsdp" / "ckpt-000002"),
+                    "--out", str(tmp_path / "resumed")], check=True, env=env, capture_output=True)
+    one, fsdp, resumed = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "fsdp", "resumed"))
+    for name in one:
+        assert torch.allclose(one[name], fsdp[name], atol=1e-5), name
+        assert torch.equal(fsdp[name], resumed[name]), name
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "ckpt-000002").glob("optimizer_*.safetensors")) == [
+        "optimizer_policy.rank0.safetensors", "optimizer_policy.rank1.safetensors"]
+    Transformer.from_pretrained(tmp_path / "fsdp" / "final")

@@ -1,0 +1,491 @@
+"""Reasoning distillation: make a small student reason like a larger teacher, the two ways the literature does it.
+
+  --mode traces  DeepSeek-R1-Distill style (DeepSeek-AI 2025, sections 2.3.3 and 2.4): the teacher samples k
+                 reasoning traces per prompt, verify.py keeps the correct, well-formed ones (rejection sampling),
+                 the kept traces are written as a chat JSONL dataset (out/distill/traces.jsonl, the format sft.py
+                 reads) and the student is fine-tuned on them with sft.py's loop. Teacher and student may have
+                 different tokenizers.
+  --mode logits  token-level knowledge distillation with the teacher's full next-token distributions: forward KL,
+                 reverse KL or GKD's generalised Jensen-Shannon divergence (Agarwal et al. 2024), on fixed sequences
+                 (teacher samples or dataset completions, teacher-forced) and/or on the student's own samples
+                 (on-policy distillation; --on_policy_frac is GKD's lambda). Teacher and student must share a
+                 vocabulary.
+
+CPU, no arguments: distils the committed tiny checkpoint (out/grpo/final when it exists) into a fresh 2-layer,
+width-64 student on the built-in arithmetic task (a few minutes), printing held-out greedy accuracy of the teacher and
+of the student before and after (also in out/distill/summary.json):
+    python distill.py                      # traces
+    python distill.py --mode logits        # on-policy / teacher-forced KD, forward KL
+Only write the rejection-sampled dataset (e.g. the R1 recipe's self-distillation data, to be mixed with other SFT data):
+    python distill.py --teacher out/grpo/final --traces_only --num_prompts 20000 --samples_per_prompt 8
+8 GPUs (teacher in bf16; prompts are sharded over ranks):
+    torchrun --nproc_per_node=8 distill.py --teacher DeepSeek-R1-Distill-Qwen-7B --student Qwen2.5-1.5B-Instruct \
+        --data math_train.jsonl --heldout_data math500.jsonl --num_prompts 20000 --samples_per_prompt 4 \
+        --max_new_tokens 4096 --mix_data chat.jsonl --batch_size 128 --lr 1e-5 --max_steps 1000 \
+        --micro_batch_tokens 32768 --grad_checkpointing --save_every 100
+    torchrun --nproc_per_node=8 distill.py --mode logits --loss jsd --beta 0.5 --on_policy_frac 0.5 \
+        --teacher Qwen2.5-7B-Instruct --student Qwen2.5-0.5B-Instruct --data gsm8k_train.jsonl \
+        --heldout_data gsm8k_test.jsonl --batch_size 64 --lr 1e-5 --max_steps 500 --max_new_tokens 512 \
+        --micro_batch_tokens 16384 --teacher_micro_batch_tokens 8192 --grad_checkpointing
+
+Divergences (per completion token; P = teacher, Q = student, both softmax(z / tau) at --kd_temperature tau, and every
+divergence is multiplied by tau^2 so that its gradient keeps the same scale as tau changes, Hinton et al. 2015):
+  forward_kl  KL(P || Q) = sum_v P_v log(P_v / Q_v)           mode covering; at tau = 1 it is cross-entropy on the
+                                                              teacher's soft labels, gradient Q - P w.r.t. z_student
+  reverse_kl  KL(Q || P) = sum_v Q_v log(Q_v / P_v)           mode seeking (MiniLLM, GKD)
+  jsd         JSD_beta(P || Q) = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+              (the GKD paper's convention, arXiv:2306.13649). beta = 0.5 is the symmetric Jensen-Shannon divergence (at
+              most log 2). Both ends are degenerate (M becomes Q or P and the value goes to 0), so beta must lie in
+              (0, 1): JSD_beta / beta -> forward KL as beta -> 0, JSD_beta / (1 - beta) -> reverse KL as beta -> 1; for
+              the end points themselves use --loss forward_kl / reverse_kl.
+The loss is the mean over every completion token of the step (all micro-batches and ranks), like sft.py's.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import verify
+from model import ModelConfig, Tokenizer, Transformer
+from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, prompt_ids, stop_token_ids_for, templated_problems
+from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_chats, load_model, lr_at,
+                 make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint, tokenize_dataset)
+from sft import train as sft_train
+
+DEFAULT_TEACHERS = ("out/grpo/final", "checkpoints/tiny-sft")  # the first that exists is the default --teacher
+CHUNK_ELEMENTS = 2**24  # float32 elements of one [rows, V] chunk of the divergence (64 MiB; 443 rows at V = 151k)
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["traces", "logits"], default="traces",
+                   help="traces: rejection-sampled teacher traces + SFT; logits: token-level KD (see above). A logits "
+                   "step samples and scores new sequences, so the defaults are --batch_size 64 --max_steps 400 for "
+                   "traces, --batch_size 32 --max_steps 200 for logits")
+    p.add_argument("--teacher", default=None, help="teacher model folder (default: the first of "
+                   f"{', '.join(DEFAULT_TEACHERS)} that exists)")
+    p.add_argument("--student", default=None, help="student model folder (default: a fresh model of --n_layer, "
+                   "--n_embd, --n_head with the byte-level tokenizer)")
+    p.add_argument("--n_layer", type=int, default=2, help="fresh student: layers")
+    p.add_argument("--n_embd", type=int, default=64, help="fresh student: hidden size")
+    p.add_argument("--n_head", type=int, default=4, help="fresh student: attention heads")
+    p.add_argument("--data", default="builtin", help="prompts: problems JSONL (prompt/answer, GSM8K or MATH) or "
+                   "'builtin' (the arithmetic task's training split)")
+    p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
+    p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out split)")
+    p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="completion length limit (sampling and evaluation)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0.7 for traces, 1.0 for logits: the student's own "
+                   "distribution)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--gen_batch_size", type=int, default=256, help="sequences per generate call")
+    # traces mode
+    p.add_argument("--num_prompts", type=int, default=2000, help="traces: prompts the teacher answers (all ranks)")
+    p.add_argument("--samples_per_prompt", type=int, default=4, help="traces: k, traces sampled per prompt")
+    p.add_argument("--keep", choices=["all", "shortest"], default="all",
+                   help="traces: keep every verified trace, or only the shortest (--max_per_prompt shortest if set)")
+    p.add_argument("--max_per_prompt", type=int, default=0,
+                   help="traces: keep at most this many per prompt (0: no cap)")
+    p.add_argument("--format", choices=["strict", "lenient", "none"], default="strict",
+                   help="traces: format check besides a correct answer (verify.strict_format_reward / format_reward)")
+    p.add_argument("--traces_file", default=None, help="traces: the dataset written (default: OUT/traces.jsonl)")
+    p.add_argument("--traces_only", action="store_true", help="traces: write the dataset and stop (no student)")
+    p.add_argument("--mix_data", action="append", default=[],
+                   help="traces: chat JSONL of extra SFT examples trained on together with the traces (repeatable)")
+    p.add_argument("--max_len", type=int, default=1024,
+                   help="longer SFT (traces, --mix_data) and --kd_data examples are truncated")
+    # logits mode
+    p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
+                   help="logits: the divergence (see above)")
+    p.add_argument("--beta", type=float, default=0.5, help="logits: JSD's beta, in (0, 1)")
+    p.add_argument("--kd_temperature", type=float, default=1.0, help="logits: tau, softmax temperature of both models")
+    p.add_argument("--on_policy_frac", type=float, default=0.5,
+                   help="logits: lambda, the fraction of each step's sequences sampled by the student")
+    p.add_argument("--kd_data", default="teacher", help="logits: the other sequences: 'teacher' (the teacher samples "
+                   "completions of --data prompts) or a chat JSONL whose assistant turns are scored")
+    p.add_argument("--teacher_micro_batch_tokens", type=int, default=None,
+                   help="logits: padded tokens per teacher forward pass (default: --micro_batch_tokens)")
+    add_training_args(p, "distill", lr=3e-3, max_steps=None, batch_size=None)
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    args.teacher = args.teacher or next((t for t in DEFAULT_TEACHERS if Path(t, "config.json").exists()),
+                                        DEFAULT_TEACHERS[-1])
+    args.max_steps = args.max_steps if args.max_steps is not None else (400 if args.mode == "traces" else 200)
+    args.batch_size = args.batch_size or (64 if args.mode == "traces" else 32)
+    args.temperature = args.temperature if args.temperature is not None else (0.7 if args.mode == "traces" else 1.0)
+    args.traces_file = args.traces_file or os.path.join(args.out, "traces.jsonl")
+    args.teacher_micro_batch_tokens = args.teacher_micro_batch_tokens or args.micro_batch_tokens
+    if args.loss == "jsd" and not 0 < args.beta < 1:
+        p.error(f"--beta {args.beta}: JSD_beta needs 0 < beta < 1 (it is 0 at both ends); "
+                "use --loss forward_kl (beta -> 0) or --loss reverse_kl (beta -> 1)")
+    if args.traces_only and args.mode != "traces":
+        p.error("--traces_only belongs to --mode traces")
+    if not 0 <= args.on_policy_frac <= 1:
+        p.error(f"--on_policy_frac {args.on_policy_frac} must lie in [0, 1]")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logit distillation: the divergences, per token, in float32
+
+
+def token_divergence(student_logits, teacher_logits, loss, beta=0.5, temperature=1.0):
+    """Divergence between teacher P = softmax(z_t / tau) and student Q = softmax(z_s / tau), times tau^2, per row:
+    [N, V], [N, V] -> [N] float32. loss: forward_kl KL(P||Q), reverse_kl KL(Q||P), jsd JSD_beta(P||Q)."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # log Q  [N, V]
+    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # log P  [N, V]
+    if loss == "forward_kl":
+        d = (logp.exp() * (logp - logq)).sum(-1)  # KL(P || Q) = sum_v P_v (log P_v - log Q_v)
+    elif loss == "reverse_kl":
+        d = (logq.exp() * (logq - logp)).sum(-1)  # KL(Q || P) = sum_v Q_v (log Q_v - log P_v)
+    elif loss == "jsd":
+        # log M = log(beta P + (1 - beta) Q), computed from the logs (no underflow for tiny probabilities)
+        logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), dim=0)
+        # JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M)
+        d = beta * (logp.exp() * (logp - logm)).sum(-1) + (1 - beta) * (logq.exp() * (logq - logm)).sum(-1)
+    else:
+        raise ValueError(f"unknown divergence {loss!r}")
+    return d * temperature ** 2
+
+
+class ChunkedDivergence(torch.autograd.Function):
+    """sum_n w_n D(student_n, teacher_n) over rows [N, V], with its gradient w.r.t. the student logits computed in the
+    forward pass one chunk of rows at a time: only one chunk's float32 [rows, V] intermediates exist at once (plain
+    autograd would keep every chunk's softmaxes until backward: several float32 copies of [N, V])."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, loss, beta, temperature, chunk_rows):
+        grad = torch.zeros_like(student) if ctx.needs_input_grad[0] else None  # d total / d student, student's dtype
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for i in range(0, student.shape[0], chunk_rows):
+            s = student[i:i + chunk_rows].detach().float().requires_grad_(grad is not None)  # [rows, V] float32
+            with torch.enable_grad(), torch.autocast(student.device.type, enabled=False):
+                d = token_divergence(s, teacher[i:i + chunk_rows], loss, beta, temperature)  # [rows]
+                d = (d * weight[i:i + chunk_rows]).sum()
+            if grad is not None:
+                grad[i:i + chunk_rows] = torch.autograd.grad(d, s)[0]
+            total += d.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None, None, None
+
+
+def distill_loss_sum(student_logits, teacher_logits, mask, loss, beta=0.5, temperature=1.0, vocab_size=None,
+                     chunk_rows=None):
+    """sum_t mask_t D(P_t, Q_t) over the completion tokens: logits [B, T, V] (the student's with gradient), mask [B, T]
+    -> scalar. The caller divides by the step's number of completion tokens. Only rows with mask > 0 are computed, and
+    only the first vocab_size logits (checkpoints pad their embedding past the tokenizer, by different amounts)."""
+    V = vocab_size or student_logits.shape[-1]
+    rows = mask.reshape(-1).nonzero().squeeze(-1)  # the completion tokens  [N]
+    s = student_logits.reshape(-1, student_logits.shape[-1])[rows, :V]  # [N, V]
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[rows, :V]  # [N, V]
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // V)
+    return ChunkedDivergence.apply(s, t, mask.reshape(-1)[rows].float(), loss, beta, temperature, chunk_rows)
+
+
+@torch.no_grad()
+def teacher_logits(run, teacher, x, max_tokens):
+    """Teacher logits [B, T, V] for a micro-batch x [B, T], scored at most max_tokens padded tokens per forward pass (a
+    teacher much larger than the student needs smaller pieces), without gradient, in the teacher's dtype."""
+    rows = max(1, max_tokens // x.shape[1])
+    with run.autocast():
+        return torch.cat([teacher(x[i:i + rows]) for i in range(0, x.shape[0], rows)])
+
+
+def vocab_mismatch(a, b):
+    """Why tokenizers a and b do not give every id the same token (None if they do). Compares sizes, special tokens
+    and the text of every id."""
+    if a.vocab_size != b.vocab_size:
+        return f"vocabulary sizes {a.vocab_size} and {b.vocab_size}"
+    if a.special_tokens != b.special_tokens:
+        return "different special tokens"
+
+    def text(tok, i):
+        try:
+            return tok.decode([i])
+        except KeyError:  # an id with no token (a gap in the vocabulary)
+            return None
+    diff = next((i for i in range(a.vocab_size) if text(a, i) != text(b, i)), None)
+    return None if diff is None else f"token {diff} is {text(a, diff)!r} in one and {text(b, diff)!r} in the other"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trace distillation: rejection sampling
+
+
+FORMAT_CHECKS = {"strict": verify.strict_format_reward, "lenient": verify.format_reward, "none": None}
+
+
+def is_verified(text, answer, truncated, fmt="strict"):
+    """A trace is kept iff it ended by itself (not cut at max_new_tokens), its final answer is right
+    (verify.math_reward) and it is well formed (the --format check; the <think> tag may come from the prompt)."""
+    check = FORMAT_CHECKS[fmt]
+    return (not truncated and verify.safe_reward(verify.math_reward, text, answer) == 1.0
+            and (check is None or verify.safe_reward(check, text, require_open_tag=False) == 1.0))
+
+
+def select_traces(problems, samples, keep="all", max_per_prompt=0, fmt="strict"):
+    """Rejection sampling. samples[i] = [(text, n_tokens, truncated)] sampled for problems[i]. Per problem, of the
+    verified traces keep all (in sampling order, at most max_per_prompt if > 0) or, with keep='shortest', the shortest
+    one (the max_per_prompt shortest if > 0; ties in sampling order). Returns [(problem, text, n_tokens)]."""
+    kept = []
+    for problem, group in zip(problems, samples):
+        ok = [s for s in group if is_verified(s[0], problem["answer"], s[2], fmt)]
+        if keep == "shortest":
+            ok = sorted(ok, key=lambda s: s[1])[:max_per_prompt or 1]  # sorted() is stable
+        elif max_per_prompt:
+            ok = ok[:max_per_prompt]
+        kept += [(problem, text, n) for text, n, _ in ok]
+    return kept
+
+
+def write_traces(path, kept):
+    """The kept traces as a chat JSONL dataset ({"messages": [user, assistant]}, what sft.py reads), written to a
+    temporary file and renamed, so a kill never leaves half a dataset."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for problem, text, n in kept:
+            f.write(json.dumps({"messages": [{"role": "user", "content": problem["prompt"]},
+                                             {"role": "assistant", "content": text}],
+                                "answer": problem["answer"], "n_tokens": n}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def sample_completions(run, model, tokenizer, problems, n, temperature, top_p, max_new_tokens, stop_ids, batch_size,
+                       seed):
+    """n samples per problem -> per problem [(text, n_tokens, truncated)] (the text without its stop token, n_tokens
+    with it), plus the prompts' and completions' token ids (flat lists)."""
+    flat = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(n)]
+    outs = []
+    with run.full_params(model) as plain:  # FSDP: gather the student's shards once for the whole generation
+        for i in range(0, len(flat), batch_size):
+            with run.autocast():
+                outs += generate(plain, flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_p=top_p,
+                                 stop_token_ids=stop_ids, seed=random.Random(f"{seed}-{i}").randrange(2**31))
+    done = [bool(o) and o[-1] in stop_ids for o in outs]
+    flat_samples = [(tokenizer.decode(o[:-1] if d else o), len(o), not d) for o, d in zip(outs, done)]
+    return [flat_samples[j * n:(j + 1) * n] for j in range(len(problems))], flat, outs
+
+
+def make_traces(args, run, teacher, tokenizer, problems):
+    """Every rank samples its shard of the prompts, the kept traces are gathered, rank 0 writes the dataset.
+    Returns the statistics (keep rate, lengths)."""
+    mine = problems[run.rank::run.world]
+    stop_ids = stop_token_ids_for(args.teacher, tokenizer)
+    samples = sample_completions(run, teacher, tokenizer, mine, args.samples_per_prompt, args.temperature,
+                                 args.top_p, args.max_new_tokens, stop_ids, args.gen_batch_size,
+                                 f"traces-{args.seed}-{run.rank}")[0]
+    kept = select_traces(mine, samples, args.keep, args.max_per_prompt, args.format)
+    with_trace = run.all_sum(len({id(p) for p, _, _ in kept}))  # prompts with at least one kept trace
+    if run.world > 1:
+        every = [None] * run.world
+        dist.all_gather_object(every, kept)
+        kept = [t for rank_kept in every for t in rank_kept]
+    n_samples = run.all_sum(sum(len(g) for g in samples))
+    stats = {"sampled": int(n_samples), "kept": len(kept), "keep_rate": len(kept) / max(1, n_samples),
+             "prompts_with_trace": with_trace / max(1, len(problems)),
+             "mean_trace_len": sum(n for _, _, n in kept) / max(1, len(kept)),
+             "max_trace_len": max((n for _, _, n in kept), default=0),
+             "mean_sample_len": run.all_sum(sum(n for g in samples for _, n, _ in g)) / max(1, n_samples),
+             "truncated_frac": run.all_sum(sum(t for g in samples for _, _, t in g)) / max(1, n_samples)}
+    if run.is_main:
+        write_traces(args.traces_file, kept)
+        Path(args.traces_file).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    run.barrier()
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logit distillation: each step's sequences
+
+
+def step_sequences(args, run, student, teacher, tokenizer, data, kd_examples, step, stop_ids):
+    """This rank's sequences for a step, as (ids, mask) with the mask on completion tokens: a fraction lambda sampled
+    by the student (on-policy), the rest sampled by the teacher or taken from --kd_data. GKD flips a lambda-coin per
+    batch; a fixed fraction per batch has the same expectation and less variance. The prompts are a function of
+    (seed, step, rank) only, so a resumed run sees the same data."""
+    n = args.batch_size // run.world
+    n_on = round(args.on_policy_frac * n)
+    rng = random.Random(f"{args.seed}-{step}-{run.rank}")
+    problems = (builtin_problems("train", n, seed=rng.randrange(2**31)) if data is None
+                else [rng.choice(data) for _ in range(n)])
+    examples, stats = [], {}
+    for who, model, part in (("student", student, problems[:n_on]), ("teacher", teacher, problems[n_on:])):
+        if not part:
+            continue
+        if who == "teacher" and kd_examples is not None:  # dataset completions
+            examples += [kd_examples[rng.randrange(len(kd_examples))] for _ in part]
+            continue
+        samples, prompts, outs = sample_completions(run, model, tokenizer, part, 1, args.temperature, args.top_p,
+                                                    args.max_new_tokens, stop_ids, len(part),
+                                                    f"kd-{args.seed}-{step}-{run.rank}-{who}")
+        examples += [(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outs)]
+        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.math_reward, g[0][0], p["answer"])
+                                         for g, p in zip(samples, part))
+        stats[f"{who}_sample_len"] = float(sum(len(o) for o in outs))
+        stats[f"{who}_samples"] = float(len(part))
+    return examples, stats
+
+
+def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
+    """The KD loop, shaped like sft.train: per step, sample sequences, score them with the teacher micro-batch by
+    micro-batch, and step on the token-mean divergence. Returns the number of steps done."""
+    train_model = run.wrap(student)  # DDP / FSDP (which shards the student in place) / compile: before the optimizer
+    optimizer = make_optimizer(student, args)
+    step = resume(run, {"": student}, {"policy": optimizer}).get("step", 0)
+    stop_ids = stop_token_ids_for(args.teacher, tokenizer)  # one vocabulary: the teacher's stop ids are the student's
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=f"distill {args.loss}")
+    while step < args.max_steps:
+        t0 = time.time()
+        examples, stats = step_sequences(args, run, student, teacher, tokenizer, data, kd_examples, step, stop_ids)
+        t_gen = time.time() - t0
+        n_tokens = run.all_sum(sum(sum(m[1:]) for _, m in examples))
+        loss_sum = 0.0
+        chunks = micro_batches(examples, args.micro_batch_tokens, tokenizer.pad_token_id)
+        for i, (_, x, _, w) in enumerate(chunks):
+            x, w = x.to(run.device), w.to(run.device)
+            t_logits = teacher_logits(run, teacher, x, args.teacher_micro_batch_tokens)  # [B, T, V], no gradient
+            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
+                loss = distill_loss_sum(train_model(x), t_logits, w, args.loss, args.beta, args.kd_temperature,
+                                        tokenizer.vocab_size)
+                (loss * run.world / n_tokens).backward()  # DDP averages over ranks; we want the global token mean
+            loss_sum += loss.item()
+            del t_logits, loss  # the teacher's logits of this micro-batch are no longer needed
+        grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr_at(step, args))
+        step += 1
+        stats = {k: run.all_sum(v) for k, v in sorted(stats.items())}
+        metrics = {"loss": run.all_sum(loss_sum) / n_tokens, "lr": lr_at(step - 1, args), "grad_norm": grad_norm,
+                   "skipped": skipped, "gen_s": t_gen, "tokens_per_s": n_tokens / (time.time() - t0)}
+        for who in ("student", "teacher"):
+            if stats.get(f"{who}_samples"):
+                metrics[f"{who}_sample_acc"] = stats[f"{who}_sample_acc"] / stats[f"{who}_samples"]
+                metrics[f"{who}_sample_len"] = stats[f"{who}_sample_len"] / stats[f"{who}_samples"]
+        run.log(step, metrics)
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('student_sample_acc', float('nan')):.2f}")
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
+        if run.should_stop():
+            save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
+            run.print(f"stopped at step {step}; continue with --resume auto")
+            raise SystemExit(130)
+    pbar.close()
+    save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(args, "distill")
+    # The teacher only runs forward: no gradient, bf16 on GPU (it may be much larger than the student)
+    teacher = Transformer.from_pretrained(args.teacher, dtype=torch.bfloat16 if run.device.type == "cuda" else
+                                          torch.float32, device=run.device).requires_grad_(False).eval()
+    teacher_tok = Tokenizer.from_pretrained(args.teacher)
+    student = student_tok = None
+    if not args.traces_only:
+        config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd, num_hidden_layers=args.n_layer,
+                             num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
+                             max_position_embeddings=512)
+        student, student_tok = load_model(args.student, run, config)
+        reason = vocab_mismatch(teacher_tok, student_tok) if args.mode == "logits" else None
+        if reason:
+            student_name = args.student or "byte_level (a fresh student)"
+            raise SystemExit(f"--mode logits needs one vocabulary, but the teacher's tokenizer ({args.teacher}) and "
+                             f"the student's ({student_name}) differ: {reason}. Use a student with the teacher's "
+                             "tokenizer, or --mode traces (it distils through text and works across tokenizers).")
+    # prompts that leave no room for max_new_tokens in either model's context are dropped (and reported)
+    models = [(teacher, teacher_tok)] + ([(student, student_tok)] if student is not None else [])
+
+    def fitting(problems, source):
+        for model, tok in models:
+            limit = model.config.max_position_embeddings
+            problems = drop_long_prompts(problems, tok, args.max_new_tokens, limit, source)
+        return problems
+    data = None if args.data == "builtin" else fitting(templated_problems(args.data, args.prompt_template), args.data)
+    heldout = (builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None  # grpo.py's problems
+               else fitting(templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems],
+                            args.heldout_data))
+
+    summary = {"mode": args.mode, "teacher": args.teacher, "student": args.student or "fresh"}
+    summary["teacher_acc"] = heldout_accuracy(run, teacher, teacher_tok, heldout, args.max_new_tokens)[0]
+    run.print(f"teacher {args.teacher}: held-out greedy accuracy {summary['teacher_acc']:.3f} "
+              f"({len(heldout)} problems)")
+    if student is not None:
+        run.print(f"student: {student.num_params() / 1e6:.2f}M parameters (teacher {teacher.num_params() / 1e6:.2f}M)")
+        summary["student_acc_before"] = heldout_accuracy(run, student, student_tok, heldout, args.max_new_tokens)[0]
+        run.print(f"student held-out greedy accuracy before: {summary['student_acc_before']:.3f}")
+
+    if args.mode == "traces":
+        stats_file = Path(args.traces_file).with_suffix(".stats.json")
+        reuse = args.resume and Path(args.traces_file).exists() and stats_file.exists()  # written before the restart
+        if reuse:
+            stats = json.loads(stats_file.read_text())
+        else:
+            problems = (builtin_problems("train", args.num_prompts, args.seed) if data is None
+                        else random.Random(args.seed).sample(data, min(args.num_prompts, len(data))))
+            t0 = time.time()
+            stats = make_traces(args, run, teacher, teacher_tok, problems)
+            stats["sampling_s"] = round(time.time() - t0, 1)
+        summary.update(stats)
+        run.print(f"traces: kept {stats['kept']} of {stats['sampled']} (keep rate {stats['keep_rate']:.3f}; "
+                  f"{stats['prompts_with_trace']:.1%} of prompts have one), mean length {stats['mean_trace_len']:.1f} "
+                  f"tokens (all samples {stats['mean_sample_len']:.1f}, {stats['truncated_frac']:.1%} truncated); "
+                  f"{'reused' if reuse else 'wrote'} {args.traces_file}")
+        summary["traces_file"] = args.traces_file
+        del teacher  # not needed any more: free its memory before training
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.traces_only:
+            run.write_summary(summary)
+            return
+        # read the file back: every rank trains on exactly the dataset a user can inspect and reuse
+        chats = load_chats(args.traces_file) if stats["kept"] else []
+        chats += [c for f in args.mix_data for c in load_chats(f)]
+        examples, tok_stats = tokenize_dataset(student_tok, chats, args.max_len)
+        if not examples:
+            raise SystemExit("no training examples: no trace passed verification (try more --samples_per_prompt, "
+                             "another --temperature or --format lenient) and no --mix_data")
+        run.print(f"SFT on {len(examples)} examples ({stats['kept']} traces + {len(chats) - stats['kept']} from "
+                  f"--mix_data; {tok_stats['truncated']} truncated, {tok_stats['dropped']} dropped)")
+        steps, _ = sft_train(run, args, student, student_tok, examples)
+        summary["train_examples"] = len(examples)
+    else:
+        kd_examples = None
+        if args.kd_data != "teacher":
+            kd_examples = tokenize_dataset(student_tok, load_chats(args.kd_data), args.max_len)[0]
+        steps = train_logits(args, run, student, teacher, student_tok, data, kd_examples)
+
+    summary["student_acc_after"], summary["student_mean_length_after"] = heldout_accuracy(
+        run, student, student_tok, heldout, args.max_new_tokens)
+    final = save_checkpoint(run, steps, {"": student}, {}, student_tok, name="final")
+    summary.update(steps=steps, final_checkpoint=str(final))
+    run.print(f"held-out greedy accuracy: teacher {summary['teacher_acc']:.3f}, student "
+              f"{summary['student_acc_before']:.3f} -> {summary['student_acc_after']:.3f} ({len(heldout)} problems); "
+              f"saved {final}")
+    run.write_summary(summary)
+
+
+if __name__ == "__main__":
+    main()
