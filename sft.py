@@ -585,7 +585,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="builtin", help="chat JSONL file, or 'builtin' for the arithmetic task")
     p.add_argument("--eval_data", default=None, help="held-out chat JSONL (default: builtin held-out, or none)")
     p.add_argument("--builtin_size", type=int, default=50000, help="training examples of the built-in task")
-    p.add_argument("--step_fraction", type=float, default=0.3,
+    p.add_argument("--step_fraction", type=float, default=0.4,
                    help="built-in task: fraction of solutions that show every step (the rest are terse)")
     p.add_argument("--heldout_problems", type=int, default=500, help="built-in held-out problems for greedy accuracy")
     p.add_argument("--max_len", type=int, default=1024, help="longer examples are truncated (and counted)")
@@ -594,7 +594,7 @@ def parse_args(argv=None):
     p.add_argument("--n_layer", type=int, default=4, help="fresh model: layers")
     p.add_argument("--n_embd", type=int, default=128, help="fresh model: hidden size")
     p.add_argument("--n_head", type=int, default=4, help="fresh model: attention heads")
-    add_training_args(p, "sft", lr=3e-3, max_steps=600, batch_size=64)
+    add_training_args(p, "sft", lr=3e-3, max_steps=500, batch_size=64)
     return p.parse_args(argv)
 
 
