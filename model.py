@@ -378,6 +378,8 @@ class Transformer(nn.Module):
         write_safetensors(state, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for f in [tmp, *tmp.iterdir()]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
+            f.chmod(0o755 if f.is_dir() else 0o644)
         replace_dir(tmp, path)
 
 

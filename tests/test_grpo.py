@@ -148,3 +148,24 @@ def test_batch_not_divisible_by_group_size_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         grpo.parse_args(["--batch_size", "10", "--group_size", "4"])
     assert "--batch_size 10 is not divisible by --group_size 4" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_no_argument_run_raises_heldout_accuracy_by_15_points(tmp_path):
+    """`python grpo.py` exactly as a user runs it (only --out moved): the committed tiny checkpoint on the built-in
+    task must gain at least 15 points of held-out greedy accuracy, and save a checkpoint transformers can load."""
+    import json
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "grpo.py", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heldout_problems"] == 500
+    assert summary["heldout_acc_after"] - summary["heldout_acc_before"] >= 0.15, summary
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "accuracy", "kl", "clip_frac", "entropy", "completion_len_mean", "completion_len_max",
+            "all_equal_groups_frac", "gen_s", "train_s", "tokens_per_s", "reward_accuracy", "reward_format"} <= set(rows[1])
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
