@@ -1,4 +1,4 @@
-"""Reasoning distillation: make a small student reason like a larger teacher, the two ways the literature does it.
+r"""Reasoning distillation: make a small student reason like a larger teacher, the two ways the literature does it.
 
   --mode traces  DeepSeek-R1-Distill style (DeepSeek-AI 2025, sections 2.3.3 and 2.4): the teacher samples k
                  reasoning traces per prompt, verify.py keeps the correct, well-formed ones (rejection sampling),

@@ -1,4 +1,4 @@
-"""GRPO, Dr. GRPO and DAPO: reinforcement learning with verifiable rewards (DeepSeek-R1-Zero style).
+r"""GRPO, Dr. GRPO and DAPO: reinforcement learning with verifiable rewards (DeepSeek-R1-Zero style).
 
 Each step samples G completions for each of a batch of prompts, scores them with verify.py (or a reward model),
 turns each group's rewards into advantages, and takes clipped policy-gradient steps.
@@ -70,8 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--dynamic_sampling", type=int, default=None, help="drop all-equal groups and resample (1/0; "
                    "default: on for dapo)")
     p.add_argument("--max_sampling_rounds", type=int, default=3, help="dynamic sampling: rollout rounds per step")
-    p.add_argument("--eval_every", type=int, default=10, help="held-out accuracy every N steps (0: start and end)")
-    add_training_args(p, "grpo", lr=1e-4, max_steps=40, batch_size=128)
+    p.add_argument("--eval_every", type=int, default=5, help="held-out accuracy every N steps (0: start and end)")
+    add_training_args(p, "grpo", lr=1e-4, max_steps=25, batch_size=256)
     args = p.parse_args(argv)
     dapo = args.loss == "dapo"
     args.epsilon_high = args.epsilon_high if args.epsilon_high is not None else (0.28 if dapo else args.epsilon)

@@ -1,4 +1,4 @@
-"""PPO for language models with a learned critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022):
+r"""PPO for language models with a learned critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022):
 the RLHF recipe, here with a verifier's or a reward model's score as the reward.
 
 Each step samples completions for a batch of prompts and scores them (verify.py, or --reward_model).

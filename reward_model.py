@@ -1,4 +1,4 @@
-"""Reward models: a transformer with a scalar head, trained on preference pairs with the Bradley-Terry loss
+r"""Reward models: a transformer with a scalar head, trained on preference pairs with the Bradley-Terry loss
 (Ouyang et al. 2022, InstructGPT), and the scoring API that ppo.py and grpo.py call. The same module with a
 head on every token is PPO's critic (value model).
 
@@ -15,7 +15,7 @@ Write the built-in preference set out as JSONL:
 Use it:
     from reward_model import load_reward_model
     rm = load_reward_model("out/reward_model/final", device="cuda", tokenizer_of_policy=policy_tokenizer)
-    rm.score(["Compute 7+5."], ["<think>\\n7+5=12\\n</think>\\n\\boxed{12}"])   # tensor [N]
+    rm.score(["Compute 7+5."], ["<think>\n7+5=12\n</think>\n\\boxed{12}"])   # tensor [N]
 
 Data (JSONL, one pair a line): {"prompt": ..., "chosen": ..., "rejected": ..., "margin": optional number}.
 prompt is a string (the user turn) or a message list; chosen/rejected are strings (the assistant reply) or

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (SFT), the built-in reasoning task, and the training plumbing every script shares
+r"""Supervised fine-tuning (SFT), the built-in reasoning task, and the training plumbing every script shares
 (distributed setup, optimizer and schedule, atomic checkpoints and resume, metrics, stop signals).
 
 CPU, no arguments: trains a small model from scratch on the built-in arithmetic task (a few minutes):

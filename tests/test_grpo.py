@@ -150,6 +150,25 @@ def test_batch_not_divisible_by_group_size_is_a_clear_error(capsys):
     assert "--batch_size 10 is not divisible by --group_size 4" in capsys.readouterr().err
 
 
+def test_a_verifier_that_raises_gives_zero_reward_and_a_warning(monkeypatch):
+    import verify
+    real = verify.math_reward
+
+    def flaky(response, gold):
+        if "boom" in response:
+            raise RuntimeError("verifier bug")
+        return real(response, gold)
+
+    monkeypatch.setattr(verify, "math_reward", flaky)
+    args = grpo.parse_args([])
+    problems = [{"answer": "3"}, {"answer": "3"}]
+    with pytest.warns(RuntimeWarning, match="verifier bug"):
+        total, parts = grpo.compute_rewards(args, problems, ["<think>x</think>\\boxed{3} boom", "<think>x</think>\\boxed{3}"],
+                                            [5, 5], [False, False])
+    assert parts["accuracy"] == [0.0, 1.0]
+    assert total.tolist() == pytest.approx([0.1, 1.1])  # format still counts; accuracy weight 1, format weight 0.1
+
+
 # ------------------------------------------------------------------ end to end
 
 
@@ -169,3 +188,60 @@ def test_no_argument_run_raises_heldout_accuracy_by_15_points(tmp_path):
             "all_equal_groups_frac", "gen_s", "train_s", "tokens_per_s", "reward_accuracy", "reward_format"} <= set(rows[1])
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+
+
+TINY_RUN = ["--max_steps", "6", "--batch_size", "16", "--group_size", "4", "--heldout_problems", "16",
+            "--eval_every", "0", "--max_new_tokens", "48"]
+TIMING = {"gen_s", "train_s", "tokens_per_s"}
+
+
+def grpo_metrics(folder):
+    import json
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMING}
+            for l in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "grpo.py", *TINY_RUN, "--out", str(tmp_path / "full")], check=True, env=env,
+                   capture_output=True)
+    proc = subprocess.Popen([sys.executable, "grpo.py", *TINY_RUN, "--out", str(tmp_path / "part")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)  # line 1 is the held-out accuracy before training, then one line per step
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 130, proc.stderr.read()
+    subprocess.run([sys.executable, "grpo.py", *TINY_RUN, "--out", str(tmp_path / "part"), "--resume", "auto"],
+                   check=True, env=env, capture_output=True)
+    assert grpo_metrics(tmp_path / "full") == grpo_metrics(tmp_path / "part")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_process_run(tmp_path, sharding):
+    import json
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *TINY_RUN,
+           "--max_steps", "2", "--device", "cpu", "--save_every", "1", "--out", str(tmp_path)]
+    subprocess.run(cmd + (["--fsdp"] if sharding == "fsdp" else []), check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    from model import Transformer
+    Transformer.from_pretrained(tmp_path / "final")
+
+
+def test_prompts_per_step_must_split_over_ranks(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--batch_size", "16", "--group_size", "4"])
+    assert "4 prompts per step cannot be split evenly over 3 processes" in capsys.readouterr().err
