@@ -15,7 +15,7 @@ CPU, no arguments: distils the committed tiny checkpoint (out/grpo/final when it
 width-64 student on the built-in arithmetic task (a few minutes), printing held-out greedy accuracy of the teacher and
 of the student before and after (also in out/distill/summary.json):
     python distill.py                      # traces
-    python distill.py --mode logits        # on-policy / teacher-forced KD, forward KL
+    python distill.py --mode logits        # forward KL, half on the student's samples, half on the built-in solutions
 Only write the rejection-sampled dataset (e.g. the R1 recipe's self-distillation data, to be mixed with other SFT data):
     python distill.py --teacher out/grpo/final --traces_only --num_prompts 20000 --samples_per_prompt 8
 8 GPUs (teacher in bf16; prompts are sharded over ranks):
@@ -54,10 +54,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verify
-from model import ModelConfig, Tokenizer, Transformer
+from model import ModelConfig, Tokenizer
 from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, prompt_ids, stop_token_ids_for, templated_problems
-from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_chats, load_model, lr_at,
-                 make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint, tokenize_dataset)
+from sft import (Run, add_training_args, builtin_chats, builtin_problems, checkpoint_or_stop, heldout_accuracy,
+                 load_chats, load_frozen, load_model, lr_at, make_optimizer, micro_batches, optimizer_step, resume,
+                 save_checkpoint, tokenize_dataset)
 from sft import train as sft_train
 
 DEFAULT_TEACHERS = ("out/grpo/final", "checkpoints/tiny-sft")  # the first that exists is the default --teacher
@@ -67,9 +68,7 @@ CHUNK_ELEMENTS = 2**24  # float32 elements of one [rows, V] chunk of the diverge
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["traces", "logits"], default="traces",
-                   help="traces: rejection-sampled teacher traces + SFT; logits: token-level KD (see above). A logits "
-                   "step samples and scores new sequences, so the defaults are --batch_size 64 --max_steps 400 for "
-                   "traces, --batch_size 32 --max_steps 200 for logits")
+                   help="traces: rejection-sampled teacher traces + SFT; logits: token-level KD (see above)")
     p.add_argument("--teacher", default=None, help="teacher model folder (default: the first of "
                    f"{', '.join(DEFAULT_TEACHERS)} that exists)")
     p.add_argument("--student", default=None, help="student model folder (default: a fresh model of --n_layer, "
@@ -110,11 +109,13 @@ def parser():
     p.add_argument("--kd_temperature", type=float, default=1.0, help="logits: tau, softmax temperature of both models")
     p.add_argument("--on_policy_frac", type=float, default=0.5,
                    help="logits: lambda, the fraction of each step's sequences sampled by the student")
-    p.add_argument("--kd_data", default="teacher", help="logits: the other sequences: 'teacher' (the teacher samples "
-                   "completions of --data prompts) or a chat JSONL whose assistant turns are scored")
+    p.add_argument("--kd_data", default=None, help="logits: the other (teacher-forced) sequences: 'teacher' (the "
+                   "teacher samples completions of --data prompts), 'builtin' (the built-in task's worked solutions) "
+                   "or a chat JSONL whose assistant turns are scored (default: builtin with --data builtin, else "
+                   "teacher)")
     p.add_argument("--teacher_micro_batch_tokens", type=int, default=None,
                    help="logits: padded tokens per teacher forward pass (default: --micro_batch_tokens)")
-    add_training_args(p, "distill", lr=3e-3, max_steps=None, batch_size=None)
+    add_training_args(p, "distill", lr=3e-3, max_steps=400, batch_size=64)
     return p
 
 
@@ -123,8 +124,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.teacher = args.teacher or next((t for t in DEFAULT_TEACHERS if Path(t, "config.json").exists()),
                                         DEFAULT_TEACHERS[-1])
-    args.max_steps = args.max_steps if args.max_steps is not None else (400 if args.mode == "traces" else 200)
-    args.batch_size = args.batch_size or (64 if args.mode == "traces" else 32)
+    args.kd_data = args.kd_data or ("builtin" if args.data == "builtin" else "teacher")
     args.temperature = args.temperature if args.temperature is not None else (0.7 if args.mode == "traces" else 1.0)
     args.traces_file = args.traces_file or os.path.join(args.out, "traces.jsonl")
     args.teacher_micro_batch_tokens = args.teacher_micro_batch_tokens or args.micro_batch_tokens
@@ -382,12 +382,7 @@ def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
         run.log(step, metrics)
         pbar.update(1)
         pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('student_sample_acc', float('nan')):.2f}")
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
-        if run.should_stop():
-            save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
-            run.print(f"stopped at step {step}; continue with --resume auto")
-            raise SystemExit(130)
+        checkpoint_or_stop(run, step, {"": student}, {"policy": optimizer}, tokenizer)
     pbar.close()
     save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
     return step
@@ -400,8 +395,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = Run(args, "distill")
     # The teacher only runs forward: no gradient, bf16 on GPU (it may be much larger than the student)
-    teacher = Transformer.from_pretrained(args.teacher, dtype=torch.bfloat16 if run.device.type == "cuda" else
-                                          torch.float32, device=run.device).requires_grad_(False).eval()
+    teacher = load_frozen(args.teacher, run)
     teacher_tok = Tokenizer.from_pretrained(args.teacher)
     student = student_tok = None
     if not args.traces_only:
@@ -474,7 +468,8 @@ def main(argv=None):
     else:
         kd_examples = None
         if args.kd_data != "teacher":
-            kd_examples = tokenize_dataset(student_tok, load_chats(args.kd_data), args.max_len)[0]
+            chats = builtin_chats("train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
+            kd_examples = tokenize_dataset(student_tok, chats, args.max_len)[0]
         steps = train_logits(args, run, student, teacher, student_tok, data, kd_examples)
 
     summary["student_acc_after"], summary["student_mean_length_after"] = heldout_accuracy(

@@ -31,10 +31,11 @@ import torch
 from tqdm import tqdm
 
 import verify
-from model import Transformer, parse_dtype, token_entropy, token_logprobs
+from model import token_entropy, token_logprobs
 from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, templated_problems
-from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_model, lr_at, make_optimizer,
-                 micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
+from sft import (Run, add_training_args, builtin_problems, checkpoint_or_stop, heldout_accuracy, load_frozen,
+                 load_model, lr_at, make_optimizer, micro_batches, optimizer_step, prompt_ids, resume,
+                 save_checkpoint)
 
 
 def parse_args(argv=None):
@@ -266,35 +267,44 @@ def policy_loss_step(args, run, train_model, ref_model, optimizer, batch, lr):
     return {**stats, "grad_norm": grad_norm, "skipped": skipped}
 
 
+def rl_problems(args, tokenizer, max_positions):
+    """(training problems, or None for the built-in task's endless stream; held-out problems). Prompts that leave
+    no room for --max_new_tokens within the context are dropped and counted."""
+    data = None if args.data == "builtin" else drop_long_prompts(
+        templated_problems(args.data, args.prompt_template), tokenizer, args.max_new_tokens, max_positions, args.data)
+    if args.heldout_data is None:
+        return data, builtin_problems("heldout", args.heldout_problems)
+    heldout = templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems]
+    return data, drop_long_prompts(heldout, tokenizer, args.max_new_tokens, max_positions, args.heldout_data)
+
+
+def heldout_before(run, args, policy, tokenizer, heldout, state):
+    """Held-out greedy accuracy of the starting policy (kept in the checkpoint, so a resumed run reports it too)."""
+    if state.get("heldout_acc_before") is not None:
+        return state["heldout_acc_before"]
+    acc, mean_len = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
+    run.print(f"held-out greedy accuracy before: {acc:.3f} (mean length {mean_len:.1f})")
+    run.log(0, {"heldout_acc": acc, "heldout_mean_length": mean_len})
+    return acc
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = Run(args, "grpo")
     policy, tokenizer = load_model(args.model, run)
-    ref_model = None
-    if args.beta > 0:  # beta = 0: no reference model at all (no memory, no forward pass)
-        ref_dtype = torch.bfloat16 if run.device.type == "cuda" else run.dtype
-        ref_model = Transformer.from_pretrained(args.ref_model or args.model, dtype=ref_dtype, device=run.device)
-        ref_model.requires_grad_(False)
+    # beta = 0: no reference model at all (no memory, no forward pass)
+    ref_model = load_frozen(args.ref_model or args.model, run) if args.beta > 0 else None
     reward_model = None
     if args.reward_model:
         from reward_model import load_reward_model
         reward_model = load_reward_model(args.reward_model, device=run.device, tokenizer_of_policy=tokenizer)
-    limit = policy.config.max_position_embeddings
-    data = None if args.data == "builtin" else drop_long_prompts(
-        templated_problems(args.data, args.prompt_template), tokenizer, args.max_new_tokens, limit, args.data)
-    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else drop_long_prompts(
-        templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems], tokenizer,
-        args.max_new_tokens, limit, args.heldout_data)
+    data, heldout = rl_problems(args, tokenizer, policy.config.max_position_embeddings)
 
     train_model = run.wrap(policy)
     optimizer = make_optimizer(policy, args)
     state = resume(run, {"": policy}, {"policy": optimizer})
     step = state.get("step", 0)
-    acc_before = state.get("heldout_acc_before")
-    if acc_before is None:
-        acc_before, len_before = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
-        run.print(f"held-out greedy accuracy before: {acc_before:.3f} (mean length {len_before:.1f})")
-        run.log(step, {"heldout_acc": acc_before, "heldout_mean_length": len_before})
+    acc_before = heldout_before(run, args, policy, tokenizer, heldout, state)
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=f"{args.loss}")
     while step < args.max_steps:
@@ -326,12 +336,7 @@ def main(argv=None):
         pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                          len=f"{metrics['completion_len_mean']:.0f}")
         ckpt_state = {"heldout_acc_before": acc_before}
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(run, step, {"": policy}, {"policy": optimizer}, tokenizer, ckpt_state)
-        if run.should_stop():
-            save_checkpoint(run, step, {"": policy}, {"policy": optimizer}, tokenizer, ckpt_state)
-            run.print(f"stopped at step {step}; continue with --resume auto")
-            raise SystemExit(130)
+        checkpoint_or_stop(run, step, {"": policy}, {"policy": optimizer}, tokenizer, ckpt_state)
     pbar.close()
 
     acc_after, len_after = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)

@@ -38,12 +38,12 @@ import torch
 from tqdm import tqdm
 
 import verify
-from grpo import clipped_surrogate, problems_for_step
-from model import Tokenizer, Transformer, token_entropy, token_logprobs
+from grpo import clipped_surrogate, heldout_before, problems_for_step, rl_problems
+from model import Tokenizer, token_entropy, token_logprobs
 from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
-from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, templated_problems
-from sft import (Run, add_training_args, builtin_problems, heldout_accuracy, load_model, lr_at, make_optimizer,
-                 micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
+from sample import PROMPT_TEMPLATE, generate
+from sft import (Run, add_training_args, checkpoint_or_stop, heldout_accuracy, load_frozen, load_model, lr_at,
+                 make_optimizer, micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
 
 
 def build_parser():
@@ -77,8 +77,8 @@ def build_parser():
                    "on CPU the default spends the time on fresh samples instead)")
     p.add_argument("--n_minibatches", type=int, default=2, help="optimizer steps per pass (minibatches per rank)")
     p.add_argument("--critic_lr", type=float, default=1e-3, help="critic peak learning rate (--lr is the policy's)")
-    p.add_argument("--eval_every", type=int, default=0, help="held-out accuracy every N steps (0: start and end)")
-    add_training_args(p, "ppo", lr=2e-4, max_steps=25, batch_size=128)
+    p.add_argument("--eval_every", type=int, default=5, help="held-out accuracy every N steps (0: start and end)")
+    add_training_args(p, "ppo", lr=1e-4, max_steps=25, batch_size=256)
     return p
 
 
@@ -260,11 +260,8 @@ def main(argv=None):
     args = parse_args(argv)
     run = Run(args, "ppo")
     policy, tokenizer = load_model(args.model, run)
-    ref_model = None
-    if args.kl_coef > 0:  # beta = 0 (and no controller to raise it): no reference model at all
-        ref_dtype = torch.bfloat16 if run.device.type == "cuda" else run.dtype
-        ref_model = Transformer.from_pretrained(args.ref_model or args.model, dtype=ref_dtype, device=run.device)
-        ref_model.requires_grad_(False)
+    # beta = 0 (and no controller to raise it): no reference model at all
+    ref_model = load_frozen(args.ref_model or args.model, run) if args.kl_coef > 0 else None
     reward_model = None
     if args.reward_model:
         reward_model = load_reward_model(args.reward_model, device=run.device, tokenizer_of_policy=tokenizer)
@@ -272,23 +269,14 @@ def main(argv=None):
     check_same_tokenizer(Tokenizer.from_pretrained(critic_path), tokenizer, what="critic")  # it reads policy ids
     critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
     critic.backbone.grad_checkpointing = args.grad_checkpointing
-    limit = policy.config.max_position_embeddings
-    data = None if args.data == "builtin" else drop_long_prompts(
-        templated_problems(args.data, args.prompt_template), tokenizer, args.max_new_tokens, limit, args.data)
-    heldout = builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None else drop_long_prompts(
-        templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems], tokenizer,
-        args.max_new_tokens, limit, args.heldout_data)
+    data, heldout = rl_problems(args, tokenizer, policy.config.max_position_embeddings)
 
     train_policy, train_critic = run.wrap(policy), run.wrap(critic)
     opt_policy, opt_critic = make_optimizer(policy, args), make_optimizer(critic, args, lr=args.critic_lr)
     models, optimizers = {"": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
     state = resume(run, models, optimizers)
     step, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
-    acc_before = state.get("heldout_acc_before")
-    if acc_before is None:
-        acc_before, len_before = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
-        run.print(f"held-out greedy accuracy before: {acc_before:.3f} (mean length {len_before:.1f})")
-        run.log(step, {"heldout_acc": acc_before, "heldout_mean_length": len_before})
+    acc_before = heldout_before(run, args, policy, tokenizer, heldout, state)
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="ppo")
     while step < args.max_steps:
@@ -322,12 +310,7 @@ def main(argv=None):
         pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}", kl=f"{kl:.2f}",
                          ev=f"{metrics['explained_variance']:.2f}")
         ckpt_state = {"heldout_acc_before": acc_before, "kl_coef": kl_coef}
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(run, step, models, optimizers, tokenizer, ckpt_state)
-        if run.should_stop():
-            save_checkpoint(run, step, models, optimizers, tokenizer, ckpt_state)
-            run.print(f"stopped at step {step}; continue with --resume auto")
-            raise SystemExit(130)
+        checkpoint_or_stop(run, step, models, optimizers, tokenizer, ckpt_state)
     pbar.close()
 
     acc_after, len_after = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)

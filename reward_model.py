@@ -47,7 +47,7 @@ from tqdm import tqdm
 from model import (ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_safetensors, replace_dir,
                    rope_inv_freq, write_safetensors)
 from sft import (Run, add_training_args, builtin_problems, lr_at, make_optimizer, optimizer_step, render, resume,
-                 save_checkpoint, worked_solution)
+                 save_checkpoint, checkpoint_or_stop, worked_solution)
 from verify import read_jsonl
 
 # ----------------------------------------------------------------------------------------------------
@@ -473,12 +473,7 @@ def main(argv=None):
         pbar.update(1)
         pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pair_acc']:.3f}")
         ckpt_state = {"heldout_before": before}
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(run, step, {"": model}, {"reward_model": optimizer}, tokenizer, ckpt_state)
-        if run.should_stop():
-            save_checkpoint(run, step, {"": model}, {"reward_model": optimizer}, tokenizer, ckpt_state)
-            run.print(f"stopped at step {step}; continue with --resume auto")
-            raise SystemExit(130)
+        checkpoint_or_stop(run, step, {"": model}, {"reward_model": optimizer}, tokenizer, ckpt_state)
     pbar.close()
 
     after = evaluate(run, model, evals, args.micro_batch_tokens, pad) if evals else {}

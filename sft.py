@@ -8,8 +8,9 @@ Fine-tune a real checkpoint on chat data:
 8 GPUs (one node; see train_ddp.sh for several nodes):
     torchrun --nproc_per_node=8 sft.py --model DIR --data chat.jsonl --batch_size 128 --lr 2e-5 \
         --micro_batch_tokens 16384 --grad_checkpointing
-Write the built-in task out as JSONL files to look at or edit:
-    python sft.py --export_builtin data/
+Write the built-in task out as JSONL files to look at or edit (--builtin_size, --step_fraction and --seed apply;
+--step_fraction 0 gives terse answers only, 1 every step written out):
+    python sft.py --export_builtin data/ --builtin_size 20000
 
 Data (JSONL, one record per line): {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
 or {"prompt": ..., "completion": ...}. Loss is on assistant tokens only. Batches are length-bucketed: each
@@ -24,7 +25,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -90,18 +90,19 @@ def worked_solution(problem, show_steps=True):
     return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
 
 
-def builtin_chats(split, n, seed=0, step_fraction=0.3):
+def builtin_chats(split, n, seed=0, step_fraction=0.4):
     rng = random.Random(f"style-{split}-{seed}")
     return [[{"role": "user", "content": p["prompt"]},
              {"role": "assistant", "content": worked_solution(p, show_steps=rng.random() < step_fraction)}]
             for p in builtin_problems(split, n, seed)]
 
 
-def export_builtin(folder, n_train=20000, n_heldout=500):
+def export_builtin(folder, n_train=20000, n_heldout=500, seed=0, step_fraction=0.4):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"builtin_sft_train.jsonl": [{"messages": m} for m in builtin_chats("train", n_train)],
-             "builtin_sft_heldout.jsonl": [{"messages": m} for m in builtin_chats("heldout", n_heldout)],
+    files = {"builtin_sft_train.jsonl": [{"messages": m} for m in builtin_chats("train", n_train, seed, step_fraction)],
+             "builtin_sft_heldout.jsonl": [{"messages": m}
+                                           for m in builtin_chats("heldout", n_heldout, seed, step_fraction)],
              "builtin_rl_train.jsonl": [{"prompt": p["prompt"], "answer": p["answer"]}
                                         for p in builtin_problems("train", n_train)],
              "builtin_heldout.jsonl": [{"prompt": p["prompt"], "answer": p["answer"]}
@@ -380,6 +381,13 @@ def load_model(path, run, config=None):
     return model, tokenizer
 
 
+def load_frozen(path, run):
+    """A model that is only read (a KL reference, a teacher): no gradients, eval mode, bf16 on CUDA (half the
+    memory, and the forward runs under bf16 autocast anyway), float32 on CPU."""
+    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+    return Transformer.from_pretrained(path, dtype=dtype, device=run.device).requires_grad_(False).eval()
+
+
 def make_optimizer(model, args, lr=None):
     """AdamW; no weight decay on norms and biases (1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -452,6 +460,17 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
                 shutil.rmtree(old, ignore_errors=True)
     run.barrier()
     return final
+
+
+def checkpoint_or_stop(run, step, models, optimizers, tokenizer, state=None):
+    """End of a training step: a checkpoint every --save_every steps; on SIGINT / SIGTERM a checkpoint, then exit
+    130 (continue with --resume auto)."""
+    stop = run.should_stop()
+    if stop or (run.args.save_every and step % run.args.save_every == 0 and step < run.args.max_steps):
+        save_checkpoint(run, step, models, optimizers, tokenizer, state)
+    if stop:
+        run.print(f"stopped at step {step}; continue with --resume auto")
+        raise SystemExit(130)
 
 
 def broadcast_str(run, text):
@@ -590,7 +609,8 @@ def parse_args(argv=None):
     p.add_argument("--heldout_problems", type=int, default=500, help="built-in held-out problems for greedy accuracy")
     p.add_argument("--max_len", type=int, default=1024, help="longer examples are truncated (and counted)")
     p.add_argument("--eval_every", type=int, default=100, help="held-out loss every N steps (0: never)")
-    p.add_argument("--export_builtin", default=None, metavar="DIR", help="write the built-in task as JSONL and exit")
+    p.add_argument("--export_builtin", default=None, metavar="DIR", help="write the built-in task as JSONL "
+                   "(SFT chats, RL problems; train and held-out) into DIR and exit")
     p.add_argument("--n_layer", type=int, default=4, help="fresh model: layers")
     p.add_argument("--n_embd", type=int, default=128, help="fresh model: hidden size")
     p.add_argument("--n_head", type=int, default=4, help="fresh model: attention heads")
@@ -634,12 +654,7 @@ def train(run, args, model, tokenizer, train, evals=None):
         run.log(step, metrics)
         pbar.update(1)
         pbar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}")
-        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
-            save_checkpoint(run, step, {"": model}, {"policy": optimizer}, tokenizer)
-        if run.should_stop():
-            save_checkpoint(run, step, {"": model}, {"policy": optimizer}, tokenizer)
-            run.print(f"stopped at step {step}; continue with --resume auto")
-            raise SystemExit(130)
+        checkpoint_or_stop(run, step, {"": model}, {"policy": optimizer}, tokenizer)
     pbar.close()
     save_checkpoint(run, step, {"": model}, {"policy": optimizer}, tokenizer)
     return step, tokens_seen
@@ -648,7 +663,7 @@ def train(run, args, model, tokenizer, train, evals=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.export_builtin:
-        return export_builtin(args.export_builtin)
+        return export_builtin(args.export_builtin, args.builtin_size, seed=args.seed, step_fraction=args.step_fraction)
     run = Run(args, "sft")
     config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd, num_hidden_layers=args.n_layer,
                          num_attention_heads=args.n_head, num_key_value_heads=args.n_head, max_position_embeddings=512)

@@ -1,7 +1,7 @@
 """Generation speed: sample.generate next to transformers' generate on the same model, in one process.
 
-    python tests/bench_generate.py --model ~/.cache/smollm2-135m-instruct            # CPU
-    python tests/bench_generate.py --model DIR --device cuda --compile               # GPU, adds CUDA graphs
+    python -m tests.bench_generate --model ~/.cache/smollm2-135m-instruct            # CPU
+    python -m tests.bench_generate --model DIR --device cuda --compile               # GPU, adds CUDA graphs
 
 Prints tokens/s (median of --repeats runs) at batch 1 and 16, 128 new tokens, float32 and bfloat16, the
 ratio to transformers, and for batch 1 the memory-bandwidth bound: weight bytes / measured read bandwidth
@@ -84,7 +84,7 @@ def main():
             for k, v in speeds.items():
                 rows.append((dtype_name, B, k, v, v / speeds["transformers"] if "transformers" in speeds else None,
                              v / bound if bound else None))
-    print(f"\n| dtype | batch | engine | tokens/s | vs transformers | % of bandwidth bound |")
+    print("\n| dtype | batch | engine | tokens/s | vs transformers | % of bandwidth bound |")
     print("|---|---|---|---|---|---|")
     for d, b, k, v, ratio, frac in rows:
         print(f"| {d} | {b} | {k} | {v:.1f} | {f'{ratio:.2f}x' if ratio else '-'} | "

@@ -1,8 +1,8 @@
 """Seconds per GRPO step: grpo.py next to TRL's GRPOTrainer, same model, same batch, same machine, one process.
 
     pip install trl                      # the benchmark's only extra; never needed by the scripts
-    python tests/bench_grpo.py --model ~/.cache/smollm2-135m-instruct
-    python tests/bench_grpo.py --model DIR --device cuda
+    python -m tests.bench_grpo --model ~/.cache/smollm2-135m-instruct
+    python -m tests.bench_grpo --model DIR --device cuda
 
 Batch: 8 prompts x 4 completions, 64 prompt tokens and exactly 64 completion tokens each (no stop token), beta 0,
 one optimisation iteration, float32 on CPU (bf16 autocast on GPU for both). Rewards are random so every group has

@@ -284,3 +284,19 @@ def test_ddp_logits(easy, tmp_path, kd_data):
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
     assert all("student_sample_acc" in m and ("teacher_sample_acc" in m) == (kd_data == "teacher") for m in metrics)
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ end to end (slow): the no-argument runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["traces", "logits"])
+def test_no_argument_run_teaches_the_fresh_student(tmp_path, mode):
+    """`python distill.py [--mode logits]` as a user runs it (only --out moved): the default teacher (out/grpo/final
+    when present, else the committed checkpoint) lifts a fresh student from nothing to well above chance."""
+    subprocess.run([sys.executable, "distill.py", "--mode", mode, "--out", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ})
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["teacher_acc"] >= 0.35 and s["student_acc_before"] <= 0.02, s
+    assert s["student_acc_after"] >= s["student_acc_before"] + {"traces": 0.15, "logits": 0.08}[mode], s
+    assert (tmp_path / "final" / "model.safetensors").exists()

@@ -253,3 +253,17 @@ def test_resume_continues_where_it_stopped(tiny_policy, tmp_path):
     assert train[2]["kl_coef"] != train[0]["kl_coef"]
     before = json.loads((tmp_path / "summary.json").read_text())["heldout_acc_before"]
     assert before == rows[0]["heldout_acc"]
+
+
+@pytest.mark.slow
+def test_no_argument_run_raises_heldout_accuracy(tmp_path):
+    """`python ppo.py` exactly as a user runs it (only --out moved): the committed tiny checkpoint with the
+    verifier's reward must gain held-out greedy accuracy well beyond the noise of 500 problems (~2 points)."""
+    subprocess.run([sys.executable, "ppo.py", "--out", str(tmp_path)], check=True, capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heldout_problems"] == 500
+    assert summary["heldout_acc_after"] - summary["heldout_acc_before"] >= 0.10, summary
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "kl", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "explained_variance",
+            "entropy", "completion_len_mean", "gen_s", "train_s"} <= set(rows[1])
+    assert (tmp_path / "final" / "model.safetensors").exists()

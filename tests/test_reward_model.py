@@ -219,3 +219,14 @@ def test_ddp_two_processes_train_save_and_load(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow
+def test_no_argument_run_reaches_90_percent_heldout_pair_accuracy(tmp_path):
+    """`python reward_model.py` exactly as a user runs it (only --out moved), on the built-in preference set."""
+    subprocess.run([sys.executable, "reward_model.py", "--out", str(tmp_path)], check=True, capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heldout_pair_acc"] >= 0.90, summary
+    rm = load_reward_model(tmp_path / "final")
+    chosen, rejected = rm.score(["Compute 2+3."] * 2, ["<think>\n2+3=5\n</think>\n\\boxed{5}", "\\boxed{6}"]).tolist()
+    assert chosen > rejected

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sft
-from model import ModelConfig, Tokenizer, Transformer
+from model import Tokenizer, Transformer
 from verify import math_reward
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--builtin_size", "200", "--batch_size", "8",
@@ -49,6 +49,16 @@ def test_export_builtin_round_trips(tmp_path):
     assert len(chats) == 30 and chats[0][1]["role"] == "assistant"
     from verify import load_problems
     assert len(load_problems(tmp_path / "builtin_heldout.jsonl")) == 10
+
+
+def test_export_builtin_step_fraction_sets_the_answer_style(tmp_path):
+    """0: terse answers only (the R1 recipe's stand-in for non-reasoning data); 1: every step written out."""
+    for fraction in (0.0, 1.0):
+        sft.export_builtin(tmp_path / str(fraction), n_train=20, n_heldout=5, step_fraction=fraction)
+        answers = [c[1]["content"] for c in sft.load_chats(tmp_path / str(fraction) / "builtin_sft_train.jsonl")]
+        lengths = [len(a) for a in answers]
+        terse = [sft.worked_solution(p, show_steps=False) for p in sft.builtin_problems("train", 20)]
+        assert (answers == terse) == (fraction == 0.0), lengths
 
 
 # ------------------------------------------------------------------ chat data and loss masks
