@@ -245,3 +245,25 @@ def test_prompts_per_step_must_split_over_ranks(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         grpo.parse_args(["--batch_size", "16", "--group_size", "4"])
     assert "4 prompts per step cannot be split evenly over 3 processes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_few_steps_of_smollm2_on_the_builtin_task(smollm2_dir, tmp_path):
+    """A real open-weights checkpoint (SmolLM2-135M-Instruct, its own tokenizer and chat template) through GRPO on
+    CPU: it trains, and the final folder loads in transformers with our logits."""
+    import json
+    import subprocess
+    import sys
+    cmd = [sys.executable, "grpo.py", "--model", str(smollm2_dir), "--out", str(tmp_path), "--max_steps", "2",
+           "--batch_size", "4", "--group_size", "2", "--max_new_tokens", "16", "--heldout_problems", "2",
+           "--eval_every", "0", "--lr", "1e-6"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from model import Transformer
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    ours = Transformer.from_pretrained(tmp_path / "final", dtype=torch.float32)(ids)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)(ids).logits
+    assert (ours - ref).abs().max() < 1e-3

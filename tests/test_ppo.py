@@ -267,3 +267,18 @@ def test_no_argument_run_raises_heldout_accuracy(tmp_path):
     assert {"reward", "kl", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "explained_variance",
             "entropy", "completion_len_mean", "gen_s", "train_s"} <= set(rows[1])
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_reward_model_replaces_the_verifier(tmp_path):
+    """--reward_model DIR: the reward is the learned score (real-valued), not the verifier's 0 / 0.1 / 1 / 1.1."""
+    subprocess.run([sys.executable, "reward_model.py", "--max_steps", "3", "--batch_size", "8", "--out",
+                    str(tmp_path / "rm")], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_ppo(["--reward_model", str(tmp_path / "rm" / "final"), "--out", str(tmp_path / "ppo"), "--max_steps", "2",
+                    "--eval_every", "0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
+    # the verifier's mean over 4 samples is a multiple of 0.025 (each is 0, 0.1, 1 or 1.1); a learned score is not
+    assert not any(abs(r * 40 - round(r * 40)) < 1e-4 for r in rewards), rewards
