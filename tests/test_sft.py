@@ -304,3 +304,22 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path):
     assert sorted(p.name for p in (tmp_path / "fsdp" / "ckpt-000002").glob("optimizer_*.safetensors")) == [
         "optimizer_policy.rank0.safetensors", "optimizer_policy.rank1.safetensors"]
     Transformer.from_pretrained(tmp_path / "fsdp" / "final")
+
+
+@pytest.mark.slow
+def test_fine_tunes_a_real_checkpoint(smollm2_dir, tmp_path):
+    """`sft.py --model DIR --data chat.jsonl` on SmolLM2-135M-Instruct: its own tokenizer and chat template, the loss
+    falls on a small repeated set, and transformers loads the result."""
+    chat = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "<think>2+3=5</think> \\boxed{5}"}]
+    rows = [{"messages": chat}, {"prompt": "Hi", "completion": "Hello! How can I help?"}]  # both record formats
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subprocess.run([sys.executable, "sft.py", "--model", str(smollm2_dir), "--data", str(tmp_path / "chat.jsonl"),
+                    "--max_steps", "4", "--batch_size", "2", "--lr", "1e-4", "--warmup_steps", "1", "--out",
+                    str(tmp_path / "out")], check=True, capture_output=True)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.7, losses
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert Tokenizer.from_pretrained(tmp_path / "out" / "final").encode("Hello") == \
+        Tokenizer.from_pretrained(smollm2_dir).encode("Hello")
