@@ -882,6 +882,11 @@ class _SympyWorker:
             self.proc.wait(timeout=5)
         except Exception:
             pass
+        for f in (self.proc.stdin, self.proc.stdout):  # closed here, not left to the garbage collector's warnings
+            try:
+                f.close()
+            except Exception:
+                pass
 
 _pool_lock, _idle, _workers = threading.Lock(), [], set()
 
