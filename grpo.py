@@ -182,18 +182,24 @@ def problems_for_step(args, run, data, step, round_):
     return builtin_problems("train", n, seed=rng.randrange(2**31)) if data is None else rng.sample(data, n)
 
 
-def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
-    """Sample G completions per problem (one batched generate call), score them. Returns a dict of lists."""
-    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
+def sample_groups(args, run, policy, tokenizer, problems, seed):
+    """Sample group_size completions per problem in one batched generate call (ppo.py's rollout too). Returns
+    (problems repeated per sample, prompt ids, completion ids, truncated flags, completion texts)."""
+    group_problems = [p for p in problems for _ in range(args.group_size)]
+    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in group_problems]
     with run.full_params(policy) as model, run.autocast():
         outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         stop_token_ids=[tokenizer.eos_token_id], seed=seed)
     truncated = [not (o and o[-1] == tokenizer.eos_token_id) for o in outs]
     texts = [tokenizer.decode(o[:-1] if not t else o) for o, t in zip(outs, truncated)]
-    group_problems = [p for p in problems for _ in range(args.group_size)]
-    prompt_texts = [p["prompt"] for p in group_problems]
+    return group_problems, prompts, outs, truncated, texts
+
+
+def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
+    """Sample G completions per problem and score them. Returns a dict of lists."""
+    group_problems, prompts, outs, truncated, texts = sample_groups(args, run, policy, tokenizer, problems, seed)
     rewards, parts = compute_rewards(args, group_problems, texts, [len(o) for o in outs], truncated,
-                                     reward_model, prompt_texts)
+                                     reward_model, [p["prompt"] for p in group_problems])
     return {"prompts": prompts, "completions": outs, "texts": texts, "truncated": truncated, "rewards": rewards,
             "parts": parts}
 

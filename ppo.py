@@ -38,12 +38,12 @@ import torch
 from tqdm import tqdm
 
 import verify
-from grpo import clipped_surrogate, heldout_before, problems_for_step, rl_problems
+from grpo import clipped_surrogate, heldout_before, problems_for_step, rl_problems, sample_groups
 from model import Tokenizer, token_entropy, token_logprobs
 from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
-from sample import PROMPT_TEMPLATE, generate
+from sample import PROMPT_TEMPLATE
 from sft import (Run, add_training_args, checkpoint_or_stop, heldout_accuracy, load_frozen, load_model, lr_at,
-                 make_optimizer, micro_batches, optimizer_step, prompt_ids, resume, save_checkpoint)
+                 make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint)
 
 
 def build_parser():
@@ -161,13 +161,7 @@ def adaptive_kl_coef(beta, kl, target, n_steps, horizon):
 def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
     """Sample group_size completions per problem (one batched generate call) and score them. The verifier's
     accuracy is always computed (it is logged); the reward is the reward model's score when there is one."""
-    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(args.group_size)]
-    problems = [p for p in problems for _ in range(args.group_size)]
-    with run.full_params(policy) as model, run.autocast():
-        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        stop_token_ids=[tokenizer.eos_token_id], seed=seed)
-    truncated = [not (o and o[-1] == tokenizer.eos_token_id) for o in outs]
-    texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
+    problems, prompts, outs, truncated, texts = sample_groups(args, run, policy, tokenizer, problems, seed)
     accuracy = [verify.safe_reward(verify.math_reward, c, p["answer"]) for c, p in zip(texts, problems)]
     if reward_model is not None:
         scores = reward_model.score([p["prompt"] for p in problems], texts)
