@@ -33,8 +33,8 @@ from tqdm import tqdm
 import verify
 from model import token_entropy, token_logprobs
 from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, templated_problems
-from sft import (Run, add_training_args, builtin_problems, checkpoint_or_stop, heldout_accuracy, load_frozen,
-                 load_model, lr_at, make_optimizer, micro_batches, optimizer_step, prompt_ids, resume,
+from sft import (Run, add_training_args, builtin_problems, checkpoint_or_stop, first_loss_position, heldout_accuracy,
+                 load_frozen, load_model, lr_at, make_optimizer, micro_batches, optimizer_step, prompt_ids, resume,
                  save_checkpoint)
 
 
@@ -245,16 +245,17 @@ def policy_loss_step(args, run, train_model, ref_model, optimizer, batch, lr):
     chunks = micro_batches(examples, args.micro_batch_tokens, 0)
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
     old, ref = [], []
+    chunks = [(rows, x, y[:, s:], w[:, s:], s) for rows, x, y, w in chunks for s in [first_loss_position(w)]]
     with torch.no_grad(), run.autocast():
-        for rows, x, y, w in chunks:
+        for rows, x, y, w, start in chunks:  # log-probs (and logits) only from the first completion token on
             x, y = x.to(run.device), y.to(run.device)
-            old.append(token_logprobs(train_model(x), y) if args.mu > 1 else None)
-            ref.append(token_logprobs(ref_model(x), y) if ref_model is not None else None)
+            old.append(token_logprobs(train_model(x, logits_from=start), y) if args.mu > 1 else None)
+            ref.append(token_logprobs(ref_model(x, logits_from=start), y) if ref_model is not None else None)
     for it in range(args.mu):
-        for i, (rows, x, y, w) in enumerate(chunks):
+        for i, (rows, x, y, w, start) in enumerate(chunks):
             x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
             with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
-                logits = train_model(x)  # [B, T, V]
+                logits = train_model(x, logits_from=start)  # [B, T - start, V]
                 logp = token_logprobs(logits, y)  # [B, T]
                 old_logp = old[i] if old[i] is not None else logp.detach()
                 per_token, clipped = clipped_surrogate(logp, old_logp, adv[rows, None], args.epsilon, args.epsilon_high)

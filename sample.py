@@ -87,8 +87,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     stop = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
-    positions, mask = padding_inputs(valid[:, :P])
-    mask = F.pad(mask, (0, S - P), value=False)  # [B, 1, P, S]: slots after the prompt are still empty
+    positions, mask = padding_inputs(valid[:, :P])  # [B, 1, P, P]: the prompt reads only its own slots
     logits = model(ids, mask, positions, cache, torch.arange(P, device=device))[:, -1]
     next_pos = positions[:, -1:] + 1  # [B, 1]
     step = compiled_decode_step if compile else decode_step
@@ -106,8 +105,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         if t == max_new_tokens - 1 or done.all():
             break
         valid[:, P + t] = True
-        logits = step(model, tok[:, None], next_pos, valid[:, None, None, :], cache,
-                      torch.tensor([P + t], device=device)).clone()
+        # eager attention reads only the slots filled so far; a compiled step keeps one shape: all S slots
+        seen = valid[:, None, None, :] if compile else valid[:, None, None, :P + t + 1]
+        logits = step(model, tok[:, None], next_pos, seen, cache, torch.tensor([P + t], device=device)).clone()
         next_pos = next_pos + 1
 
     result = []

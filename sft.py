@@ -196,9 +196,16 @@ def micro_batches(examples, max_tokens, pad_id):
     return out
 
 
+def first_loss_position(w):
+    """The first position of a micro-batch where any row takes loss (w [B, T] -> int); 0 if none does. The
+    positions before it (the prompts) need no logits."""
+    return int(w.any(0).float().argmax())
+
+
 def sft_loss_sum(model, x, y, w):
     """sum_t w_t * -log pi(y_t | x_<=t): the caller divides by the number of loss tokens in the whole step."""
-    logits = model(x)  # [B, T, V]
+    start = first_loss_position(w)
+    logits, y, w = model(x, logits_from=start), y[:, start:], w[:, start:]  # logits [B, T - start, V]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="none")
     return (nll * w.reshape(-1)).sum()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sft
-from model import Tokenizer, Transformer
+from model import ModelConfig, Tokenizer, Transformer
 from verify import math_reward
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--builtin_size", "200", "--batch_size", "8",
@@ -83,10 +83,28 @@ def test_prompt_tokens_carry_no_gradient(tok):
                 for q, a in (("2+2?", "4"), ("a longer question", "ok"))]
     (_, x, y, w), = sft.micro_batches(examples, 10_000, tok.pad_token_id)
     logits = torch.randn(*x.shape, tok.vocab_size, requires_grad=True)
-    sft.sft_loss_sum(lambda _: logits, x, y, w).backward()
+    sft.sft_loss_sum(lambda _, logits_from=0: logits[:, logits_from:], x, y, w).backward()
     assert w.sum() == (1 + 2) + 2 * 2  # the answers "4" and "ok", each + <|im_end|> + newline
     assert (logits.grad[w == 0] == 0).all()
     assert (logits.grad[w == 1].abs().sum(-1) > 0).all()
+
+
+def test_first_loss_position_is_the_first_column_any_row_trains_on():
+    w = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1.]])
+    assert sft.first_loss_position(w) == 2
+    assert sft.first_loss_position(torch.zeros(2, 4)) == 0  # nothing to train on: keep every position
+
+
+def test_loss_without_prompt_logits_equals_full_loss(tok):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    examples = [sft.tokenize_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                for q, a in (("2+2?", "4"), ("a longer question", "ok"))]
+    (_, x, y, w), = sft.micro_batches(examples, 10_000, tok.pad_token_id)
+    assert sft.first_loss_position(w) > 0
+    full = (torch.nn.functional.cross_entropy(model(x).transpose(1, 2), y, reduction="none") * w).sum()
+    assert torch.allclose(sft.sft_loss_sum(model, x, y, w), full, atol=1e-5)
 
 
 def test_prompt_completion_records_are_chats(tmp_path):
