@@ -56,9 +56,9 @@ from tqdm import tqdm
 import verify
 from model import ModelConfig, Tokenizer
 from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, prompt_ids, stop_token_ids_for, templated_problems
-from sft import (Run, add_training_args, builtin_chats, builtin_problems, checkpoint_or_stop, heldout_accuracy,
-                 load_chats, load_frozen, load_model, lr_at, make_optimizer, micro_batches, optimizer_step, resume,
-                 save_checkpoint, tokenize_dataset)
+from sft import (Run, add_training_args, builtin_chats, builtin_problems, checkpoint_or_stop, first_loss_position,
+                 heldout_accuracy, load_chats, load_frozen, load_model, lr_at, make_optimizer, micro_batches,
+                 optimizer_step, resume, save_checkpoint, tokenize_dataset)
 from sft import train as sft_train
 
 DEFAULT_TEACHERS = ("out/grpo/final", "checkpoints/tiny-sft")  # the first that exists is the default --teacher
@@ -201,12 +201,13 @@ def distill_loss_sum(student_logits, teacher_logits, mask, loss, beta=0.5, tempe
 
 
 @torch.no_grad()
-def teacher_logits(run, teacher, x, max_tokens):
-    """Teacher logits [B, T, V] for a micro-batch x [B, T], scored at most max_tokens padded tokens per forward pass (a
-    teacher much larger than the student needs smaller pieces), without gradient, in the teacher's dtype."""
+def teacher_logits(run, teacher, x, max_tokens, logits_from=0):
+    """Teacher logits [B, T - logits_from, V] for a micro-batch x [B, T], scored at most max_tokens padded tokens per
+    forward pass (a teacher much larger than the student needs smaller pieces), without gradient, in the teacher's
+    dtype."""
     rows = max(1, max_tokens // x.shape[1])
     with run.autocast():
-        return torch.cat([teacher(x[i:i + rows]) for i in range(0, x.shape[0], rows)])
+        return torch.cat([teacher(x[i:i + rows], logits_from=logits_from) for i in range(0, x.shape[0], rows)])
 
 
 def vocab_mismatch(a, b):
@@ -362,11 +363,12 @@ def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
         loss_sum = 0.0
         chunks = micro_batches(examples, args.micro_batch_tokens, tokenizer.pad_token_id)
         for i, (_, x, _, w) in enumerate(chunks):
-            x, w = x.to(run.device), w.to(run.device)
-            t_logits = teacher_logits(run, teacher, x, args.teacher_micro_batch_tokens)  # [B, T, V], no gradient
+            start = first_loss_position(w)  # neither model needs logits over the prompt
+            x, w = x.to(run.device), w[:, start:].to(run.device)
+            t_logits = teacher_logits(run, teacher, x, args.teacher_micro_batch_tokens, start)  # [B, T', V], no grad
             with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
-                loss = distill_loss_sum(train_model(x), t_logits, w, args.loss, args.beta, args.kd_temperature,
-                                        tokenizer.vocab_size)
+                loss = distill_loss_sum(train_model(x, logits_from=start), t_logits, w, args.loss, args.beta,
+                                        args.kd_temperature, tokenizer.vocab_size)
                 (loss * run.world / n_tokens).backward()  # DDP averages over ranks; we want the global token mean
             loss_sum += loss.item()
             del t_logits, loss  # the teacher's logits of this micro-batch are no longer needed

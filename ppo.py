@@ -42,8 +42,8 @@ from grpo import clipped_surrogate, heldout_before, problems_for_step, rl_proble
 from model import Tokenizer, token_entropy, token_logprobs
 from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
 from sample import PROMPT_TEMPLATE
-from sft import (Run, add_training_args, checkpoint_or_stop, heldout_accuracy, load_frozen, load_model, lr_at,
-                 make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint)
+from sft import (Run, add_training_args, checkpoint_or_stop, first_loss_position, heldout_accuracy, load_frozen,
+                 load_model, lr_at, make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint)
 
 
 def build_parser():
@@ -195,9 +195,11 @@ def prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, pad_id):
     lengths = [len(examples[r][0]) - 1 for r in rows]
     logp, ref_logp, values = (torch.zeros_like(mask) for _ in range(3))
     for idx, T in row_chunks(lengths, range(len(rows)), args.micro_batch_tokens):
+        s = first_loss_position(mask[idx, :T])  # log-probs only from the first completion token on
         with run.autocast():
-            logp[idx, :T] = token_logprobs(policy(x[idx, :T]), y[idx, :T])
-            ref_logp[idx, :T] = token_logprobs(ref_model(x[idx, :T]), y[idx, :T]) if ref_model else logp[idx, :T]
+            logp[idx, s:T] = token_logprobs(policy(x[idx, :T], logits_from=s), y[idx, s:T])
+            ref_logp[idx, s:T] = (token_logprobs(ref_model(x[idx, :T], logits_from=s), y[idx, s:T]) if ref_model
+                                  else logp[idx, s:T])
             values[idx, :T] = critic(x[idx, :T])
     rewards, kl = token_rewards(scores, logp, ref_logp, mask, kl_coef)
     adv, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
@@ -225,18 +227,19 @@ def ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_crit
             n_tokens = run.all_sum(data["mask"][rows].sum().item())
             chunks = row_chunks(data["lengths"], rows, args.micro_batch_tokens)
             for i, (idx, T) in enumerate(chunks):
-                x, y, w = data["x"][idx, :T], data["y"][idx, :T], data["mask"][idx, :T]
+                s = first_loss_position(data["mask"][idx, :T])  # positions s..T-1 carry the loss
+                x, y, w = data["x"][idx, :T], data["y"][idx, s:T], data["mask"][idx, s:T]
                 last = i == len(chunks) - 1
                 with run.no_sync(train_policy, last), run.no_sync(train_critic, last), run.autocast():
-                    logits = train_policy(x)  # [b, T, V]
-                    logp = token_logprobs(logits, y)  # [b, T]
-                    pg, clipped = clipped_surrogate(logp, data["logp"][idx, :T], data["adv"][idx, :T],
+                    logits = train_policy(x, logits_from=s)  # [b, T - s, V]
+                    logp = token_logprobs(logits, y)  # [b, T - s]
+                    pg, clipped = clipped_surrogate(logp, data["logp"][idx, s:T], data["adv"][idx, s:T],
                                                     args.epsilon, args.epsilon)
                     entropy = token_entropy(logits if args.entropy_coef else logits.detach())  # [b, T]
                     policy_loss = ((pg - args.entropy_coef * entropy) * w).sum() / n_tokens
                     (policy_loss * run.world).backward()  # DDP averages over ranks; n_tokens counts all ranks
-                    vf, vclipped = clipped_value_loss(train_critic(x), data["values"][idx, :T],
-                                                      data["returns"][idx, :T], args.value_clip)
+                    vf, vclipped = clipped_value_loss(train_critic(x)[:, s:], data["values"][idx, s:T],
+                                                      data["returns"][idx, s:T], args.value_clip)
                     value_loss = (vf * w).sum() / n_tokens
                     (value_loss * run.world).backward()
                 for k, v in (("policy_loss", policy_loss.item()), ("value_loss", value_loss.item()),
