@@ -85,3 +85,18 @@ def test_stop_tokens_include_generation_config_eos(tiny_dir):
     (tiny_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 258]}))
     tok = Tokenizer.from_pretrained(tiny_dir)
     assert sample.stop_token_ids_for(tiny_dir, tok) == sorted({7, 258, tok.eos_token_id})
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_generates_what_eager_does():
+    """--compile: one static shape (all cache slots, a cache length rounded up to 128) captured by torch.compile
+    must sample the same tokens as the eager loop, which reads only the slots filled so far."""
+    from sft import builtin_problems
+    model = Transformer.from_pretrained("checkpoints/tiny-sft")
+    tok = Tokenizer.from_pretrained("checkpoints/tiny-sft")
+    prompts = [sample.prompt_ids(tok, p["prompt"]) for p in builtin_problems("heldout", 4)]
+    assert len({len(p) for p in prompts}) > 1  # mixed lengths: left padding is part of what is compared
+    stop = [tok.eos_token_id]
+    eager = sample.generate(model, prompts, 40, temperature=0, stop_token_ids=stop)
+    assert sample.generate(model, prompts, 40, temperature=0, stop_token_ids=stop, compile=True) == eager
+    assert sum(map(len, eager)) > 4 * 10  # real completions, not immediate stops
