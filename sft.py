@@ -464,7 +464,9 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
         replace_dir(tmp, final)
         if name is None:
             for old in sorted(run.out.glob("ckpt-*"))[: -run.args.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                trash = old.with_name(f".{old.name}.tmp-deleting")  # renamed first: a kill mid-delete leaves no
+                os.replace(old, trash)  # half-deleted ckpt-* behind, only junk the next run clears
+                shutil.rmtree(trash, ignore_errors=True)
     run.barrier()
     return final
 
