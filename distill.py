@@ -362,11 +362,11 @@ def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
         n_tokens = run.all_sum(sum(sum(m[1:]) for _, m in examples))
         loss_sum = 0.0
         chunks = micro_batches(examples, args.micro_batch_tokens, tokenizer.pad_token_id)
-        for i, (_, x, _, w) in enumerate(chunks):
+        for (_, x, _, w), sync in run.lockstep(chunks, train_model):
             start = first_loss_position(w)  # neither model needs logits over the prompt
             x, w = x.to(run.device), w[:, start:].to(run.device)
             t_logits = teacher_logits(run, teacher, x, args.teacher_micro_batch_tokens, start)  # [B, T', V], no grad
-            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
+            with run.no_sync(train_model, sync), run.autocast():
                 loss = distill_loss_sum(train_model(x, logits_from=start), t_logits, w, args.loss, args.beta,
                                         args.kd_temperature, tokenizer.vocab_size)
                 (loss * run.world / n_tokens).backward()  # DDP averages over ranks; we want the global token mean

@@ -242,19 +242,21 @@ def policy_loss_step(args, run, train_model, ref_model, optimizer, batch, lr):
     adv = group_advantages(batch["rewards"], args.group_size, scale=args.loss != "dr_grpo").to(run.device)
     n_seqs = run.all_sum(len(examples))
     n_tokens = run.all_sum(sum(sum(m) for _, m in examples))
-    chunks = micro_batches(examples, args.micro_batch_tokens, 0)
+    chunks = []  # (rows, x, y, w, start): log-probs (and logits) only from the first completion token on
+    for rows, x, y, w in micro_batches(examples, args.micro_batch_tokens, 0):
+        start = first_loss_position(w)
+        chunks.append((rows, x, y[:, start:], w[:, start:], start))
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
     old, ref = [], []
-    chunks = [(rows, x, y[:, s:], w[:, s:], s) for rows, x, y, w in chunks for s in [first_loss_position(w)]]
-    with torch.no_grad(), run.autocast():
-        for rows, x, y, w, start in chunks:  # log-probs (and logits) only from the first completion token on
+    with torch.no_grad(), run.autocast(), run.full_params(train_model):  # FSDP: gathered once, not per chunk
+        for rows, x, y, w, start in chunks:
             x, y = x.to(run.device), y.to(run.device)
             old.append(token_logprobs(train_model(x, logits_from=start), y) if args.mu > 1 else None)
             ref.append(token_logprobs(ref_model(x, logits_from=start), y) if ref_model is not None else None)
     for it in range(args.mu):
-        for i, (rows, x, y, w, start) in enumerate(chunks):
+        for i, ((rows, x, y, w, start), sync) in enumerate(run.lockstep(chunks, train_model)):
             x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
-            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
+            with run.no_sync(train_model, sync), run.autocast():
                 logits = train_model(x, logits_from=start)  # [B, T - start, V]
                 logp = token_logprobs(logits, y)  # [B, T]
                 old_logp = old[i] if old[i] is not None else logp.detach()

@@ -194,13 +194,15 @@ def prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, pad_id):
     scores = batch["scores"][rows].to(run.device)
     lengths = [len(examples[r][0]) - 1 for r in rows]
     logp, ref_logp, values = (torch.zeros_like(mask) for _ in range(3))
-    for idx, T in row_chunks(lengths, range(len(rows)), args.micro_batch_tokens):
-        s = first_loss_position(mask[idx, :T])  # log-probs only from the first completion token on
-        with run.autocast():
-            logp[idx, s:T] = token_logprobs(policy(x[idx, :T], logits_from=s), y[idx, s:T])
-            ref_logp[idx, s:T] = (token_logprobs(ref_model(x[idx, :T], logits_from=s), y[idx, s:T]) if ref_model
-                                  else logp[idx, s:T])
-            values[idx, :T] = critic(x[idx, :T])
+    # FSDP: both models gathered once, so ranks may run different numbers of micro-batches
+    with run.full_params(policy) as policy, run.full_params(critic) as critic:
+        for idx, T in row_chunks(lengths, range(len(rows)), args.micro_batch_tokens):
+            s = first_loss_position(mask[idx, :T])  # log-probs only from the first completion token on
+            with run.autocast():
+                logp[idx, s:T] = token_logprobs(policy(x[idx, :T], logits_from=s), y[idx, s:T])
+                ref_logp[idx, s:T] = (token_logprobs(ref_model(x[idx, :T], logits_from=s), y[idx, s:T]) if ref_model
+                                      else logp[idx, s:T])
+                values[idx, :T] = critic(x[idx, :T])
     rewards, kl = token_rewards(scores, logp, ref_logp, mask, kl_coef)
     adv, returns = gae(rewards, values * mask, mask, args.gamma, args.lam)
     return {"x": x, "y": y, "mask": mask, "lengths": lengths, "logp": logp, "values": values * mask,
@@ -226,11 +228,10 @@ def ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_crit
             rows = perm[mb * B // args.n_minibatches:(mb + 1) * B // args.n_minibatches]
             n_tokens = run.all_sum(data["mask"][rows].sum().item())
             chunks = row_chunks(data["lengths"], rows, args.micro_batch_tokens)
-            for i, (idx, T) in enumerate(chunks):
+            for (idx, T), sync in run.lockstep(chunks, train_policy, train_critic):
                 s = first_loss_position(data["mask"][idx, :T])  # positions s..T-1 carry the loss
                 x, y, w = data["x"][idx, :T], data["y"][idx, s:T], data["mask"][idx, s:T]
-                last = i == len(chunks) - 1
-                with run.no_sync(train_policy, last), run.no_sync(train_critic, last), run.autocast():
+                with run.no_sync(train_policy, sync), run.no_sync(train_critic, sync), run.autocast():
                     logits = train_policy(x, logits_from=s)  # [b, T - s, V]
                     logp = token_logprobs(logits, y)  # [b, T - s]
                     pg, clipped = clipped_surrogate(logp, data["logp"][idx, s:T], data["adv"][idx, s:T],

@@ -370,10 +370,11 @@ def pair_scores(model, ids, mask, device):
 def evaluate(run, model, pairs, micro_batch_tokens, pad_id):
     """Held-out loss, pairwise accuracy and mean reward gap (overall and per kind), split across ranks."""
     mine, rc, rr, rows = pairs[run.rank::run.world], [], [], []
-    for r, ids, mask, _ in pair_micro_batches(mine, micro_batch_tokens, pad_id):
-        with run.autocast():
-            c, j = pair_scores(model, ids, mask, run.device)
-        rc, rr, rows = rc + [c.cpu()], rr + [j.cpu()], rows + r
+    with run.full_params(model) as m:  # FSDP: gathered once, so ranks may run different numbers of micro-batches
+        for r, ids, mask, _ in pair_micro_batches(mine, micro_batch_tokens, pad_id):
+            with run.autocast():
+                c, j = pair_scores(m, ids, mask, run.device)
+            rc, rr, rows = rc + [c.cpu()], rr + [j.cpu()], rows + r
     rc, rr = (torch.cat(rc), torch.cat(rr)) if rows else (torch.zeros(0), torch.zeros(0))
     margins, kinds = torch.tensor([mine[i][2] for i in rows]), [mine[i][3] for i in rows]
     out = {}
@@ -452,8 +453,8 @@ def main(argv=None):
         n_pairs = run.all_sum(len(batch))
         sums, n_tokens = {"loss": 0.0, "correct": 0.0, "gap": 0.0}, 0
         chunks = pair_micro_batches(batch, args.micro_batch_tokens, pad)
-        for i, (rows, ids, mask, margins) in enumerate(chunks):
-            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
+        for (rows, ids, mask, margins), sync in run.lockstep(chunks, train_model):
+            with run.no_sync(train_model, sync), run.autocast():
                 rc, rr = pair_scores(train_model, ids, mask, run.device)
                 loss = bt_loss(rc, rr, margins.to(run.device)).sum()
                 (loss * run.world / n_pairs).backward()  # DDP averages over ranks; we want the mean over all pairs

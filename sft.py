@@ -353,6 +353,20 @@ class Run:
             m.set_requires_gradient_sync(sync)
         return nullcontext()
 
+    def lockstep(self, chunks, *train_models):
+        """This rank's training micro-batches as (chunk, sync) pairs, sync marking the step's last one (gradients are
+        reduced there). FSDP all-gathers a unit's parameters in every forward and backward, so every rank must run as
+        many passes as the busiest: a rank with fewer micro-batches then runs idle passes through `train_models` (a
+        1-token forward, a backward of zero) so that the collectives pair up instead of hanging."""
+        n = int(self.all_max(len(chunks))) if self.world > 1 and self.args.fsdp else len(chunks)
+        for i, chunk in enumerate(chunks):
+            yield chunk, i == n - 1
+        for i in range(len(chunks), n):
+            for m in train_models:
+                with self.no_sync(m, sync=i == n - 1), self.autocast():
+                    token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+                    (m(token).float().sum() * 0.0).backward()
+
     @contextmanager
     def full_params(self, model):
         """Every parameter whole on every rank inside the block: FSDP all-gathers them once (nothing to do
@@ -582,24 +596,26 @@ def heldout_accuracy(run, model, tokenizer, problems, max_new_tokens=96, batch_s
     """Greedy accuracy (verify.math_reward) and mean completion length over problems, split across ranks."""
     mine = problems[run.rank::run.world]
     correct = length = 0.0
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i:i + batch_size]
-        prompts = [prompt_ids(tokenizer, p["prompt"]) for p in chunk]
-        with run.full_params(model) as m, run.autocast():
-            outs = generate(m, prompts, max_new_tokens, temperature=0, stop_token_ids=[tokenizer.eos_token_id])
-        for p, o in zip(chunk, outs):
-            correct += math_reward(tokenizer.decode(o), p["answer"])
-            length += len(o)
+    with run.full_params(model) as m:  # once, outside the loop: ranks may have different numbers of chunks
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i:i + batch_size]
+            prompts = [prompt_ids(tokenizer, p["prompt"]) for p in chunk]
+            with run.autocast():
+                outs = generate(m, prompts, max_new_tokens, temperature=0, stop_token_ids=[tokenizer.eos_token_id])
+            for p, o in zip(chunk, outs):
+                correct += math_reward(tokenizer.decode(o), p["answer"])
+                length += len(o)
     return run.all_sum(correct) / len(problems), run.all_sum(length) / len(problems)
 
 
 @torch.no_grad()
 def eval_loss(run, model, examples, micro_batch_tokens, pad_id):
     total = count = 0.0
-    for _, x, y, w in micro_batches(examples[run.rank::run.world], micro_batch_tokens, pad_id):
-        with run.autocast():
-            total += sft_loss_sum(model, x.to(run.device), y.to(run.device), w.to(run.device)).item()
-        count += w.sum().item()
+    with run.full_params(model) as m:  # FSDP: gathered once, so ranks may run different numbers of micro-batches
+        for _, x, y, w in micro_batches(examples[run.rank::run.world], micro_batch_tokens, pad_id):
+            with run.autocast():
+                total += sft_loss_sum(m, x.to(run.device), y.to(run.device), w.to(run.device)).item()
+            count += w.sum().item()
     return run.all_sum(total) / max(1.0, run.all_sum(count))
 
 
@@ -645,9 +661,9 @@ def train(run, args, model, tokenizer, train, evals=None):
         n_loss_tokens = run.all_sum(sum(sum(m[1:]) for _, m in batch))
         loss_sum, n_tokens = 0.0, 0
         chunks = micro_batches(batch, args.micro_batch_tokens, tokenizer.pad_token_id)
-        for i, (_, x, y, w) in enumerate(chunks):
+        for (_, x, y, w), sync in run.lockstep(chunks, train_model):
             x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
-            with run.no_sync(train_model, sync=i == len(chunks) - 1), run.autocast():
+            with run.no_sync(train_model, sync), run.autocast():
                 loss = sft_loss_sum(train_model, x, y, w)
                 (loss * run.world / n_loss_tokens).backward()  # DDP averages over ranks; we want the global token mean
             loss_sum += loss.item()

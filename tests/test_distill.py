@@ -286,6 +286,15 @@ def test_ddp_logits(easy, tmp_path, kd_data):
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_fsdp_logits(easy, tmp_path):
+    """--fsdp shards the student (the teacher stays whole and frozen); sampling gathers it once per step."""
+    s = torchrun(easy, tmp_path, "--mode", "logits", "--on_policy_frac", "0.5", "--fsdp", "--micro_batch_tokens", "120")
+    assert s["world_size"] == 2 and s["steps"] == 3
+    metrics = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+
+
 # ------------------------------------------------------------------ end to end (slow): the no-argument runs
 
 

@@ -226,14 +226,17 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_process_run(tmp_path, sharding):
+    """2 gloo processes, mu = 2 (pi_old from a no-grad pass) and micro-batches small enough that the ranks cut
+    their rollouts into different numbers of them (under FSDP this needs Run.lockstep, or the run hangs)."""
     import json
     import os
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *TINY_RUN,
-           "--max_steps", "2", "--device", "cpu", "--save_every", "1", "--out", str(tmp_path)]
+           "--max_steps", "2", "--device", "cpu", "--save_every", "1", "--micro_batch_tokens", "150", "--mu", "2",
+           "--out", str(tmp_path)]
     subprocess.run(cmd + (["--fsdp"] if sharding == "fsdp" else []), check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     from model import Transformer

@@ -164,8 +164,9 @@ def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regress
         return 0.0, False
     monkeypatch.setattr(ppo, "optimizer_step", record)
     args = ppo.parse_args(["--ppo_epochs", "1", "--n_minibatches", "1", "--batch_size", "4"])
-    run = type("R", (), {"world": 1, "rank": 0, "all_sum": staticmethod(lambda v: v), "autocast": nullcontext,
-                         "no_sync": staticmethod(sft.Run.no_sync)})()
+    run = type("R", (), {"world": 1, "rank": 0, "args": args, "all_sum": staticmethod(lambda v: v),
+                         "autocast": nullcontext, "no_sync": staticmethod(sft.Run.no_sync),
+                         "lockstep": sft.Run.lockstep})()
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (policy, critic)]
     ppo.ppo_update(args, run, 0, policy, critic, *opts, data)
     n = MASK.sum()
@@ -213,6 +214,20 @@ def run_ppo(args, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     return subprocess.run([*launcher, "ppo.py", *TINY, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_with_different_micro_batch_counts(tiny_policy, tmp_path):
+    """--fsdp shards policy and critic; with 4 rollouts per rank in one minibatch and 80-token micro-batches the
+    ranks cut their minibatches into different numbers of micro-batches (3 and 4 at the first step), which hangs
+    without Run.lockstep's idle passes."""
+    proc = run_ppo(["--model", str(tiny_policy), "--out", str(tmp_path), "--max_steps", "2", "--fsdp", "--batch_size",
+                    "8", "--n_minibatches", "1", "--micro_batch_tokens", "80"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "policy_loss" in r]
+    assert len(train) == 2 and all(math.isfinite(r["value_loss"]) and math.isfinite(r["grad_norm"]) for r in train)
+    Transformer.from_pretrained(tmp_path / "final")
 
 
 @pytest.mark.slow

@@ -194,6 +194,26 @@ def test_help_documents_every_flag():
 
 
 @pytest.mark.slow
+def test_fsdp_two_processes_with_different_micro_batch_counts(tmp_path):
+    """--fsdp with 400-token micro-batches: the ranks' pairs differ in length, so at some step one rank has more
+    micro-batches than the other (checked by hand), which hangs without Run.lockstep's idle passes."""
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    cfg = tiny_config(tok)
+    cfg.num_hidden_layers = 1
+    Transformer(cfg).save_pretrained(tmp_path / "policy", tokenizer=tok)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward_model.py",
+           "--device", "cpu", "--max_steps", "2", "--model", str(tmp_path / "policy"), "--out", str(tmp_path / "out"),
+           "--builtin_size", "16", "--heldout_pairs", "8", "--batch_size", "4", "--warmup_steps", "1", "--fsdp",
+           "--micro_batch_tokens", "400"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and math.isfinite(summary["heldout_loss"])
+    load_reward_model(tmp_path / "out" / "final", tokenizer_of_policy=tok)
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_train_save_and_load(tmp_path):
     tok = Tokenizer.byte_level()
     torch.manual_seed(0)

@@ -232,6 +232,28 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 # ------------------------------------------------------------------ faults
 
 
+def test_lockstep_pads_a_rank_with_idle_passes_that_change_no_gradient():
+    """Run.lockstep on a rank with 1 micro-batch while the busiest has 3 (FSDP): the real one is not the sync point,
+    then 2 idle forward+backward passes run through the model and leave the accumulated gradients as they were."""
+    from types import SimpleNamespace
+    run = object.__new__(sft.Run)  # a rank of a 2-process FSDP run, without the process group
+    run.world, run.args, run.device, run.amp = 2, SimpleNamespace(fsdp=True), torch.device("cpu"), False
+    run.all_max = lambda v: 3
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2))
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    x = torch.randint(0, 64, (2, 5))
+    seen = []
+    for chunk, sync in run.lockstep([x], model):
+        seen.append((chunk is x, sync))
+        model(chunk).logsumexp(-1).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+    assert seen == [(True, False)] and calls == [x.shape, (1, 1), (1, 1)]
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
 def test_nan_gradient_skips_the_step_and_too_many_stop_the_run(tmp_path):
     args = sft.parse_args(["--out", str(tmp_path), "--max_bad_steps", "3", "--device", "cpu"])
     run = sft.Run(args, "sft")
@@ -322,6 +344,38 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path):
     assert sorted(p.name for p in (tmp_path / "fsdp" / "ckpt-000002").glob("optimizer_*.safetensors")) == [
         "optimizer_policy.rank0.safetensors", "optimizer_policy.rank1.safetensors"]
     Transformer.from_pretrained(tmp_path / "fsdp" / "final")
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_with_different_micro_batch_counts_stay_in_step(tmp_path):
+    """Long and short examples under a small --micro_batch_tokens: the ranks cut their halves of a step into
+    different numbers of micro-batches. FSDP all-gathers in every forward, so without idle passes (Run.lockstep)
+    this hangs; with them the run finishes with the 1-process parameters and losses."""
+    import os
+    from safetensors.torch import load_file
+    rows = [{"prompt": f"q{i}", "completion": "x" * (120 if i % 2 else 5)} for i in range(16)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", str(tmp_path / "data.jsonl"), "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+            "--batch_size", "8", "--micro_batch_tokens", "130", "--max_steps", "4", "--warmup_steps", "1",
+            "--device", "cpu"]
+    tok = Tokenizer.byte_level(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"))
+    examples = sft.tokenize_dataset(tok, sft.load_chats(tmp_path / "data.jsonl"), 1024)[0]
+    counts = []  # micro-batches per rank at each step, chosen as sft.train chooses them
+    for step in range(4):
+        epoch, offset = divmod(step, 2)
+        order = torch.randperm(16, generator=torch.Generator().manual_seed(epoch)).tolist()[offset * 8:(offset + 1) * 8]
+        counts.append([len(sft.micro_batches([examples[i] for i in order][r::2], 130, 0)) for r in (0, 1)])
+    assert any(a != b for a, b in counts), counts  # the case under test does occur
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "sft.py", *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                    *args, "--fsdp", "--out", str(tmp_path / "fsdp")], check=True, env=env, capture_output=True,
+                   timeout=300)
+    one, fsdp = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "fsdp"))
+    for name in one:
+        assert torch.allclose(one[name], fsdp[name], atol=1e-5), name
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 
 @pytest.mark.slow
