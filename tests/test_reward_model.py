@@ -193,21 +193,27 @@ def test_help_documents_every_flag():
 # ------------------------------------------------------------------ end to end (short runs in a subprocess)
 
 
-@pytest.mark.slow
-def test_fsdp_two_processes_with_different_micro_batch_counts(tmp_path):
-    """--fsdp with 400-token micro-batches: the ranks' pairs differ in length, so at some step one rank has more
-    micro-batches than the other (checked by hand), which hangs without Run.lockstep's idle passes."""
+def two_process_run(tmp_path, *flags):
+    """reward_model.py for 2 steps on 2 gloo processes from a tiny random 1-layer policy; returns (tokenizer, the
+    command's arguments after the script name)."""
     tok = Tokenizer.byte_level()
     torch.manual_seed(0)
     cfg = tiny_config(tok)
     cfg.num_hidden_layers = 1
     Transformer(cfg).save_pretrained(tmp_path / "policy", tokenizer=tok)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward_model.py",
-           "--device", "cpu", "--max_steps", "2", "--model", str(tmp_path / "policy"), "--out", str(tmp_path / "out"),
-           "--builtin_size", "16", "--heldout_pairs", "8", "--batch_size", "4", "--warmup_steps", "1", "--fsdp",
-           "--micro_batch_tokens", "400"]
+    args = ["--device", "cpu", "--max_steps", "2", "--model", str(tmp_path / "policy"), "--out", str(tmp_path / "out"),
+            "--builtin_size", "16", "--heldout_pairs", "8", "--batch_size", "4", "--warmup_steps", "1", *flags]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward_model.py", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tok, args
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_with_different_micro_batch_counts(tmp_path):
+    """--fsdp with 400-token micro-batches: the ranks' pairs differ in length, so at some step one rank has more
+    micro-batches than the other (checked by hand), which hangs without Run.lockstep's idle passes."""
+    tok, _ = two_process_run(tmp_path, "--fsdp", "--micro_batch_tokens", "400")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 and math.isfinite(summary["heldout_loss"])
     load_reward_model(tmp_path / "out" / "final", tokenizer_of_policy=tok)
@@ -215,23 +221,14 @@ def test_fsdp_two_processes_with_different_micro_batch_counts(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_train_save_and_load(tmp_path):
-    tok = Tokenizer.byte_level()
-    torch.manual_seed(0)
-    cfg = tiny_config(tok)
-    cfg.num_hidden_layers = 1
-    Transformer(cfg).save_pretrained(tmp_path / "policy", tokenizer=tok)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward_model.py",
-           "--device", "cpu", "--max_steps", "2", "--model", str(tmp_path / "policy"), "--out", str(tmp_path / "out"),
-           "--builtin_size", "16", "--heldout_pairs", "8", "--batch_size", "4", "--warmup_steps", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok, args = two_process_run(tmp_path)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["heldout_pairs"] == 8
     assert 0.0 <= summary["heldout_pair_acc"] <= 1.0 and math.isfinite(summary["heldout_loss"])
     rm = load_reward_model(tmp_path / "out" / "final", tokenizer_of_policy=tok)
     assert rm.score(PROMPTS, RESPONSES).abs().sum() > 0  # the head moved off zero
     # continue the same run for one more step on one process, from the checkpoint the DDP run left
-    cmd = [sys.executable, "reward_model.py", *cmd[cmd.index("--device"):], "--resume", "auto"]
+    cmd = [sys.executable, "reward_model.py", *args, "--resume", "auto"]
     cmd[cmd.index("--max_steps") + 1] = "3"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
