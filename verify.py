@@ -24,6 +24,12 @@ Rules that decide rewards (tests in tests/test_verify.py pin each one):
   multiple-choice letters or variables, case-sensitive ("(A)" == "A" == "\\text{(A)}").
 is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 5000 nested braces
 (the first symbolic comparison also spends ~1 s of that budget starting the sympy worker).
+
+Public API, in file order: extract_answer, extract_gsm8k_answer (answer extraction); is_equiv
+(equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
+overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
+extract_code, code_reward, safe_reward (rewards); pass_at_k, majority_vote, maj_at_k (evaluation);
+read_jsonl, load_problems (data files). Everything after the "internals" line is private.
 """
 
 import atexit
@@ -45,8 +51,316 @@ import unicodedata
 import warnings
 from fractions import Fraction
 
+
 # -----------------------------------------------------------------------------
 # answer extraction
+
+
+def extract_answer(text):
+    """Content of the last well-formed \\boxed{...} / \\fbox{...} (or `\\boxed 5`), else of the last
+    <answer>...</answer>, else None."""
+    if text is None:
+        return None
+    text = str(text)
+    if box := _boxed(text, last_only=True):
+        return box[0]
+    tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+    return tags[-1].strip() if tags else None
+
+
+def extract_gsm8k_answer(text):
+    """GSM8K gold solutions end with '#### 1,234': return '1234' (None if there is no ####)."""
+    if text is None or "####" not in str(text):
+        return None
+    return str(text).split("####")[-1].strip().replace(",", "")
+
+
+# -----------------------------------------------------------------------------
+# equivalence
+
+
+def is_equiv(pred, gold, timeout=5.0):
+    """True if the two answers are mathematically equal (rules in the module docstring). Never
+    raises; returns within `timeout` seconds (sympy runs in a worker that is killed past it)."""
+    try:
+        if pred is None or gold is None:
+            return False
+        a, b = _clean(str(pred)), _clean(str(gold))
+        if not a or not b:
+            return False
+        if a == b:
+            return True
+        if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):  # microseconds, no parsing
+            return _close(Fraction(a), Fraction(b), "." in a + b)
+        if len(a) > _MAX_LEN or len(b) > _MAX_LEN:
+            return False
+        try:
+            return bool(_equiv(a, b, False))
+        except _NeedSympy:
+            return timeout > 0 and _sympy_equiv(a, b, timeout)
+    except Exception:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# rewards
+
+
+def math_reward(response, gold):
+    """1.0 if the response's final answer equals gold (a plain answer, a \\boxed solution, or a
+    GSM8K '#### x' solution), else 0.0."""
+    pred = extract_answer(response)
+    gold = str(gold)
+    gold = extract_gsm8k_answer(gold) if "####" in gold else (extract_answer(gold) or gold) if (
+        "\\boxed" in gold or "\\fbox" in gold or "<answer>" in gold) else gold
+    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+
+
+def format_reward(response, require_open_tag=False):
+    """R1 template, lenient: [<think>] reasoning </think> ... answer. Passes iff the text before the
+    first </think> (after an optional leading <think>) has non-whitespace reasoning and the text after
+    it holds a non-empty \\boxed{} or <answer></answer>. The opening tag is optional by default
+    because many chat prompts already end with '<think>'; require_open_tag=True demands it."""
+    response = str(response)
+    m = re.match(r"\s*" + ("<think>" if require_open_tag else "(?:<think>)?") + r"(.*?)</think>(.*)\Z", response, re.S)
+    return 1.0 if m and m.group(1).strip() and (extract_answer(m.group(2)) or "").strip() else 0.0
+
+
+_EOS = re.compile(r"<\|[^|>]*\|>|</s>|<｜[^｜]*｜>")
+
+
+def strict_format_reward(response, require_open_tag=True):
+    """Un-gameable template: exactly one <think> (optional if require_open_tag=False, but then at
+    most one and only at the start), exactly one </think>, non-whitespace reasoning with no \\boxed /
+    \\fbox / <answer> inside it, then exactly one final answer -- one \\boxed{...} or one
+    <answer>...</answer> pair (which may hold one box), non-empty -- and after that answer only
+    whitespace, '.', '!', '*', '$', '\\]', '\\)' and end-of-sequence tags (<|im_end|>, </s>, ...)."""
+    r = str(response)
+    opens = r.count("<think>")
+    if r.count("</think>") != 1 or opens > 1 or (require_open_tag and opens != 1):
+        return 0.0
+    if opens and not r.lstrip().startswith("<think>"):
+        return 0.0
+    think, tail = r.lstrip()[len("<think>") if opens else 0:].split("</think>")
+    if not think.strip() or any(t in think for t in ("\\boxed", "\\fbox", "<answer>", "</answer>")):
+        return 0.0
+    boxes = len(re.findall(r"\\(?:boxed|fbox)(?![a-zA-Z])", tail))
+    if "<answer>" in tail or "</answer>" in tail:
+        if tail.count("<answer>") != 1 or tail.count("</answer>") != 1 or boxes > 1:
+            return 0.0
+        before, _, rest = tail.partition("<answer>")
+        content, _, end = rest.partition("</answer>")
+        if not content.strip() or "</answer>" in before or boxes > content.count("\\boxed") + content.count("\\fbox"):
+            return 0.0
+    else:
+        m = re.search(r"\\(?:boxed|fbox)\s*\{", tail)
+        j = _match_brace(tail, m.end() - 1) if m and boxes == 1 else -1
+        if j < 0 or not tail[m.end():j].strip():
+            return 0.0
+        end = tail[j + 1:]
+    return 1.0 if re.fullmatch(r"(?:\s|[.!*$]|\\\]|\\\))*", _EOS.sub("", end)) else 0.0
+
+
+def cosine_length_reward(correct, length, max_length, r_correct=(2.0, 1.0), r_wrong=(-10.0, 0.0), r_exceed=-10.0):
+    """Cosine length-scaling reward (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning
+    in LLMs", Sec. 4.2; defaults from their runs: r_0^c=2, r_L^c=1, r_0^w=-10, r_L^w=0, r_e=-10).
+    r_correct / r_wrong = (r_0, r_L): the reward at length 0 and at length L_max. Correct answers earn
+    more when short (2 -> 1), wrong answers are punished less when long (-10 -> 0, keep thinking);
+    hitting the length limit (length >= max_length, i.e. truncated) gives r_exceed."""
+    if length >= max_length:
+        return float(r_exceed)
+    r0, rL = r_correct if correct else r_wrong
+    # CosFn(t, T, eta_min, eta_max) = eta_min + 1/2 (eta_max - eta_min)(1 + cos(t pi / T)), eta_min=r_L, eta_max=r_0
+    return rL + 0.5 * (r0 - rL) * (1.0 + math.cos(math.pi * length / max_length))
+
+
+def overlong_penalty(length, max_length, cache_length):
+    """DAPO soft overlong punishment (Yu et al. 2025, Sec. 3.4), added to the task reward:
+    0 if L <= L_max - L_cache; ((L_max - L_cache) - L) / L_cache inside the cache window; -1 beyond L_max."""
+    if length <= max_length - cache_length:
+        return 0.0
+    if length <= max_length:  # R = ((L_max - L_cache) - |y|) / L_cache, from 0 down to -1
+        return ((max_length - cache_length) - length) / cache_length
+    return -1.0
+
+
+def lcpo_reward(correct, length, target_length, alpha=0.0003):
+    """L1 / LCPO-Exact (Aggarwal & Welleck 2025): r = 1[y = y_gold] - alpha * |n_gold - n_y|."""
+    return float(bool(correct)) - alpha * abs(target_length - length)  # r = 1[y = y_gold] - alpha |n_gold - n_y|
+
+
+def lcpo_max_reward(correct, length, target_length, alpha=0.0003, delta=0.5):
+    """L1 / LCPO-Max: r = 1[y = y_gold] * clip(alpha * (n_gold - n_y) + delta, 0, 1); n_gold is a budget."""
+    return float(bool(correct)) * min(1.0, max(0.0, alpha * (target_length - length) + delta))  # clip(., 0, 1)
+
+
+def kimi_length_reward(lengths, correct):
+    """Kimi k1.5 length penalty within one prompt's group of samples:
+    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len); correct -> lambda_i, wrong ->
+    min(0, lambda_i); all 0 when every length is equal."""
+    if not lengths:
+        return []
+    lo, hi = min(lengths), max(lengths)
+    if hi == lo:
+        return [0.0] * len(lengths)
+    lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]  # lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)
+    return [l if c else min(0.0, l) for l, c in zip(lam, correct)]
+
+
+_LANG_SCRIPTS = {"zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"},
+                 "ru": {"CYRILLIC"}, "uk": {"CYRILLIC"}, "ar": {"ARABIC"}, "he": {"HEBREW"},
+                 "el": {"GREEK"}, "hi": {"DEVANAGARI"}, "th": {"THAI"}}
+_UNSPACED = {"CJK", "HIRAGANA", "KATAKANA", "THAI"}  # scripts written without spaces between words
+
+
+def language_consistency_reward(response, language="en"):
+    """DeepSeek-R1 language-consistency reward: the fraction of words in the chain of thought (the
+    <think> block if there is a </think>, else the whole response) written in the target language's
+    script. Math ($...$, \\[...\\], \\(...\\)), code, LaTeX commands, digits and punctuation are
+    ignored; a word is a run of letters of one script, each CJK / kana / Thai character counts as one
+    word, and one-letter Latin words (math variables like x) are ignored. Languages not listed in
+    _LANG_SCRIPTS are taken to be Latin-script (en, fr, de, es, ...). No words -> 0.0."""
+    text = str(response)
+    if "</think>" in text:
+        text = text.split("</think>")[0].split("<think>")[-1]
+    text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|\\\[.*?\\\]|\\\(.*?\\\)|```.*?```|`[^`]*`|\\[a-zA-Z]+", " ", text, flags=re.S)
+    target = _LANG_SCRIPTS.get(language.split("-")[0].lower(), {"LATIN"})  # "zh-CN" -> zh
+    words, prev = [], None
+    for ch in text:
+        script = unicodedata.name(ch, " ").split(" ")[0] if ch.isalpha() else None
+        if script and script == prev and script not in _UNSPACED:
+            words[-1][1] += 1
+        elif script:
+            words.append([script, 1])
+        prev = script
+    words = [s for s, n in words if not (s == "LATIN" and n == 1)]
+    return sum(s in target for s in words) / len(words) if words else 0.0
+
+
+def extract_code(text):
+    """The last ```python (or plain ```) fenced block of a model response; the text itself if none."""
+    blocks = re.findall(r"```(?:python|py|python3)[^\n]*\n(.*?)```", text, re.S) or re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
+    return blocks[-1] if blocks else text
+
+
+def code_reward(program, tests, timeout=5.0, memory_mb=512):
+    """Fraction of tests passed by `program` (a model response is reduced with extract_code). tests:
+    a list of assert-style statement strings (each one test; a single str is one test), a list of
+    {"input", "output"} stdin/stdout cases (outputs compared token by token), or {"inputs": [...],
+    "outputs": [...]}. Test cases run in parallel, each in its own sandboxed process (see above)."""
+    from concurrent.futures import ThreadPoolExecutor
+    code = extract_code(str(program))
+    if isinstance(tests, dict):
+        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+    tests = [tests] if isinstance(tests, str) else list(tests)
+    if not tests:
+        return 0.0
+    config = _sandbox_config()
+    nproc = _task_count(65534 if config[1] else os.getuid()) + 128  # allow 128 more tasks than now
+    run = lambda t: _run_case(code, t, timeout, memory_mb, nproc, config)
+    with ThreadPoolExecutor(max(1, min(len(tests), os.cpu_count() or 1))) as ex:
+        return sum(ex.map(run, tests)) / len(tests)
+
+
+_warned = set()
+
+
+def safe_reward(fn, *args, default=0.0, **kwargs):
+    """fn(*args, **kwargs) as a float, or `default` if it raises (warning once per distinct error),
+    so one broken verifier call cannot crash an RL step."""
+    try:
+        return float(fn(*args, **kwargs))
+    except Exception as e:
+        key = (getattr(fn, "__name__", repr(fn)), type(e).__name__, str(e)[:200])
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"reward {key[0]} raised {key[1]}: {key[2]}; using {default}", RuntimeWarning, stacklevel=2)
+        return default
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product
+    1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers, timeout=5.0):
+    """Most common answer, grouping equivalent spellings with is_equiv (0.5 and 1/2 vote together).
+    None never wins; ties go to the answer that appeared first. Returns the group's first spelling."""
+    groups = []  # [representative, count]
+    for a in answers:
+        if a is None:
+            continue
+        g = next((g for g in groups if is_equiv(a, g[0], timeout)), None)
+        if g:
+            g[1] += 1
+        else:
+            groups.append([a, 1])
+    return max(groups, key=lambda g: g[1])[0] if groups else None
+
+
+def maj_at_k(answers, gold, k=None):
+    """1.0 if the majority vote over the first k answers equals gold, else 0.0."""
+    winner = majority_vote(answers[:k] if k else answers)
+    return 1.0 if winner is not None and is_equiv(winner, gold) else 0.0
+
+
+# -----------------------------------------------------------------------------
+# data files
+
+
+def read_jsonl(path):
+    """[(line_number, record)] for every non-blank line; ValueError names path:line on bad lines."""
+    out = []
+    with open(path, encoding="utf-8") as f:  # FileNotFoundError names the path
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            out.append((lineno, rec))
+    return out
+
+
+def load_problems(path):
+    """[{"prompt", "answer"}] from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"},
+    MATH {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution)."""
+    problems = []
+    for lineno, rec in read_jsonl(path):
+        prompt = rec.get("prompt", rec.get("question", rec.get("problem")))
+        answer = rec.get("answer")
+        if isinstance(answer, str) and "####" in answer:
+            answer = extract_gsm8k_answer(answer)
+        elif answer is None and "solution" in rec:
+            answer = extract_answer(str(rec["solution"]))
+        if not isinstance(prompt, str) or answer is None or str(answer).strip() == "":
+            raise ValueError(f"{path}:{lineno}: expected prompt/question/problem and answer (or a "
+                             f"solution with \\boxed{{}}), got keys {sorted(rec)}")
+        problems.append({"prompt": prompt, "answer": str(answer).strip()})
+    if not problems:
+        raise ValueError(f"{path}: no problems found (empty file)")
+    return problems
+
+
+# =============================================================================
+# internals: everything below is private to this file
+
+
+# -----------------------------------------------------------------------------
+# answer extraction: brace matching and \boxed{} contents
+
 
 def _match_brace(s, i):
     """Index of the '}' closing the '{' at s[i], or -1. Escaped \\{ \\} are not group braces."""
@@ -61,6 +375,7 @@ def _match_brace(s, i):
             return i
         i += 1
     return -1
+
 
 def _boxed(text, last_only=False):
     """Contents of the well-formed \\boxed{...} / \\fbox{...} / `\\boxed 5` in text (at most 50,
@@ -78,25 +393,10 @@ def _boxed(text, last_only=False):
             break
     return out
 
-def extract_answer(text):
-    """Content of the last well-formed \\boxed{...} / \\fbox{...} (or `\\boxed 5`), else of the last
-    <answer>...</answer>, else None."""
-    if text is None:
-        return None
-    text = str(text)
-    if box := _boxed(text, last_only=True):
-        return box[0]
-    tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
-    return tags[-1].strip() if tags else None
-
-def extract_gsm8k_answer(text):
-    """GSM8K gold solutions end with '#### 1,234': return '1234' (None if there is no ####)."""
-    if text is None or "####" not in str(text):
-        return None
-    return str(text).split("####")[-1].strip().replace(",", "")
 
 # -----------------------------------------------------------------------------
 # normalisation: LaTeX answer -> canonical string (cheap, pure string work)
+
 
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|textup|mathrm|mathbf|"
                       r"mathit|mathsf|mathtt|mathcal|mathbb|mathnormal|mbox|hbox|operatorname|"
@@ -124,13 +424,16 @@ _LATEX, _TEXT = ([(re.compile(p), r) for p, r in subs] for subs in (_LATEX, _TEX
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")  # a plain decimal: the common case in RL
 _MAX_LEN = 1000  # longer answers are only compared as strings (a guard against pathological input)
 
+
 def _clean(s):
     s = str(s).strip()
     return _clean_cached(s) if len(s) < 2000 else _clean_uncached(s)
 
+
 @functools.lru_cache(maxsize=1 << 14)  # golds repeat across a group of samples
 def _clean_cached(s):
     return _clean_uncached(s)
+
 
 def _clean_uncached(s):
     if len(s) > 20 * _MAX_LEN or _NUMBER.fullmatch(s):
@@ -151,11 +454,14 @@ def _clean_uncached(s):
         s = pat.sub(rep, s)
     return s.strip().rstrip(" .,;:\\").lstrip(" ,;:")
 
+
 def _squash(s):
     return re.sub(r"\s+", "", s)
 
+
 # -----------------------------------------------------------------------------
 # structure: split an answer into lists / sets / tuples / intervals / matrices / relations
+
 
 def _split_top(s, sep=","):
     """Split on `sep` outside of any ( [ { brackets."""
@@ -176,6 +482,7 @@ def _split_top(s, sep=","):
         i += 1
     return [p.strip() for p in parts + [s[start:]]]
 
+
 def _wrapped(s):
     """True if the bracket opening s closes exactly at its last character."""
     depth = 0
@@ -185,8 +492,10 @@ def _wrapped(s):
             return i == len(s) - 1
     return False
 
+
 _REL = re.compile(r"<=|>=|!=|==|=|<|>|\\approx(?![a-zA-Z])|\\in(?![a-zA-Z])")
 _REL_NAME = {"==": "=", "\\approx": "~", "\\in": "in"}
+
 
 def _split_rel(s):
     """'a < b <= c' -> (['a', 'b', 'c'], ['<', '<=']) using top-level relation symbols only."""
@@ -202,6 +511,7 @@ def _split_rel(s):
         i += 2 if s[i] == "\\" and s[i + 1:i + 2] not in ("{", "}") and not s[i + 1:i + 2].isalpha() else 1
     return parts + [s[start:].strip()], ops
 
+
 def _is_name(lhs):
     """Left side of an assignment: a name without digits once subscripts and arguments are dropped
     (x, y_1, f(x), a+b, |AB|, A:B) -- so 'x = 3' answers 3 but '2x + z = 1' is an equation."""
@@ -209,7 +519,9 @@ def _is_name(lhs):
     t = re.sub(r"(?<=\w)\([^()]*\)", "", t[1:-1] if t[:1] == "(" and _wrapped(t) else t)  # (p,q); f(x) -> f
     return bool(t.strip()) and not re.search(r"\d", t)
 
+
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array|smallmatrix)\}(?:\{[^}]*\})?(.*)\\end\{\1\}", re.S)
+
 
 def _parse_answer(s):
     """Whole answer -> item; a top-level comma list becomes ('list', items). ± expands to both signs."""
@@ -226,6 +538,7 @@ def _parse_answer(s):
             variants = [re.sub(r"\\mp(?![a-zA-Z])", t, re.sub(r"\\pm(?![a-zA-Z])", s_, p)) for s_, t in (("+", "-"), ("-", "+"))]
         items += [_parse_item(v) for v in variants]
     return items[0] if len(items) == 1 else ("list", items)
+
 
 def _parse_item(p):
     p = p.strip()
@@ -251,6 +564,7 @@ def _parse_item(p):
         return ("ratio", [_parse_item(q) for q in r])
     return ("expr", _strip_units(p))
 
+
 _UNITS = re.compile(r"(?:sq(?:uare)?\.? |cubic )?(?:units?|cm|mm|km|m|meters?|metres?|centimeters?|"
                     r"millimeters?|kilometers?|inch(?:es)?|in|feet|foot|ft|yards?|yd|miles?|mph|kg|g|"
                     r"grams?|kilograms?|lbs?|pounds?|ounces?|oz|liters?|litres?|ml|seconds?|sec|s|"
@@ -258,6 +572,7 @@ _UNITS = re.compile(r"(?:sq(?:uare)?\.? |cubic )?(?:units?|cm|mm|km|m|meters?|me
                     r"euros?|degrees?|deg|radians?|rad|st|nd|rd|th)\.?", re.I)
 _MATH_WORDS = {"sin", "cos", "tan", "sec", "csc", "cot", "log", "ln", "exp", "sqrt", "pi", "oo", "inf",
                "infinity", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "abs"}
+
 
 def _strip_units(p):
     """'10 cm^2' -> '10', '5 dollars' -> '5' (only when what remains is a number)."""
@@ -275,10 +590,12 @@ def _strip_units(p):
             pass
     return p
 
+
 # -----------------------------------------------------------------------------
 # expression parser: LaTeX / plain math -> small tuple AST, shared by the exact evaluator (parent
 # process) and the sympy builder (worker). Nodes: ('n', Fraction, is_decimal) ('s', name)
 # ('c', 'pi'|'E'|'I'|'oo') (op, a, b) for + - * / ^, ('neg', a), ('!', a), ('f', name, [args]).
+
 
 _FUNCS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh",
           "tanh", "log", "ln", "exp", "sqrt", "abs", "lg"}
@@ -291,6 +608,7 @@ _SKIP_CMDS = {"\\overline", "\\vec", "\\hat", "\\bar", "\\widehat", "\\overright
               "\\underline", "\\cr", "\\!", "\\,", "\\prime"}
 _TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|(\\[a-zA-Z]+|\\.)|"
                     r"([a-zA-Z]+)|(\*\*|\S))")
+
 
 def _tokenize(s):
     out, pos, end = [], 0, len(s.rstrip())
@@ -313,6 +631,7 @@ def _tokenize(s):
         else:
             out.append(("op", op))
     return out
+
 
 class _Parser:
     """Recursive descent: expr = term (+|- term)*; term = unary ((*|/|implicit) unary)*;
@@ -487,11 +806,13 @@ class _Parser:
         node = ("f", name, [arg] + ([base] if base is not None else []))
         return ("^", node, power) if power is not None else node
 
+
 def _symbols(node):
     if node[0] == "s":
         return {node[1]}
     kids = node[2] if node[0] == "f" else node[1:] if node[0] not in ("n", "c") else ()
     return set().union(*(_symbols(k) for k in kids if isinstance(k, tuple)))
+
 
 def _has_decimal(node):
     if node[0] == "n":
@@ -499,17 +820,22 @@ def _has_decimal(node):
     kids = node[2] if node[0] == "f" else node[1:] if node[0] not in ("s", "c") else ()
     return any(_has_decimal(k) for k in kids if isinstance(k, tuple))
 
+
 # -----------------------------------------------------------------------------
 # exact rational evaluation: decides plain numbers without sympy (microseconds)
+
 
 class _NotRational(Exception):
     pass
 
+
 _MAX_BITS = 100_000  # refuse powers/factorials whose result would exceed ~30k digits
+
 
 def _check_pow(base_bits, exp):
     if abs(exp) > 10_000 or abs(exp) * base_bits > _MAX_BITS:
         raise ValueError("power too large")
+
 
 def _rat(n):
     op = n[0]
@@ -546,19 +872,24 @@ def _rat(n):
             return Fraction(*r)
     raise _NotRational
 
+
 def _close(a, b, decimal):
     """Exact equality, or the documented tolerance when a decimal literal was involved."""
     return a == b or (decimal and abs(a - b) <= Fraction(1, 10**6) * min(1, max(abs(a), abs(b))))
+
 
 # -----------------------------------------------------------------------------
 # comparison of parsed answers. sym=False is the fast path in the caller's process: it raises
 # _NeedSympy instead of guessing, and the same function then runs with sym=True in the worker.
 
+
 class _NeedSympy(Exception):
     pass
 
+
 def _equiv(a, b, sym):
     return _item_equal(_parse_answer(a), _parse_answer(b), sym)
+
 
 def _assignment_value(x):
     """'x = 1 + 1 = 2' -> item for '2' (the last exact '=' part); '\\frac{\\sqrt3}{3} \\approx 0.577' ->
@@ -570,6 +901,7 @@ def _assignment_value(x):
         return None
     exact = [p for p, o in zip(parts[1:], ops) if o in ("=", "in")]
     return _parse_item(exact[-1] if exact else parts[-1])
+
 
 def _match_unordered(xs, ys, sym):
     """Same multiset of answers: pair every item with a distinct equal item on the other side.
@@ -586,6 +918,7 @@ def _match_unordered(xs, ys, sym):
             return False
         left.pop(j)
     return True
+
 
 def _item_equal(x, y, sym):
     kx, ky = x[0], y[0]
@@ -627,6 +960,7 @@ def _item_equal(x, y, sym):
         return _sympy_structured_equal(x, y)
     return False
 
+
 def _text(s):
     """Lower-cased text if s reads as words (not math), else None."""
     if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", s) and any(
@@ -634,7 +968,9 @@ def _text(s):
         return " ".join(s.lower().split())
     return None
 
+
 _MC = re.compile(r"\(([A-E])\)(?:\s.*)?|([A-E])[.:)](?:\s.*)?|([A-E])")
+
 
 def _expr_equal(a, b, sym):
     if _squash(a) == _squash(b):
@@ -663,6 +999,7 @@ def _expr_equal(a, b, sym):
         raise _NeedSympy
     return _sympy_expr_equal(pa, pb, decimal)
 
+
 @functools.lru_cache(maxsize=1 << 14)
 def _expr_node(s):
     """(AST, had_percent_sign). '2 1/2' is a mixed number; a trailing % is remembered, not applied."""
@@ -674,14 +1011,17 @@ def _expr_node(s):
         s = f"{m[1]}({m[2]}+{m[3]}/{m[4]})"
     return _Parser(s).parse(), pct
 
+
 def _value(node):
     try:
         return _rat(node)
     except _NotRational:
         return None
 
+
 # -----------------------------------------------------------------------------
 # sympy backend (runs only inside the worker process, see _SympyWorker)
+
 
 def _to_sympy(n):
     import sympy as sp
@@ -714,7 +1054,9 @@ def _to_sympy(n):
         _check_pow(bits, float(sp.N(abs(b), 15)))
     return a ** b
 
+
 _TOL_EXACT, _TOL_DECIMAL = 1e-20, 1e-6
+
 
 def _num_close(x, y, decimal):
     """x, y: sympy numbers evaluated to 30 digits (may be complex)."""
@@ -722,6 +1064,7 @@ def _num_close(x, y, decimal):
     if decimal:
         return bool(diff <= _TOL_DECIMAL * min(1, scale) or diff < 1e-25)
     return bool(diff <= _TOL_EXACT * scale or diff < 1e-25)
+
 
 def _at_random_points(exprs, free):
     """Values of the expressions at 6 fixed pseudo-random points (real, both signs, |v| in [0.3, 2.5]);
@@ -734,6 +1077,7 @@ def _at_random_points(exprs, free):
         if all(v.is_number and not v.has(sp.oo, -sp.oo, sp.zoo, sp.nan) for v in vals):
             rows.append(vals)
     return rows
+
 
 def _sym_equal(a, b, decimal):
     import sympy as sp
@@ -751,6 +1095,7 @@ def _sym_equal(a, b, decimal):
         return all(_num_close(x, y, decimal) for x, y in rows)
     return sp.simplify(a - b) == 0
 
+
 def _proportional(dx, dy, decimal, sign=0):
     """dx = c * dy for a constant c != 0 (c > 0 if sign > 0): the same equation / inequality."""
     import sympy as sp
@@ -762,11 +1107,13 @@ def _proportional(dx, dy, decimal, sign=0):
     c = ratios[0]
     return bool(c != 0 and (sign <= 0 or sp.re(c) > 0) and all(_num_close(r, c, decimal) for r in ratios))
 
+
 def _sympy_expr_equal(pa, pb, decimal):
     a, b = _to_sympy(pa[0]), _to_sympy(pb[0])
     if pa[1] != pb[1]:  # one side had a % sign: p% equals p and p/100
         return _sym_equal(a, b, decimal) or _sym_equal(a / 100 if pa[1] else a, b / 100 if pb[1] else b, decimal)
     return _sym_equal(a, b, decimal)
+
 
 def _sympy_relation(item):
     import sympy as sp
@@ -774,6 +1121,7 @@ def _sympy_relation(item):
     exprs = [_to_sympy(_Parser(p).parse()) for p in parts]
     rel = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge, "!=": sp.Ne, "=": sp.Eq, "~": sp.Eq}
     return exprs, [rel[o] for o in ops]
+
 
 def _to_set(item):
     """Interval / union / finite set / univariate inequality -> sympy set (ValueError if not a set)."""
@@ -804,6 +1152,7 @@ def _to_set(item):
             return cond.subs(x, r).as_set()
     raise ValueError("not a set")
 
+
 def _sympy_structured_equal(x, y):
     """Relations and set-like answers: equations up to a constant factor, inequalities and
     intervals as sets of reals."""
@@ -827,6 +1176,7 @@ def _sympy_structured_equal(x, y):
         return _proportional(dx, dy, decimal, sign=0 if x[2][0] == "!=" else 1)
     return False
 
+
 def _sets_equal(sx, sy, decimal):
     """Compare sets of reals interval by interval (sympy's own == is structural, its
     symmetric_difference can take seconds)."""
@@ -847,13 +1197,16 @@ def _sets_equal(sx, sy, decimal):
     return len(px) == len(py) and all(a[2:] == b[2:] and _sym_equal(a[0], b[0], decimal) and _sym_equal(a[1], b[1], decimal)
                                       for a, b in zip(px, py))
 
+
 # -----------------------------------------------------------------------------
 # sympy worker processes: a persistent `python verify.py --sympy-worker` per concurrent caller,
 # started lazily, reused, killed (and replaced on the next call) when a comparison runs past its
 # deadline. A subprocess (not fork/signal.alarm) so it works from any thread, from multiprocessing
 # children, and inside CUDA/torch processes; it imports nothing from the caller's __main__.
 
+
 _WORKER_CMD = [sys.executable, os.path.abspath(__file__), "--sympy-worker"]
+
 
 class _SympyWorker:
     def __init__(self):
@@ -888,7 +1241,9 @@ class _SympyWorker:
             except Exception:
                 pass
 
+
 _pool_lock, _idle, _workers = threading.Lock(), [], set()
+
 
 def _reset_pool_after_fork():  # a forked child must not talk to (or keep open) its parent's workers
     global _pool_lock, _idle, _workers
@@ -900,8 +1255,10 @@ def _reset_pool_after_fork():  # a forked child must not talk to (or keep open) 
                 pass
     _pool_lock, _idle, _workers = threading.Lock(), [], set()
 
+
 os.register_at_fork(after_in_child=_reset_pool_after_fork)
 atexit.register(lambda: [w.kill() for w in list(_workers)])
+
 
 def _sympy_equiv(a, b, timeout):
     deadline = time.monotonic() + timeout
@@ -934,6 +1291,7 @@ def _sympy_equiv(a, b, timeout):
         w.kill()
         return False
 
+
 def _worker_main():
     import resource
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # sympy blowups become MemoryError, not swap
@@ -951,150 +1309,6 @@ def _worker_main():
         out.write(b"1\n" if ok else b"0\n")
         out.flush()
 
-def is_equiv(pred, gold, timeout=5.0):
-    """True if the two answers are mathematically equal (rules in the module docstring). Never
-    raises; returns within `timeout` seconds (sympy runs in a worker that is killed past it)."""
-    try:
-        if pred is None or gold is None:
-            return False
-        a, b = _clean(str(pred)), _clean(str(gold))
-        if not a or not b:
-            return False
-        if a == b:
-            return True
-        if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):  # microseconds, no parsing
-            return _close(Fraction(a), Fraction(b), "." in a + b)
-        if len(a) > _MAX_LEN or len(b) > _MAX_LEN:
-            return False
-        try:
-            return bool(_equiv(a, b, False))
-        except _NeedSympy:
-            return timeout > 0 and _sympy_equiv(a, b, timeout)
-    except Exception:
-        return False
-
-# -----------------------------------------------------------------------------
-# rewards
-
-def math_reward(response, gold):
-    """1.0 if the response's final answer equals gold (a plain answer, a \\boxed solution, or a
-    GSM8K '#### x' solution), else 0.0."""
-    pred = extract_answer(response)
-    gold = str(gold)
-    gold = extract_gsm8k_answer(gold) if "####" in gold else (extract_answer(gold) or gold) if (
-        "\\boxed" in gold or "\\fbox" in gold or "<answer>" in gold) else gold
-    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
-
-def format_reward(response, require_open_tag=False):
-    """R1 template, lenient: [<think>] reasoning </think> ... answer. Passes iff the text before the
-    first </think> (after an optional leading <think>) has non-whitespace reasoning and the text after
-    it holds a non-empty \\boxed{} or <answer></answer>. The opening tag is optional by default
-    because many chat prompts already end with '<think>'; require_open_tag=True demands it."""
-    response = str(response)
-    m = re.match(r"\s*" + ("<think>" if require_open_tag else "(?:<think>)?") + r"(.*?)</think>(.*)\Z", response, re.S)
-    return 1.0 if m and m.group(1).strip() and (extract_answer(m.group(2)) or "").strip() else 0.0
-
-_EOS = re.compile(r"<\|[^|>]*\|>|</s>|<｜[^｜]*｜>")
-
-def strict_format_reward(response, require_open_tag=True):
-    """Un-gameable template: exactly one <think> (optional if require_open_tag=False, but then at
-    most one and only at the start), exactly one </think>, non-whitespace reasoning with no \\boxed /
-    \\fbox / <answer> inside it, then exactly one final answer -- one \\boxed{...} or one
-    <answer>...</answer> pair (which may hold one box), non-empty -- and after that answer only
-    whitespace, '.', '!', '*', '$', '\\]', '\\)' and end-of-sequence tags (<|im_end|>, </s>, ...)."""
-    r = str(response)
-    opens = r.count("<think>")
-    if r.count("</think>") != 1 or opens > 1 or (require_open_tag and opens != 1):
-        return 0.0
-    if opens and not r.lstrip().startswith("<think>"):
-        return 0.0
-    think, tail = r.lstrip()[len("<think>") if opens else 0:].split("</think>")
-    if not think.strip() or any(t in think for t in ("\\boxed", "\\fbox", "<answer>", "</answer>")):
-        return 0.0
-    boxes = len(re.findall(r"\\(?:boxed|fbox)(?![a-zA-Z])", tail))
-    if "<answer>" in tail or "</answer>" in tail:
-        if tail.count("<answer>") != 1 or tail.count("</answer>") != 1 or boxes > 1:
-            return 0.0
-        before, _, rest = tail.partition("<answer>")
-        content, _, end = rest.partition("</answer>")
-        if not content.strip() or "</answer>" in before or boxes > content.count("\\boxed") + content.count("\\fbox"):
-            return 0.0
-    else:
-        m = re.search(r"\\(?:boxed|fbox)\s*\{", tail)
-        j = _match_brace(tail, m.end() - 1) if m and boxes == 1 else -1
-        if j < 0 or not tail[m.end():j].strip():
-            return 0.0
-        end = tail[j + 1:]
-    return 1.0 if re.fullmatch(r"(?:\s|[.!*$]|\\\]|\\\))*", _EOS.sub("", end)) else 0.0
-
-def cosine_length_reward(correct, length, max_length, r_correct=(2.0, 1.0), r_wrong=(-10.0, 0.0), r_exceed=-10.0):
-    """Cosine length-scaling reward (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning
-    in LLMs", Sec. 4.2; defaults from their runs: r_0^c=2, r_L^c=1, r_0^w=-10, r_L^w=0, r_e=-10).
-    r_correct / r_wrong = (r_0, r_L): the reward at length 0 and at length L_max. Correct answers earn
-    more when short (2 -> 1), wrong answers are punished less when long (-10 -> 0, keep thinking);
-    hitting the length limit (length >= max_length, i.e. truncated) gives r_exceed."""
-    if length >= max_length:
-        return float(r_exceed)
-    r0, rL = r_correct if correct else r_wrong
-    # CosFn(t, T, eta_min, eta_max) = eta_min + 1/2 (eta_max - eta_min)(1 + cos(t pi / T)), eta_min=r_L, eta_max=r_0
-    return rL + 0.5 * (r0 - rL) * (1.0 + math.cos(math.pi * length / max_length))
-
-def overlong_penalty(length, max_length, cache_length):
-    """DAPO soft overlong punishment (Yu et al. 2025, Sec. 3.4), added to the task reward:
-    0 if L <= L_max - L_cache; ((L_max - L_cache) - L) / L_cache inside the cache window; -1 beyond L_max."""
-    if length <= max_length - cache_length:
-        return 0.0
-    if length <= max_length:  # R = ((L_max - L_cache) - |y|) / L_cache, from 0 down to -1
-        return ((max_length - cache_length) - length) / cache_length
-    return -1.0
-
-def lcpo_reward(correct, length, target_length, alpha=0.0003):
-    """L1 / LCPO-Exact (Aggarwal & Welleck 2025): r = 1[y = y_gold] - alpha * |n_gold - n_y|."""
-    return float(bool(correct)) - alpha * abs(target_length - length)  # r = 1[y = y_gold] - alpha |n_gold - n_y|
-
-def lcpo_max_reward(correct, length, target_length, alpha=0.0003, delta=0.5):
-    """L1 / LCPO-Max: r = 1[y = y_gold] * clip(alpha * (n_gold - n_y) + delta, 0, 1); n_gold is a budget."""
-    return float(bool(correct)) * min(1.0, max(0.0, alpha * (target_length - length) + delta))  # clip(., 0, 1)
-
-def kimi_length_reward(lengths, correct):
-    """Kimi k1.5 length penalty within one prompt's group of samples:
-    lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len); correct -> lambda_i, wrong ->
-    min(0, lambda_i); all 0 when every length is equal."""
-    if not lengths:
-        return []
-    lo, hi = min(lengths), max(lengths)
-    if hi == lo:
-        return [0.0] * len(lengths)
-    lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]  # lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)
-    return [l if c else min(0.0, l) for l, c in zip(lam, correct)]
-
-_LANG_SCRIPTS = {"zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"},
-                 "ru": {"CYRILLIC"}, "uk": {"CYRILLIC"}, "ar": {"ARABIC"}, "he": {"HEBREW"},
-                 "el": {"GREEK"}, "hi": {"DEVANAGARI"}, "th": {"THAI"}}
-_UNSPACED = {"CJK", "HIRAGANA", "KATAKANA", "THAI"}  # scripts written without spaces between words
-
-def language_consistency_reward(response, language="en"):
-    """DeepSeek-R1 language-consistency reward: the fraction of words in the chain of thought (the
-    <think> block if there is a </think>, else the whole response) written in the target language's
-    script. Math ($...$, \\[...\\], \\(...\\)), code, LaTeX commands, digits and punctuation are
-    ignored; a word is a run of letters of one script, each CJK / kana / Thai character counts as one
-    word, and one-letter Latin words (math variables like x) are ignored. Languages not listed in
-    _LANG_SCRIPTS are taken to be Latin-script (en, fr, de, es, ...). No words -> 0.0."""
-    text = str(response)
-    if "</think>" in text:
-        text = text.split("</think>")[0].split("<think>")[-1]
-    text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|\\\[.*?\\\]|\\\(.*?\\\)|```.*?```|`[^`]*`|\\[a-zA-Z]+", " ", text, flags=re.S)
-    target = _LANG_SCRIPTS.get(language.split("-")[0].lower(), {"LATIN"})  # "zh-CN" -> zh
-    words, prev = [], None
-    for ch in text:
-        script = unicodedata.name(ch, " ").split(" ")[0] if ch.isalpha() else None
-        if script and script == prev and script not in _UNSPACED:
-            words[-1][1] += 1
-        elif script:
-            words.append([script, 1])
-        prev = script
-    words = [s for s, n in words if not (s == "LATIN" and n == 1)]
-    return sum(s in target for s in words) / len(words) if words else 0.0
 
 # -----------------------------------------------------------------------------
 # code sandbox. Each test case runs in a fresh `python -I` process that (see _HARNESS):
@@ -1116,6 +1330,7 @@ def language_consistency_reward(response, language="en"):
 #  - not defended: a program that deliberately introspects the harness's memory for the marker, and,
 #    without unshare, processes that escape the process group with setsid().
 # _sandbox_config() probes once which of these this machine allows and uses the strongest that works.
+
 
 _HARNESS = r"""
 import os, resource, sys
@@ -1146,6 +1361,7 @@ _SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPEN
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _sandbox = None  # (unshare prefix, drop root) that works on this machine, probed once
 
+
 def _sandbox_config():
     """The strongest setup that runs a trivial test here: namespaces if `unshare` is permitted,
     root dropped to nobody if we are root and the interpreter still imports afterwards."""
@@ -1160,6 +1376,7 @@ def _sandbox_config():
         _sandbox = next((cfg for cfg in options if _run_case("import json, math", "assert math.pi > 3", 30, 512, nproc, cfg)), ([], False))
     return _sandbox
 
+
 def _task_count(uid):
     """Tasks (threads included) owned by uid: RLIMIT_NPROC counts these for the whole user."""
     n = 0
@@ -1171,10 +1388,6 @@ def _task_count(uid):
             pass
     return n
 
-def extract_code(text):
-    """The last ```python (or plain ```) fenced block of a model response; the text itself if none."""
-    blocks = re.findall(r"```(?:python|py|python3)[^\n]*\n(.*?)```", text, re.S) or re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
-    return blocks[-1] if blocks else text
 
 def _run_case(code, test, timeout, memory_mb, nproc, config):
     prefix, drop = config
@@ -1223,106 +1436,6 @@ def _run_case(code, test, timeout, memory_mb, nproc, config):
                     pass
         shutil.rmtree(tmp, ignore_errors=True)
 
-def code_reward(program, tests, timeout=5.0, memory_mb=512):
-    """Fraction of tests passed by `program` (a model response is reduced with extract_code). tests:
-    a list of assert-style statement strings (each one test; a single str is one test), a list of
-    {"input", "output"} stdin/stdout cases (outputs compared token by token), or {"inputs": [...],
-    "outputs": [...]}. Test cases run in parallel, each in its own sandboxed process (see above)."""
-    from concurrent.futures import ThreadPoolExecutor
-    code = extract_code(str(program))
-    if isinstance(tests, dict):
-        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
-    tests = [tests] if isinstance(tests, str) else list(tests)
-    if not tests:
-        return 0.0
-    config = _sandbox_config()
-    nproc = _task_count(65534 if config[1] else os.getuid()) + 128  # allow 128 more tasks than now
-    run = lambda t: _run_case(code, t, timeout, memory_mb, nproc, config)
-    with ThreadPoolExecutor(max(1, min(len(tests), os.cpu_count() or 1))) as ex:
-        return sum(ex.map(run, tests)) / len(tests)
-
-# -----------------------------------------------------------------------------
-# evaluation helpers
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product
-    1 - prod_{i=n-c+1}^{n} (1 - k/i)."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-def majority_vote(answers, timeout=5.0):
-    """Most common answer, grouping equivalent spellings with is_equiv (0.5 and 1/2 vote together).
-    None never wins; ties go to the answer that appeared first. Returns the group's first spelling."""
-    groups = []  # [representative, count]
-    for a in answers:
-        if a is None:
-            continue
-        g = next((g for g in groups if is_equiv(a, g[0], timeout)), None)
-        if g:
-            g[1] += 1
-        else:
-            groups.append([a, 1])
-    return max(groups, key=lambda g: g[1])[0] if groups else None
-
-def maj_at_k(answers, gold, k=None):
-    """1.0 if the majority vote over the first k answers equals gold, else 0.0."""
-    winner = majority_vote(answers[:k] if k else answers)
-    return 1.0 if winner is not None and is_equiv(winner, gold) else 0.0
-
-# -----------------------------------------------------------------------------
-# data helpers
-
-def read_jsonl(path):
-    """[(line_number, record)] for every non-blank line; ValueError names path:line on bad lines."""
-    out = []
-    with open(path, encoding="utf-8") as f:  # FileNotFoundError names the path
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            out.append((lineno, rec))
-    return out
-
-def load_problems(path):
-    """[{"prompt", "answer"}] from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"},
-    MATH {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution)."""
-    problems = []
-    for lineno, rec in read_jsonl(path):
-        prompt = rec.get("prompt", rec.get("question", rec.get("problem")))
-        answer = rec.get("answer")
-        if isinstance(answer, str) and "####" in answer:
-            answer = extract_gsm8k_answer(answer)
-        elif answer is None and "solution" in rec:
-            answer = extract_answer(str(rec["solution"]))
-        if not isinstance(prompt, str) or answer is None or str(answer).strip() == "":
-            raise ValueError(f"{path}:{lineno}: expected prompt/question/problem and answer (or a "
-                             f"solution with \\boxed{{}}), got keys {sorted(rec)}")
-        problems.append({"prompt": prompt, "answer": str(answer).strip()})
-    if not problems:
-        raise ValueError(f"{path}: no problems found (empty file)")
-    return problems
-
-_warned = set()
-
-def safe_reward(fn, *args, default=0.0, **kwargs):
-    """fn(*args, **kwargs) as a float, or `default` if it raises (warning once per distinct error),
-    so one broken verifier call cannot crash an RL step."""
-    try:
-        return float(fn(*args, **kwargs))
-    except Exception as e:
-        key = (getattr(fn, "__name__", repr(fn)), type(e).__name__, str(e)[:200])
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"reward {key[0]} raised {key[1]}: {key[2]}; using {default}", RuntimeWarning, stacklevel=2)
-        return default
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sympy-worker"]:
     _worker_main()
