@@ -408,6 +408,8 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
     if run.is_main:
         (tmp / "training_state.json").write_text(json.dumps({"step": step, "world_size": run.world, **(state or {})},
                                                             indent=2))
+        for f in tmp.rglob("*"):  # optimizer files too: the same modes as the model folders (safetensors makes 0600)
+            f.chmod(0o755 if f.is_dir() else 0o644)
         replace_dir(tmp, final)
         if name is None:
             for old in sorted(run.out.glob("ckpt-*"))[: -run.args.keep_checkpoints]:

@@ -146,7 +146,7 @@ def all_equal_groups(rewards, group_size):
 def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
     """One step's rollouts. With dynamic sampling (DAPO) groups whose rewards are all equal are dropped and more
     prompts are sampled until the batch is full (at most --max_sampling_rounds rounds; then dropped groups
-    fill the gap, with zero advantage)."""
+    fill the gap, with zero advantage). Every rank runs the same number of rounds: until all of them are full."""
     G, need = args.group_size, args.batch_size // args.group_size // run.world
     kept, dropped, n_equal, n_groups = [], [], 0, 0
     for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
@@ -159,7 +159,7 @@ def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
             group = {k: (v[g * G:(g + 1) * G] if k != "parts" else {c: x[g * G:(g + 1) * G] for c, x in v.items()})
                      for k, v in r.items()}
             (dropped if eq and args.dynamic_sampling else kept).append(group)
-        if len(kept) >= need:
+        if run.all_sum(float(len(kept) < need)) == 0:  # decided together: FSDP gathers weights in every round
             break
     groups = (kept + dropped)[:need]
     batch = {k: [x for g in groups for x in g[k]] for k in ("prompts", "completions", "texts", "truncated", "rewards")}

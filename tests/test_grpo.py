@@ -168,6 +168,28 @@ def test_dynamic_sampling_keeps_exactly_the_informative_groups(monkeypatch):
     assert batch["all_equal_frac"] == pytest.approx(3 / 6)
 
 
+def test_dynamic_sampling_rounds_are_decided_by_all_ranks(monkeypatch):
+    """A rank whose batch is full after round 1 keeps sampling while another rank still needs groups: under FSDP every
+    round all-gathers the weights, so ranks that left the loop at different rounds would hang."""
+    calls = []
+
+    def fake_sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
+        calls.append(seed)
+        r = [0.0, 1.0] * 3  # every group informative: this rank is full after one round
+        return {"prompts": [[1]] * 6, "completions": [[1]] * 6, "texts": [""] * 6, "truncated": [False] * 6,
+                "rewards": r, "parts": {"accuracy": r}}
+
+    monkeypatch.setattr(grpo, "sample_groups", fake_sample_groups)
+    monkeypatch.setattr(grpo, "step_problems", lambda *a: [None] * 3)
+    args = grpo.parse_args(["--loss", "dapo", "--group_size", "2", "--batch_size", "12", "--device", "cpu"])
+    run = Run(args, "grpo", world=2)
+    others = iter([1.0, 1.0, 0.0])  # the other rank: still short after rounds 1 and 2, full after round 3
+    run.all_sum = lambda v: v + next(others)
+    batch = grpo.fill_batch(run, args, None, None, None, 0, None)
+    assert len(calls) == 3 and len(set(calls)) == 3  # three rounds, each with its own seed
+    assert len(batch["rewards"]) == 6  # still this rank's share: the extra rounds' groups are not used
+
+
 def test_group_size_one_is_refused(capsys):
     with pytest.raises(SystemExit):
         grpo.parse_args(["--group_size", "1", "--batch_size", "4"])
