@@ -33,6 +33,7 @@ read_jsonl, load_problems (data files). Everything after the "internals" line is
 """
 
 import atexit
+import collections
 import functools
 import json
 import math
@@ -49,6 +50,7 @@ import threading
 import time
 import unicodedata
 import warnings
+import zlib
 from fractions import Fraction
 
 
@@ -106,14 +108,14 @@ def is_equiv(pred, gold, timeout=5.0):
 # rewards
 
 
-def math_reward(response, gold):
+def math_reward(response, gold, timeout=5.0):
     """1.0 if the response's final answer equals gold (a plain answer, a \\boxed solution, or a
-    GSM8K '#### x' solution), else 0.0."""
+    GSM8K '#### x' solution), else 0.0. timeout bounds the equivalence check (is_equiv)."""
     pred = extract_answer(response)
     gold = str(gold)
     gold = extract_gsm8k_answer(gold) if "####" in gold else (extract_answer(gold) or gold) if (
         "\\boxed" in gold or "\\fbox" in gold or "<answer>" in gold) else gold
-    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+    return 1.0 if pred is not None and is_equiv(pred, gold, timeout) else 0.0
 
 
 def format_reward(response, require_open_tag=False):
@@ -276,6 +278,105 @@ def safe_reward(fn, *args, default=0.0, **kwargs):
             _warned.add(key)
             warnings.warn(f"reward {key[0]} raised {key[1]}: {key[2]}; using {default}", RuntimeWarning, stacklevel=2)
         return default
+
+
+# -----------------------------------------------------------------------------
+# countdown
+
+
+def countdown_problem(rng, min_numbers=3, max_numbers=4, max_number=25, max_target=100):
+    """A random Countdown problem (TinyZero's task): reach the target with + - * / and parentheses over
+    the given numbers. Returns {"prompt", "answer", "numbers", "target", "steps"}. The target is built
+    from a random expression over all the numbers, so every problem is solvable: "answer" is that
+    expression ("(3+5)*2") and "steps" its intermediate results ("3+5=8", "8*2=16"). Intermediate
+    results are positive integers (divisions are exact) and 1 <= target <= max_target."""
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min_numbers, max_numbers))]
+        items, steps = [(n, str(n), 3) for n in numbers], []  # (value, text, precedence: 1 + -, 2 * /, 3 atom)
+        while len(items) > 1:
+            (a, ta, pa), (b, tb, pb) = (items.pop(rng.randrange(len(items))) for _ in range(2))
+            if a < b:
+                (a, ta, pa), (b, tb, pb) = (b, tb, pb), (a, ta, pa)
+            ops = "+*" + ("-" if a > b else "") + ("/" if b > 1 and a % b == 0 else "")
+            op = rng.choice(ops)
+            value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            prec = 1 if op in "+-" else 2
+            ta = f"({ta})" if pa < prec else ta
+            tb = f"({tb})" if pb < prec or (pb == prec and op in "-/") else tb  # a-(b+c), a/(b*c)
+            steps.append(f"{a}{op}{b}={value}")
+            items.append((value, ta + op + tb, prec))
+        target, answer = items[0][0], items[0][1]
+        if 1 <= target <= max_target:
+            prompt = (f"Using the numbers {', '.join(map(str, numbers))}, write an expression that equals {target}. "
+                      f"Use + - * / and parentheses, each number at most once.")
+            return {"prompt": prompt, "answer": answer, "numbers": numbers, "target": target, "steps": steps}
+
+
+def countdown_problems(split, n, seed=0, **difficulty):
+    """n Countdown problems from the "train" or "heldout" split; same seed, same problems. The splits are
+    disjoint by construction: a hash of the question (sorted numbers, target) puts a fixed eighth of
+    all questions in heldout, however they were generated."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng, out = random.Random(f"countdown-{split}-{seed}"), []
+    while len(out) < n:
+        p = countdown_problem(rng, **difficulty)
+        if _countdown_heldout(p["numbers"], p["target"]) == (split == "heldout"):
+            out.append(p)
+    return out
+
+
+def countdown_worked_solution(problem, show_steps=True):
+    """The R1-format completion for a countdown_problem: the intermediate results in <think>, then
+    the expression boxed (show_steps=False writes only "expr=target" as the reasoning)."""
+    work = "\n".join(problem["steps"]) if show_steps else f"{problem['answer']}={problem['target']}"
+    return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
+
+
+def countdown_reward(completion, numbers, target):
+    """1.0 if the completion's final expression (the last \\boxed{}, else the last <answer></answer>)
+    equals target using each given number at most once, else 0.0. Rules:
+    - numbers are a multiset: a number listed twice may be used twice; not every number need be used;
+    - the expression holds non-negative integer literals (no leading zeros, no decimals), + - * /
+      (also \\times \\cdot \\ast × · and \\div ÷), parentheses and whitespace; anything else scores 0
+      (no unary minus, no implicit multiplication or digit concatenation, no ^);
+    - it is evaluated exactly with fractions: non-integer intermediate results are allowed
+      (6/(1-3/4) = 24), division by zero scores 0;
+    - "expr = target" or "target = expr" is accepted (one '=' with the bare target literal on one side);
+    - input longer than 300 characters or nested deeper than 50 parentheses scores 0.
+    Nothing is ever executed: the text is parsed by a small recursive-descent parser."""
+    try:
+        expr = extract_answer(completion)
+        if expr is None or len(expr) > 300:
+            return 0.0
+        target = Fraction(str(target).strip())
+        tokens = _countdown_tokens(expr)
+        if tokens.count("=") == 1:  # "expr = target": grade expr (either side may be the bare target)
+            i = tokens.index("=")
+            left, right = tokens[:i], tokens[i + 1:]
+            tokens = left if _is_literal(right, target) else right if _is_literal(left, target) else []
+        used = collections.Counter(int(t) for t in tokens if t.isdigit())
+        if not tokens or used - collections.Counter(int(n) for n in numbers):
+            return 0.0
+        return 1.0 if _CountdownParser(tokens).parse() == target else 0.0
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+
+
+def accuracy_reward(problem, completion, timeout=5.0):
+    """1.0 / 0.0 (the fraction of tests passed for code) for a completion of a problem dict, as
+    load_problems, countdown_problems and the built-in tasks make them. The task kind is chosen by the
+    record's fields, in this order: "tests" -> code_reward on the assert tests; "inputs" and "outputs"
+    -> code_reward on the stdin/stdout cases; "numbers" and "target" -> countdown_reward; otherwise
+    math_reward against problem["answer"]. timeout bounds each test case (code) or the equivalence
+    check (math)."""
+    if "tests" in problem:
+        return code_reward(completion, problem["tests"], timeout=timeout)
+    if "inputs" in problem and "outputs" in problem:
+        return code_reward(completion, {"inputs": problem["inputs"], "outputs": problem["outputs"]}, timeout=timeout)
+    if "numbers" in problem and "target" in problem:
+        return countdown_reward(completion, problem["numbers"], problem["target"])
+    return math_reward(completion, problem["answer"], timeout=timeout)
 
 
 # -----------------------------------------------------------------------------
@@ -1308,6 +1409,91 @@ def _worker_main():
             ok = False
         out.write(b"1\n" if ok else b"0\n")
         out.flush()
+
+
+# -----------------------------------------------------------------------------
+# countdown: a tokenizer and exact evaluator for + - * / ( ) over integer literals, nothing else
+
+
+_COUNTDOWN_SUBS = [(re.compile(p), r) for p, r in (
+    (r"\\(?:times|cdot|ast)(?![a-zA-Z])|[×·⋅∗]", "*"), (r"\\div(?![a-zA-Z])|÷", "/"), (r"[−–]", "-"),
+    (r"\\(?:left|right)(?![a-zA-Z])|\$", ""))]
+_COUNTDOWN_TOKEN = re.compile(r"\s*(?:([0-9]+)|([-+*/()=]))")
+
+
+def _countdown_tokens(s):
+    """Integer literals and operators as strings; ValueError on anything else (names, calls, dots)."""
+    for pat, rep in _COUNTDOWN_SUBS:
+        s = pat.sub(rep, s)
+    s, out, pos = s.strip(), [], 0
+    while pos < len(s):
+        m = _COUNTDOWN_TOKEN.match(s, pos)
+        if not m:
+            raise ValueError(f"unexpected {s[pos:pos + 10]!r}")
+        tok = m.group(1) or m.group(2)
+        if len(tok) > 1 and tok[0] == "0":  # 03 is not the given 3
+            raise ValueError("leading zero")
+        out.append(tok)
+        pos = m.end()
+    return out
+
+
+def _is_literal(tokens, target):
+    return len(tokens) == 1 and tokens[0].isdigit() and int(tokens[0]) == target
+
+
+def _countdown_heldout(numbers, target):
+    key = f"{sorted(int(n) for n in numbers)}:{target}"
+    return zlib.crc32(key.encode()) % 8 == 0  # a fixed eighth of all questions never appears in training
+
+
+class _CountdownParser:
+    """Recursive descent, evaluating as it goes with Fractions: expr = term (('+'|'-') term)*;
+    term = atom (('*'|'/') atom)*; atom = integer | '(' expr ')'. Depth is capped (no RecursionError)."""
+
+    def __init__(self, tokens):
+        self.t, self.i, self.depth = tokens, 0, 0
+
+    def peek(self):
+        return self.t[self.i] if self.i < len(self.t) else ""
+
+    def take(self):
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def parse(self):
+        v = self.expr()
+        if self.i != len(self.t):
+            raise ValueError("trailing input")
+        return v
+
+    def expr(self):
+        v = self.term()
+        while self.peek() in ("+", "-"):
+            v = v + self.term() if self.take() == "+" else v - self.term()
+        return v
+
+    def term(self):
+        v = self.atom()
+        while self.peek() in ("*", "/"):
+            v = v * self.atom() if self.take() == "*" else v / self.atom()  # x / 0 raises ZeroDivisionError
+        return v
+
+    def atom(self):
+        tok = self.take()
+        if tok.isdigit():
+            return Fraction(int(tok))
+        if tok != "(":
+            raise ValueError(f"unexpected {tok!r}")
+        self.depth += 1
+        if self.depth > 50:
+            raise ValueError("nested too deeply")
+        v = self.expr()
+        if self.take() != ")":
+            raise ValueError("unbalanced parentheses")
+        self.depth -= 1
+        return v
 
 
 # -----------------------------------------------------------------------------

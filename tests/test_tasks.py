@@ -1,0 +1,136 @@
+"""Tests for verify.py's verifiable tasks beyond math: Countdown (generator, worked solutions, the
+expression checker), code tasks loaded from JSONL, and the accuracy_reward dispatcher.
+Run: python -m pytest tests/test_tasks.py -q"""
+
+import json
+import os
+import time
+
+import pytest
+
+import verify
+from verify import (accuracy_reward, countdown_problem, countdown_problems, countdown_reward,
+                    countdown_worked_solution, load_problems)
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+# -----------------------------------------------------------------------------
+# countdown_reward on hand-written cases: (completion, numbers, target, expected)
+
+COUNTDOWN = [
+    # right value, each number once, in every accepted spelling
+    ("\\boxed{(3+5)*2}", [3, 5, 2], 16, 1.0),
+    ("<think>3+5=8, 8*2=16</think>\n\\boxed{(3 + 5) \\times 2}", [3, 5, 2], 16, 1.0),
+    ("\\boxed{ ( 3+5 )\\cdot2 }", [3, 5, 2], 16, 1.0),
+    ("\\boxed{(3+5) × 2}", [3, 5, 2], 16, 1.0),
+    ("\\boxed{\\left(3+5\\right)*2}", [3, 5, 2], 16, 1.0),
+    ("\\boxed{8 \\div 2 + 12}", [8, 2, 12], 16, 1.0),
+    ("\\boxed{$12 + 8 ÷ 2$}", [8, 2, 12], 16, 1.0),
+    ("<answer> (3 + 5) * 2 </answer>", [3, 5, 2], 16, 1.0),  # TinyZero's tag form
+    ("<answer>1</answer> then <answer>(3+5)*2</answer>", [3, 5, 2], 16, 1.0),  # the last one counts
+    ("<answer>(3+5)*2</answer> \\boxed{3+5}", [3, 5, 2], 16, 0.0),  # a box wins over tags
+    ("\\boxed{(3+5)*2 = 16}", [3, 5, 2], 16, 1.0),  # "expr = target" form
+    ("\\boxed{16 = 2*(5+3)}", [3, 5, 2], 16, 1.0),
+    ("\\boxed{(3+5)*2 = 17}", [3, 5, 2], 16, 0.0),  # the stated result must be the target
+    ("\\boxed{3+5 = 2*4}", [3, 5, 2, 4], 8, 0.0),  # two expressions: which one is the answer?
+    ("\\boxed{16 = 16}", [3, 5, 2], 16, 0.0),  # the bare target is not a given number
+    ("\\boxed{16}", [16, 5, 2], 16, 1.0),  # ... but may be when it is one
+    ("\\boxed{(3+5)*2 = 16 = 16}", [3, 5, 2], 16, 0.0),
+    ("\\boxed{5+3}", [3, 5, 2], 8, 1.0),  # not every number needs to be used
+    # numbers: a multiset, each at most once
+    ("\\boxed{3*3+7}", [3, 5, 7], 16, 0.0),  # 3 used twice, given once
+    ("\\boxed{3*3+7}", [3, 3, 7], 16, 1.0),  # given twice: may be used twice
+    ("\\boxed{4*4}", [3, 5, 2], 16, 0.0),  # 4 is not given
+    ("\\boxed{(3+5)*02}", [3, 5, 2], 16, 0.0),  # leading zeros are not the given number
+    ("\\boxed{35-19}", [3, 5, 2, 19], 16, 0.0),  # no digit concatenation: 35 is not given
+    # arithmetic rules
+    ("\\boxed{5/(3-3)+16}", [5, 3, 3, 16], 16, 0.0),  # division by zero
+    ("\\boxed{6/(1-3/4)}", [6, 1, 3, 4], 24, 1.0),  # non-integer intermediate results are allowed (exact)
+    ("\\boxed{(1/3)*3}", [1, 3, 3], 1, 1.0),
+    ("\\boxed{7/2}", [7, 2], 3, 0.0),  # exact: 7/2 is not 3
+    ("\\boxed{2-5+19}", [2, 5, 19], 16, 1.0),  # negative intermediates are fine
+    ("\\boxed{-2+18}", [2, 18], 16, 0.0),  # no unary minus
+    ("\\boxed{2(3+5)}", [3, 5, 2], 16, 0.0),  # no implicit multiplication
+    ("\\boxed{2^4}", [2, 4], 16, 0.0),  # no powers
+    ("\\boxed{4**2}", [2, 4], 16, 0.0),
+    ("\\boxed{32/2.0}", [32, 2], 16, 0.0),  # no decimals
+    ("\\boxed{((3+5)*2}", [3, 5, 2], 16, 0.0),  # unbalanced
+    ("\\boxed{(3+5)*2)}", [3, 5, 2], 16, 0.0),
+    ("\\boxed{3+5*}", [3, 5, 2], 16, 0.0),
+    ("\\boxed{}", [3, 5, 2], 16, 0.0),
+    ("(3+5)*2", [3, 5, 2], 16, 0.0),  # no final answer marked
+    ("", [3, 5, 2], 16, 0.0),
+    (None, [3, 5, 2], 16, 0.0),
+    ("\\boxed{(3+5)*2}", ["3", "5", "2"], "16", 1.0),  # numbers / target read from JSON as strings
+    # code is never run
+    ("\\boxed{__import__('os').system('touch /tmp/countdown-pwned')}", [3, 5, 2], 16, 0.0),
+    ("<answer>eval('16')</answer>", [3, 5, 2], 16, 0.0),
+    ("<answer>int('16')</answer>", [16], 16, 0.0),
+    # pathological input
+    ("\\boxed{" + "(" * 5000 + "16" + ")" * 5000 + "}", [16], 16, 0.0),  # too long
+    ("\\boxed{" + "(" * 60 + "16" + ")" * 60 + "}", [16], 16, 0.0),  # nested too deeply
+    ("\\boxed{" + "(" * 40 + "16" + ")" * 40 + "}", [16], 16, 1.0),
+    ("\\boxed{" + "+".join(["1"] * 150) + "}", [1] * 10, 150, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, numbers, target, expected", COUNTDOWN)
+def test_countdown_reward(completion, numbers, target, expected):
+    assert countdown_reward(completion, numbers, target) == expected
+    if completion is not None:  # the dispatcher picks countdown from the record's fields
+        assert accuracy_reward({"prompt": "p", "numbers": numbers, "target": target}, completion) == expected
+
+
+def test_countdown_reward_never_runs_code(tmp_path):
+    marker = tmp_path / "ran"
+    for expr in (f"__import__('os').mkdir({str(marker)!r})", f"open({str(marker)!r}, 'w')"):
+        assert countdown_reward(f"\\boxed{{{expr}}}", [1, 2], 3) == 0.0
+        assert countdown_reward(f"<answer>{expr}</answer>", [1, 2], 3) == 0.0
+    assert not marker.exists()
+
+
+def test_countdown_reward_pathological_input_is_fast():
+    t = time.monotonic()
+    for s in ("(" * 10**5, "1+" * 10**5 + "1", "\\boxed{" * 10**4, "<answer>" + "(" * 10**5 + "</answer>"):
+        assert countdown_reward(s, [1], 1) == 0.0
+    assert time.monotonic() - t < 2
+
+
+# -----------------------------------------------------------------------------
+# the generator
+
+
+def test_countdown_splits_are_disjoint_and_deterministic():
+    key = lambda p: (tuple(sorted(p["numbers"])), p["target"])
+    train = countdown_problems("train", 3000)
+    heldout = countdown_problems("heldout", 400)
+    assert len(train) == 3000 and len(heldout) == 400
+    assert not {key(p) for p in train} & {key(p) for p in heldout}
+    assert countdown_problems("train", 50) == train[:50]  # same seed, same problems
+    assert countdown_problems("train", 50, seed=1) != train[:50]
+    with pytest.raises(ValueError):
+        countdown_problems("test", 1)
+
+
+def test_countdown_problems_are_solvable_by_their_worked_solution():
+    problems = countdown_problems("train", 1000) + countdown_problems("heldout", 200)
+    for p in problems:
+        assert set(p) >= {"prompt", "answer", "numbers", "target", "steps"}
+        assert 3 <= len(p["numbers"]) <= 4 and all(1 <= n <= 25 for n in p["numbers"]) and 1 <= p["target"] <= 100
+        assert str(p["target"]) in p["prompt"] and all(str(n) in p["prompt"] for n in p["numbers"])
+        for show_steps in (True, False):
+            solution = countdown_worked_solution(p, show_steps)
+            assert solution.startswith("<think>\n") and f"</think>\n\\boxed{{{p['answer']}}}" in solution
+            assert countdown_reward(solution, p["numbers"], p["target"]) == 1.0, (p, solution)
+            assert accuracy_reward(p, solution) == 1.0
+            assert verify.strict_format_reward(solution) == 1.0
+        assert countdown_reward(f"\\boxed{{{p['answer']}+1}}", p["numbers"], p["target"]) == 0.0
+
+
+def test_countdown_problem_difficulty_knobs():
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        p = countdown_problem(rng, min_numbers=4, max_numbers=4, max_number=9, max_target=30)
+        assert len(p["numbers"]) == 4 and max(p["numbers"]) <= 9 and 1 <= p["target"] <= 30
+        assert len(p["steps"]) == 3  # every number is used: three combinations
