@@ -307,9 +307,8 @@ def countdown_problem(rng, min_numbers=3, max_numbers=4, max_number=25, max_targ
             items.append((value, ta + op + tb, prec))
         target, answer = items[0][0], items[0][1]
         if 1 <= target <= max_target:
-            prompt = (f"Using the numbers {', '.join(map(str, numbers))}, write an expression that equals {target}. "
-                      f"Use + - * / and parentheses, each number at most once.")
-            return {"prompt": prompt, "answer": answer, "numbers": numbers, "target": target, "steps": steps}
+            return {"prompt": _countdown_prompt(numbers, target), "answer": answer, "numbers": numbers,
+                    "target": target, "steps": steps}
 
 
 def countdown_problems(split, n, seed=0, **difficulty):
@@ -436,18 +435,33 @@ def read_jsonl(path):
 
 
 def load_problems(path):
-    """[{"prompt", "answer"}] from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"},
-    MATH {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution)."""
+    """Problem dicts, one per record, of every kind accuracy_reward grades (the question may be under
+    "prompt", "question" or "problem"; it is returned as "prompt"):
+    - math: {"prompt", "answer"} from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"}, MATH
+      {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution);
+    - code with asserts: {"prompt", "tests": [assert statements, one test each]};
+    - code with stdin/stdout: {"prompt", "inputs": [str], "outputs": [str]} (equal lengths);
+    - countdown: {"prompt", "numbers": [int], "target": int} ("nums", TinyZero's name, is read as
+      numbers; without a prompt one is written from them), keeping an "answer" if there is one.
+    A record with tests / inputs / outputs is code, one with numbers / target is countdown, the rest
+    math. ValueError names path:line for a bad record."""
     problems = []
     for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
         prompt = rec.get("prompt", rec.get("question", rec.get("problem")))
+        if any(k in rec for k in ("tests", "inputs", "outputs")):
+            problems.append(_code_record(rec, prompt, where))
+            continue
+        if any(k in rec for k in ("numbers", "nums", "target")):
+            problems.append(_countdown_record(rec, prompt, where))
+            continue
         answer = rec.get("answer")
         if isinstance(answer, str) and "####" in answer:
             answer = extract_gsm8k_answer(answer)
         elif answer is None and "solution" in rec:
             answer = extract_answer(str(rec["solution"]))
         if not isinstance(prompt, str) or answer is None or str(answer).strip() == "":
-            raise ValueError(f"{path}:{lineno}: expected prompt/question/problem and answer (or a "
+            raise ValueError(f"{where}: expected prompt/question/problem and answer (or a "
                              f"solution with \\boxed{{}}), got keys {sorted(rec)}")
         problems.append({"prompt": prompt, "answer": str(answer).strip()})
     if not problems:
@@ -1412,6 +1426,43 @@ def _worker_main():
 
 
 # -----------------------------------------------------------------------------
+# data files: code and countdown records (load_problems)
+
+
+def _code_record(rec, prompt, where):
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: a code task needs a prompt/question/problem string, got keys {sorted(rec)}")
+    if "tests" in rec:
+        tests = rec["tests"]
+        if "inputs" in rec or "outputs" in rec:
+            raise ValueError(f"{where}: a code task has either tests or inputs/outputs, not both")
+        if not (isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests)):
+            raise ValueError(f"{where}: tests must be a non-empty list of assert statement strings")
+        return {"prompt": prompt, "tests": tests}
+    inputs, outputs = rec.get("inputs"), rec.get("outputs")
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)
+            and all(isinstance(s, str) for s in inputs + outputs)):
+        raise ValueError(f"{where}: inputs and outputs must be non-empty lists of strings of equal length")
+    return {"prompt": prompt, "inputs": inputs, "outputs": outputs}
+
+
+def _countdown_record(rec, prompt, where):
+    numbers, target = rec.get("numbers", rec.get("nums")), rec.get("target")
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not (isinstance(numbers, list) and numbers and all(map(is_int, numbers)) and is_int(target)):
+        raise ValueError(f"{where}: a countdown task needs numbers (a non-empty list of non-negative "
+                         f"integers) and an integer target, got keys {sorted(rec)}")
+    if prompt is None:
+        prompt = _countdown_prompt(numbers, target)
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: prompt must be a string")
+    out = {"prompt": prompt, "numbers": numbers, "target": target}
+    if rec.get("answer") is not None:
+        out["answer"] = str(rec["answer"])
+    return out
+
+
+# -----------------------------------------------------------------------------
 # countdown: a tokenizer and exact evaluator for + - * / ( ) over integer literals, nothing else
 
 
@@ -1436,6 +1487,11 @@ def _countdown_tokens(s):
         out.append(tok)
         pos = m.end()
     return out
+
+
+def _countdown_prompt(numbers, target):
+    return (f"Using the numbers {', '.join(map(str, numbers))}, write an expression that equals {target}. "
+            f"Use + - * / and parentheses, each number at most once.")
 
 
 def _is_literal(tokens, target):

@@ -134,3 +134,77 @@ def test_countdown_problem_difficulty_knobs():
         p = countdown_problem(rng, min_numbers=4, max_numbers=4, max_number=9, max_target=30)
         assert len(p["numbers"]) == 4 and max(p["numbers"]) <= 9 and 1 <= p["target"] <= 30
         assert len(p["steps"]) == 3  # every number is used: three combinations
+
+
+# -----------------------------------------------------------------------------
+# code tasks from JSONL, graded through accuracy_reward
+
+SOLUTIONS = [  # a correct program for each task in fixtures/code_tasks.jsonl, as a model would answer
+    "```python\ndef add(a, b):\n    return a + b\n```",
+    "Here you go:\n```python\ndef reverse_string(s):\n    return s[::-1]\n```",
+    "```python\ndef is_prime(n):\n    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))\n```",
+    "```python\nprint(max(map(int, input().split())))\n```",
+]
+
+
+def test_code_tasks_fixture_loads_and_grades():
+    problems = load_problems(os.path.join(FIXTURES, "code_tasks.jsonl"))
+    assert [sorted(p) for p in problems] == [["prompt", "tests"]] * 3 + [["inputs", "outputs", "prompt"]]
+    assert problems[2]["prompt"].startswith("Write a function is_prime")  # "question" is read as the prompt
+    for p, solution in zip(problems, SOLUTIONS):
+        assert accuracy_reward(p, solution) == 1.0
+        assert accuracy_reward(p, "```python\nimport sys\nsys.exit(1)\n```") == 0.0
+    # the fraction of passing tests: abs() breaks the two tests with negative numbers
+    assert accuracy_reward(problems[0], "def add(a, b):\n    return abs(a) + abs(b)") == 0.5
+    assert accuracy_reward(problems[3], "print(sorted(map(int, input().split()))[-1])") == 1.0  # any right stdout passes
+    assert accuracy_reward(problems[3], "print(abs(max(map(int, input().split()))))") == pytest.approx(2 / 3)
+
+
+def test_load_problems_code_and_countdown_records(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "f?", "tests": ["assert f() == 1"]},
+        {"problem": "echo", "inputs": ["a\n"], "outputs": ["a\n"]},
+        {"prompt": "Reach 16 with 3, 5, 2.", "numbers": [3, 5, 2], "target": 16},
+        {"nums": [44, 19, 35], "target": 98},  # TinyZero's field names, no prompt
+        {"prompt": "math", "answer": "2"},
+    ]) + "\n")
+    problems = load_problems(path)
+    assert problems[:3] == [{"prompt": "f?", "tests": ["assert f() == 1"]},
+                            {"prompt": "echo", "inputs": ["a\n"], "outputs": ["a\n"]},
+                            {"prompt": "Reach 16 with 3, 5, 2.", "numbers": [3, 5, 2], "target": 16}]
+    assert problems[3]["numbers"] == [44, 19, 35] and "44, 19, 35" in problems[3]["prompt"] and "98" in problems[3]["prompt"]
+    assert problems[4] == {"prompt": "math", "answer": "2"}
+    assert accuracy_reward(problems[0], "def f():\n    return 1") == 1.0
+    assert accuracy_reward(problems[1], "print(input())") == 1.0
+    assert accuracy_reward(problems[2], "\\boxed{(3+5)*2}") == 1.0
+    assert accuracy_reward(problems[3], "<answer>44 + 19 + 35</answer>") == 1.0
+    assert accuracy_reward(problems[4], "\\boxed{2}") == 1.0 and accuracy_reward(problems[4], "\\boxed{3}") == 0.0
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": "f?", "tests": []}, {"prompt": "f?", "tests": "assert True"}, {"prompt": "f?", "tests": [1]},
+    {"tests": ["assert True"]}, {"prompt": "f?", "tests": ["assert True"], "inputs": ["1"], "outputs": ["1"]},
+    {"prompt": "io", "inputs": ["1"]}, {"prompt": "io", "inputs": ["1", "2"], "outputs": ["1"]},
+    {"prompt": "io", "inputs": [1], "outputs": [1]},
+    {"prompt": "c", "numbers": [1, 2]}, {"prompt": "c", "target": 3}, {"prompt": "c", "numbers": [], "target": 3},
+    {"prompt": "c", "numbers": [1, "2"], "target": 3}, {"prompt": "c", "numbers": [1, 2], "target": 2.5},
+    {"prompt": "c", "numbers": [-1, 2], "target": 1}, {"prompt": 5, "numbers": [1, 2], "target": 3},
+])
+def test_load_problems_bad_task_record_names_file_and_line(tmp_path, record):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2:"):
+        load_problems(path)
+
+
+def test_accuracy_reward_dispatch_order():
+    # tests win over everything else; then io cases; then numbers+target; else the math answer
+    both = {"prompt": "p", "tests": ["assert x == 1"], "inputs": ["a"], "outputs": ["b"], "answer": "7"}
+    assert accuracy_reward(both, "x = 1") == 1.0
+    assert accuracy_reward({"prompt": "p", "inputs": ["a"], "outputs": ["b"], "answer": "7"}, "print('b')") == 1.0
+    countdown = {"prompt": "p", "numbers": [3, 4], "target": 7, "answer": "3+4"}
+    assert accuracy_reward(countdown, "\\boxed{4+3}") == 1.0
+    assert accuracy_reward(countdown, "\\boxed{7}") == 0.0  # the target alone is not an expression of the numbers
+    assert accuracy_reward({"prompt": "p", "answer": "\\frac{1}{2}"}, "so \\boxed{0.5}") == 1.0
+    assert accuracy_reward({"prompt": "p", "answer": "7", "steps": []}, "\\boxed{7}") == 1.0  # built-in arithmetic
