@@ -1,7 +1,8 @@
 """
 Verifiable rewards for RL on reasoning LMs (DeepSeek-R1 recipe): answer extraction, a math
-equivalence checker, format / length / language rewards, a sandbox for code rewards, pass@k and
-majority voting, and the jsonl loaders every script uses. Only stdlib + sympy (imported lazily).
+equivalence checker, format / length / language rewards, a sandbox for code rewards, the Countdown
+task (TinyZero's), pass@k and majority voting, and the jsonl loaders every script uses. Only stdlib +
+sympy (imported lazily).
 
 Rules that decide rewards (tests in tests/test_verify.py pin each one):
 - Numbers are compared exactly as rationals (0.5 == 1/2 == \\frac{2}{4}). If either side was written
@@ -28,8 +29,10 @@ is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 
 Public API, in file order: extract_answer, extract_gsm8k_answer (answer extraction); is_equiv
 (equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
-extract_code, code_reward, safe_reward (rewards); pass_at_k, majority_vote, maj_at_k (evaluation);
-read_jsonl, load_problems (data files). Everything after the "internals" line is private.
+extract_code, code_reward, safe_reward (rewards); countdown_problem, countdown_problems,
+countdown_worked_solution, countdown_reward, accuracy_reward (countdown, and the one reward that grades
+any problem dict by its fields); pass_at_k, majority_vote, maj_at_k (evaluation); read_jsonl,
+load_problems (data files). Everything after the "internals" line is private.
 """
 
 import atexit
@@ -1556,19 +1559,29 @@ class _CountdownParser:
 # code sandbox. Each test case runs in a fresh `python -I` process that (see _HARNESS):
 #  - is enforced: wall-clock `timeout` (the whole process group / pid namespace is SIGKILLed),
 #    RLIMIT_CPU, RLIMIT_AS (`memory_mb`), RLIMIT_FSIZE (16 MiB), no core dumps, RLIMIT_NPROC (a fork
-#    bomb hits EAGAIN), an empty environment (PATH/LANG only: no secrets), stdin from /dev/null (or
-#    the case input), cwd = a fresh temp dir that is deleted afterwards, and a per-run secret marker
-#    printed only after the asserts pass (sys.exit(0) / os._exit(0) before the tests earns nothing);
+#    bomb hits EAGAIN), an empty environment (PATH/LANG only: no secrets; HOME and TMPDIR point at
+#    the scratch dir), stdin from /dev/null (or the case input), cwd = a fresh scratch dir of its own,
+#    and a per-run secret marker printed only after the asserts pass (sys.exit(0) / os._exit(0)
+#    before the tests earns nothing);
 #  - where `unshare` works (root, or unprivileged user namespaces): no network (empty net namespace)
 #    and a private pid namespace + /proc, so every process the program starts dies with it and the
 #    caller's processes and environ are invisible;
+#  - and, where its mount namespace lets us remount (the "private" mode): every mount of the host is
+#    remounted read-only (and nosuid) inside it, checked with statvfs, then fresh size-capped tmpfs
+#    are mounted on /tmp (64 MiB, the scratch dir /tmp/sandbox is the cwd), /var/tmp and /dev/shm
+#    (16 MiB each). So the program can write nowhere on the host: not /tmp, /var/tmp, /dev/shm, $HOME,
+#    the project, world-writable dirs, whatever its uid; what it writes is in memory, capped, and gone
+#    when the case ends. All capabilities but CAP_DAC_READ_SEARCH are dropped (bounding set cleared,
+#    no_new_privs), so it cannot unmount or remount its way out, even as root in a user namespace.
+#    Without private mode the scratch dir is a host temp dir (deleted afterwards) and /tmp etc. are
+#    the host's: the program can write wherever its uid may (as nobody: world-writable dirs).
 #  - as root: the program runs as uid/gid 65534 (nobody) keeping only CAP_DAC_READ_SEARCH (so the
-#    interpreter stays readable wherever it is installed): it cannot write outside its temp dir to
-#    anything nobody can't write (root-owned dirs) and RLIMIT_NPROC is enforced (it is not for root).
-#    If even that cannot run the interpreter here, it runs as root: then RLIMIT_NPROC does not hold
-#    and a fork bomb is only bounded by the timeout (and the pid namespace).
-#    As non-root, RLIMIT_NPROC counts all of the user's tasks (we allow current + 128) and the program
-#    can write wherever the user can. Reading files is never prevented.
+#    interpreter stays readable wherever it is installed) and RLIMIT_NPROC is enforced (it is not for
+#    root). If even that cannot run the interpreter here, it runs as root (capabilities dropped in
+#    private mode): then RLIMIT_NPROC does not hold and a fork bomb is only bounded by the timeout
+#    (and the pid namespace). As non-root, RLIMIT_NPROC counts all of the user's tasks (we allow
+#    current + 128). Reading files is never prevented (the marker file is unlinked before the
+#    program starts; the host scratch dir is hidden under the private /tmp).
 #  - not defended: a program that deliberately introspects the harness's memory for the marker, and,
 #    without unshare, processes that escape the process group with setsid().
 # _sandbox_config() probes once which of these this machine allows and uses the strongest that works.
@@ -1576,19 +1589,63 @@ class _CountdownParser:
 
 _HARNESS = r"""
 import os, resource, sys
-tmp, mode, drop, cpu, mem, nproc = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:7])
+tmp, mode, drop, private = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
+cpu, mem, nproc = map(int, sys.argv[5:8])
 for res, lim in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 16 << 20),
                  (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
     resource.setrlimit(res, (lim, lim))
 os.chdir(tmp)
 marker = open("marker").read()
 os.unlink("marker")
-if drop:  # root -> nobody, keeping only CAP_DAC_READ_SEARCH (bit 2) so imports keep working
+if drop or private:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
+if private:  # own mount namespace: the host read-only, fresh tmpfs on /tmp /var/tmp /dev/shm
+    def mount(src, dst, fs, flags, data):
+        if libc.mount(src, os.fsencode(dst), fs, flags, data) != 0:  # dst: str or bytes
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), dst)
+    files = [(n, open(n, "rb").read()) for n in ("main.py", "test.py")]
+    mount(None, "/", None, 1 << 14 | 1 << 18, None)  # MS_REC | MS_PRIVATE: nothing propagates to the host
+    bits = {b"ro": 1, b"nosuid": 2, b"nodev": 4, b"noexec": 8, b"nosymfollow": 256, b"noatime": 1024,
+            b"nodiratime": 2048, b"relatime": 1 << 21}  # kept: a user namespace may not clear them
+    points = {}
+    for line in open("/proc/self/mountinfo", "rb"):  # mount point paths are octal-escaped (\040 = space)
+        f = line.split()
+        points[f[4].decode("unicode_escape").encode("latin-1")] = sum(bits.get(o, 0) for o in f[5].split(b","))
+    for path, flags in points.items():  # MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+        try:
+            mount(None, path, None, flags | 32 | 4096 | 1 | 2, None)
+        except OSError:
+            pass  # e.g. a mount hidden under another one: the check below decides
+    for path in points:
+        try:
+            if not os.statvfs(path).f_flag & os.ST_RDONLY:
+                raise OSError(f"{path} is still writable")
+        except FileNotFoundError:
+            pass
+    for path, size in (("/tmp", "64m,nr_inodes=8192"), ("/var/tmp", "16m,nr_inodes=1024"),
+                       ("/dev/shm", "16m,nr_inodes=1024")):
+        if path == "/tmp" or os.path.isdir(path):  # MS_NOSUID | MS_NODEV
+            mount(b"tmpfs", path, b"tmpfs", 2 | 4, f"size={size},mode=1777".encode())
+    os.mkdir("/tmp/sandbox", 0o700)
+    os.chdir("/tmp/sandbox")
+    for name, content in files:
+        with open(name, "wb") as f:
+            f.write(content)
+    if drop:
+        os.chown(".", 65534, 65534)
+if drop or private:  # no capability can come back on exec (bounding set), none gained by setuid binaries
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+if drop:  # root -> nobody
     libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)(4, 4, 0, 0, 0, 0))
+if drop or private:  # keep only CAP_DAC_READ_SEARCH (bit 2) so imports keep working
+    if libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)(4, 4, 0, 0, 0, 0)) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()
 sys.argv = ["main.py"]
 g = {"__name__": "__main__" if mode == "io" else "solution"}
 exec(compile(open("main.py").read(), "main.py", "exec"), g)
@@ -1601,21 +1658,25 @@ os._exit(0)  # done: don't wait for threads or atexit handlers the program left 
 """
 _SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_sandbox = None  # (unshare prefix, drop root) that works on this machine, probed once
+_sandbox = None  # (unshare prefix, drop root, private mounts) that works on this machine, probed once
 
 
 def _sandbox_config():
-    """The strongest setup that runs a trivial test here: namespaces if `unshare` is permitted,
-    root dropped to nobody if we are root and the interpreter still imports afterwards."""
+    """The strongest setup that runs a trivial test (and writes to its scratch dir) here: namespaces
+    if `unshare` is permitted, with private read-only mounts if they can be set up, root dropped to
+    nobody if we are root and the interpreter still imports afterwards."""
     global _sandbox
     if _sandbox is None:
-        ns = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        ns = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
         if os.geteuid() != 0:  # unprivileged: a user namespace makes the others possible
             ns = ns[:1] + ["--user", "--map-root-user"] + ns[1:]
-        options = [(pre, drop) for pre in ([ns] if shutil.which("unshare") else []) + [[]]
+        options = [(pre, drop, private) for pre in ([ns] if shutil.which("unshare") else []) + [[]]
+                   for private in ([True, False] if pre else [False])
                    for drop in ([True] if os.geteuid() == 0 else []) + [False]]
         nproc = _task_count(65534 if os.geteuid() == 0 else os.getuid()) + 128
-        _sandbox = next((cfg for cfg in options if _run_case("import json, math", "assert math.pi > 3", 30, 512, nproc, cfg)), ([], False))
+        probe = "import json, math\nopen('probe.txt', 'w').close()"
+        _sandbox = next((cfg for cfg in options if _run_case(probe, "assert math.pi > 3", 30, 512, nproc, cfg)),
+                        ([], False, False))
     return _sandbox
 
 
@@ -1632,7 +1693,7 @@ def _task_count(uid):
 
 
 def _run_case(code, test, timeout, memory_mb, nproc, config):
-    prefix, drop = config
+    prefix, drop, private = config
     tmp = tempfile.mkdtemp(prefix="verify-sandbox-")
     marker = os.urandom(16).hex()
     try:
@@ -1643,7 +1704,7 @@ def _run_case(code, test, timeout, memory_mb, nproc, config):
         if drop:
             os.chown(tmp, 65534, 65534)
         mode = "assert" if isinstance(test, str) else "io"
-        cmd = prefix + [sys.executable, "-I", "-c", _HARNESS, tmp, mode, "1" if drop else "0",
+        cmd = prefix + [sys.executable, "-I", "-c", _HARNESS, tmp, mode, "1" if drop else "0", "1" if private else "0",
                         str(math.ceil(timeout) + 1), str(memory_mb << 20), str(nproc)]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as inp:
             inp.write(str(test.get("input", "")).encode() if mode == "io" else b"")
