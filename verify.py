@@ -341,7 +341,7 @@ def countdown_reward(completion, numbers, target):
     - numbers are a multiset: a number listed twice may be used twice; not every number need be used;
     - the expression holds non-negative integer literals (no leading zeros, no decimals), + - * /
       (also \\times \\cdot \\ast × · and \\div ÷), parentheses and whitespace; anything else scores 0
-      (no unary minus, no implicit multiplication or digit concatenation, no ^);
+      (no unary + or -, no implicit multiplication or digit concatenation, no ^);
     - it is evaluated exactly with fractions: non-integer intermediate results are allowed
       (6/(1-3/4) = 24), division by zero scores 0;
     - "expr = target" or "target = expr" is accepted (one '=' with the bare target literal on one side);
@@ -1567,12 +1567,15 @@ class _CountdownParser:
 #    and a private pid namespace + /proc, so every process the program starts dies with it and the
 #    caller's processes and environ are invisible;
 #  - and, where its mount namespace lets us remount (the "private" mode): every mount of the host is
-#    remounted read-only (and nosuid) inside it, checked with statvfs, then fresh size-capped tmpfs
-#    are mounted on /tmp (64 MiB, the scratch dir /tmp/sandbox is the cwd), /var/tmp and /dev/shm
-#    (16 MiB each). So the program can write nowhere on the host: not /tmp, /var/tmp, /dev/shm, $HOME,
-#    the project, world-writable dirs, whatever its uid; what it writes is in memory, capped, and gone
-#    when the case ends. All capabilities but CAP_DAC_READ_SEARCH are dropped (bounding set cleared,
+#    remounted read-only (and nosuid) inside it -- one that cannot be must be hidden under a read-only
+#    one, else this mode is not used -- then fresh size-capped tmpfs are mounted on /tmp (64 MiB, 8192
+#    inodes; the scratch dir /tmp/sandbox is the cwd), /var/tmp and /dev/shm (16 MiB each). So the
+#    program can write nowhere on the host: not /tmp, /var/tmp, /dev/shm, $HOME, the project,
+#    world-writable dirs, whatever its uid; what it writes is in memory, capped, and gone when the
+#    case ends. All capabilities but CAP_DAC_READ_SEARCH are dropped (bounding set cleared,
 #    no_new_privs), so it cannot unmount or remount its way out, even as root in a user namespace.
+#    Not covered: filesystems the kernel mounts later on demand (autofs automounts), and device nodes
+#    (a read-only mount still lets one write to a device that its uid may open: /dev/null, a tty).
 #    Without private mode the scratch dir is a host temp dir (deleted afterwards) and /tmp etc. are
 #    the host's: the program can write wherever its uid may (as nobody: world-writable dirs).
 #  - as root: the program runs as uid/gid 65534 (nobody) keeping only CAP_DAC_READ_SEARCH (so the
@@ -1612,18 +1615,16 @@ if private:  # own mount namespace: the host read-only, fresh tmpfs on /tmp /var
     points = {}
     for line in open("/proc/self/mountinfo", "rb"):  # mount point paths are octal-escaped (\040 = space)
         f = line.split()
-        points[f[4].decode("unicode_escape").encode("latin-1")] = sum(bits.get(o, 0) for o in f[5].split(b","))
-    for path, flags in points.items():  # MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-        try:
+        flags = sum(bits.get(o, 0) for o in f[5].split(b","))
+        points[f[4].decode("unicode_escape").encode("latin-1")] = flags, f[f.index(b"-") + 1]
+    for path, (flags, fs) in points.items():
+        try:  # MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
             mount(None, path, None, flags | 32 | 4096 | 1 | 2, None)
-        except OSError:
-            pass  # e.g. a mount hidden under another one: the check below decides
-    for path in points:
-        try:
-            if not os.statvfs(path).f_flag & os.ST_RDONLY:
-                raise OSError(f"{path} is still writable")
-        except FileNotFoundError:
-            pass
+        except OSError:  # e.g. a mount hidden under another one: what its path shows must be read-only
+            # (statvfs only here, so a healthy run never waits on a network filesystem; autofs is
+            # skipped: looking at it would trigger the automount)
+            if fs != b"autofs" and os.path.exists(path) and not os.statvfs(path).f_flag & os.ST_RDONLY:
+                raise
     for path, size in (("/tmp", "64m,nr_inodes=8192"), ("/var/tmp", "16m,nr_inodes=1024"),
                        ("/dev/shm", "16m,nr_inodes=1024")):
         if path == "/tmp" or os.path.isdir(path):  # MS_NOSUID | MS_NODEV

@@ -614,10 +614,12 @@ def test_code_reward_cannot_undo_the_private_mounts():
             "results = [os.system('umount -l /tmp 2>/dev/null'), os.system('mount -o remount,rw / 2>/dev/null'),\n"
             "           libc.umount2(b'/tmp', 2), libc.mount(None, b'/', None, 32 | 4096, None),\n"
             "           libc.mount(b'none', b'/mnt', b'tmpfs', 0, None), libc.unshare(0x20000)]\n"
-            f"open({name!r}, 'w').write('x')\n"
-            "open('/proc/self/status')")
+            "status = open('/proc/self/status').read()\n"
+            "libc.unshare(0x10000000 | 0x20000)\n"  # a user namespace of its own (where allowed): root in it, but
+            "results += [libc.umount2(b'/tmp', 2), libc.mount(None, b'/', None, 32 | 4096, None)]\n"  # mounts stay locked
+            f"open({name!r}, 'w').write('x')\n")
     assert code_reward(prog, ["assert all(r != 0 for r in results), results",
-                              "assert 'CapEff:\\t0000000000000004' in open('/proc/self/status').read()"]) == 1.0
+                              "assert 'CapEff:\\t0000000000000004' in status"]) == 1.0
     assert not os.path.exists(name)
 
 def test_code_reward_scratch_space_is_capped():
