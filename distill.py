@@ -54,11 +54,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verify
+from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_frozen, load_model, lr_at,
+                    make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint, step_problems, user_input)
 from model import ModelConfig, Tokenizer
-from sample import PROMPT_TEMPLATE, drop_long_prompts, generate, prompt_ids, stop_token_ids_for, templated_problems
-from sft import (Run, add_training_args, builtin_chats, builtin_problems, checkpoint_or_stop, first_loss_position,
-                 heldout_accuracy, load_chats, load_frozen, load_model, lr_at, make_optimizer, micro_batches,
-                 optimizer_step, resume, save_checkpoint, tokenize_dataset)
+from sample import PROMPT_TEMPLATE, heldout_accuracy, prompt_ids, rl_problems, rollout
+from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
 
 DEFAULT_TEACHERS = ("out/grpo/final", "checkpoints/tiny-sft")  # the first that exists is the default --teacher
@@ -76,8 +76,8 @@ def parser():
     p.add_argument("--n_layer", type=int, default=2, help="fresh student: layers")
     p.add_argument("--n_embd", type=int, default=64, help="fresh student: hidden size")
     p.add_argument("--n_head", type=int, default=4, help="fresh student: attention heads")
-    p.add_argument("--data", default="builtin", help="prompts: problems JSONL (prompt/answer, GSM8K or MATH) or "
-                   "'builtin' (the arithmetic task's training split)")
+    p.add_argument("--data", default="builtin", help="prompts: problems JSONL (prompt/answer, GSM8K or MATH; code or "
+                   "Countdown records) or a built-in task's training split ('builtin', 'builtin:countdown')")
     p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out split)")
     p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
@@ -124,7 +124,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.teacher = args.teacher or next((t for t in DEFAULT_TEACHERS if Path(t, "config.json").exists()),
                                         DEFAULT_TEACHERS[-1])
-    args.kd_data = args.kd_data or ("builtin" if args.data == "builtin" else "teacher")
+    args.kd_data = args.kd_data or ("builtin" if verify.is_builtin(args.data) else "teacher")
     args.temperature = args.temperature if args.temperature is not None else (0.7 if args.mode == "traces" else 1.0)
     args.traces_file = args.traces_file or os.path.join(args.out, "traces.jsonl")
     args.teacher_micro_batch_tokens = args.teacher_micro_batch_tokens or args.micro_batch_tokens
@@ -234,11 +234,11 @@ def vocab_mismatch(a, b):
 FORMAT_CHECKS = {"strict": verify.strict_format_reward, "lenient": verify.format_reward, "none": None}
 
 
-def is_verified(text, answer, truncated, fmt="strict"):
+def is_verified(problem, text, truncated, fmt="strict"):
     """A trace is kept iff it ended by itself (not cut at max_new_tokens), its final answer is right
-    (verify.math_reward) and it is well formed (the --format check; the <think> tag may come from the prompt)."""
+    (verify.accuracy_reward: math, Countdown, or every test of a code problem passed) and it is well formed (the --format check; the <think> tag may come from the prompt)."""
     check = FORMAT_CHECKS[fmt]
-    return (not truncated and verify.safe_reward(verify.math_reward, text, answer) == 1.0
+    return (not truncated and verify.safe_reward(verify.accuracy_reward, problem, text) == 1.0
             and (check is None or verify.safe_reward(check, text, require_open_tag=False) == 1.0))
 
 
@@ -248,7 +248,7 @@ def select_traces(problems, samples, keep="all", max_per_prompt=0, fmt="strict")
     one (the max_per_prompt shortest if > 0; ties in sampling order). Returns [(problem, text, n_tokens)]."""
     kept = []
     for problem, group in zip(problems, samples):
-        ok = [s for s in group if is_verified(s[0], problem["answer"], s[2], fmt)]
+        ok = [s for s in group if is_verified(problem, s[0], s[2], fmt)]
         if keep == "shortest":
             ok = sorted(ok, key=lambda s: s[1])[:max_per_prompt or 1]  # sorted() is stable
         elif max_per_prompt:
@@ -267,34 +267,27 @@ def write_traces(path, kept):
         for problem, text, n in kept:
             f.write(json.dumps({"messages": [{"role": "user", "content": problem["prompt"]},
                                              {"role": "assistant", "content": text}],
-                                "answer": problem["answer"], "n_tokens": n}, ensure_ascii=False) + "\n")
+                                "answer": problem.get("answer"), "n_tokens": n}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
-def sample_completions(run, model, tokenizer, problems, n, temperature, top_p, max_new_tokens, stop_ids, batch_size,
-                       seed):
-    """n samples per problem -> per problem [(text, n_tokens, truncated)] (the text without its stop token, n_tokens
-    with it), plus the prompts' and completions' token ids (flat lists)."""
+def sample_completions(run, args, model, tokenizer, problems, n, seed):
+    """n samples per problem (sample.rollout, --gen_batch_size rows at a time) -> per problem [(text, n_tokens,
+    truncated)] (the text without its stop token, n_tokens with it), plus the prompts' and completions' token ids
+    (flat lists)."""
     flat = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(n)]
-    outs = []
-    with run.full_params(model) as plain:  # FSDP: gather the student's shards once for the whole generation
-        for i in range(0, len(flat), batch_size):
-            with run.autocast():
-                outs += generate(plain, flat[i:i + batch_size], max_new_tokens, temperature=temperature, top_p=top_p,
-                                 stop_token_ids=stop_ids, seed=random.Random(f"{seed}-{i}").randrange(2**31))
-    done = [bool(o) and o[-1] in stop_ids for o in outs]
-    flat_samples = [(tokenizer.decode(o[:-1] if d else o), len(o), not d) for o, d in zip(outs, done)]
+    outs, texts, truncated = rollout(run, model, tokenizer, flat, args.max_new_tokens, args.temperature, args.top_p,
+                                     seed=seed, batch_size=args.gen_batch_size)
+    flat_samples = list(zip(texts, map(len, outs), truncated))
     return [flat_samples[j * n:(j + 1) * n] for j in range(len(problems))], flat, outs
 
 
-def make_traces(args, run, teacher, tokenizer, problems):
+def make_traces(run, args, teacher, tokenizer, problems):
     """Every rank samples its shard of the prompts, the kept traces are gathered, rank 0 writes the dataset.
     Returns the statistics (keep rate, lengths)."""
     mine = problems[run.rank::run.world]
-    stop_ids = stop_token_ids_for(args.teacher, tokenizer)
-    samples = sample_completions(run, teacher, tokenizer, mine, args.samples_per_prompt, args.temperature,
-                                 args.top_p, args.max_new_tokens, stop_ids, args.gen_batch_size,
-                                 f"traces-{args.seed}-{run.rank}")[0]
+    seed = random.Random(f"traces-{args.seed}-{run.rank}").randrange(2**31)
+    samples = sample_completions(run, args, teacher, tokenizer, mine, args.samples_per_prompt, seed)[0]
     kept = select_traces(mine, samples, args.keep, args.max_per_prompt, args.format)
     with_trace = run.all_sum(len({id(p) for p, _, _ in kept}))  # prompts with at least one kept trace
     if run.world > 1:
@@ -319,16 +312,15 @@ def make_traces(args, run, teacher, tokenizer, problems):
 # Logit distillation: each step's sequences
 
 
-def step_sequences(args, run, student, teacher, tokenizer, data, kd_examples, step, stop_ids):
+def step_sequences(run, args, student, teacher, tokenizer, data, kd_examples, step):
     """This rank's sequences for a step, as (ids, mask) with the mask on completion tokens: a fraction lambda sampled
     by the student (on-policy), the rest sampled by the teacher or taken from --kd_data. GKD flips a lambda-coin per
     batch; a fixed fraction per batch has the same expectation and less variance. The prompts are a function of
     (seed, step, rank) only, so a resumed run sees the same data."""
     n = args.batch_size // run.world
     n_on = round(args.on_policy_frac * n)
-    rng = random.Random(f"{args.seed}-{step}-{run.rank}")
-    problems = (builtin_problems("train", n, seed=rng.randrange(2**31)) if data is None
-                else [rng.choice(data) for _ in range(n)])
+    rng = random.Random(f"kd-{args.seed}-{step}-{run.rank}")
+    problems = step_problems(run, n, data, step)
     examples, stats = [], {}
     for who, model, part in (("student", student, problems[:n_on]), ("teacher", teacher, problems[n_on:])):
         if not part:
@@ -336,28 +328,26 @@ def step_sequences(args, run, student, teacher, tokenizer, data, kd_examples, st
         if who == "teacher" and kd_examples is not None:  # dataset completions
             examples += [kd_examples[rng.randrange(len(kd_examples))] for _ in part]
             continue
-        samples, prompts, outs = sample_completions(run, model, tokenizer, part, 1, args.temperature, args.top_p,
-                                                    args.max_new_tokens, stop_ids, len(part),
-                                                    f"kd-{args.seed}-{step}-{run.rank}-{who}")
+        seed = random.Random(f"kd-{args.seed}-{step}-{run.rank}-{who}").randrange(2**31)
+        samples, prompts, outs = sample_completions(run, args, model, tokenizer, part, 1, seed)
         examples += [(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outs)]
-        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.math_reward, g[0][0], p["answer"])
+        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.accuracy_reward, p, g[0][0])
                                          for g, p in zip(samples, part))
         stats[f"{who}_sample_len"] = float(sum(len(o) for o in outs))
         stats[f"{who}_samples"] = float(len(part))
     return examples, stats
 
 
-def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
+def train_logits(run, args, student, teacher, tokenizer, data, kd_examples):
     """The KD loop, shaped like sft.train: per step, sample sequences, score them with the teacher micro-batch by
     micro-batch, and step on the token-mean divergence. Returns the number of steps done."""
     train_model = run.wrap(student)  # DDP / FSDP (which shards the student in place) / compile: before the optimizer
-    optimizer = make_optimizer(student, args)
+    optimizer = make_optimizer(args, student)
     step = resume(run, {"": student}, {"policy": optimizer}).get("step", 0)
-    stop_ids = stop_token_ids_for(args.teacher, tokenizer)  # one vocabulary: the teacher's stop ids are the student's
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=f"distill {args.loss}")
     while step < args.max_steps:
         t0 = time.time()
-        examples, stats = step_sequences(args, run, student, teacher, tokenizer, data, kd_examples, step, stop_ids)
+        examples, stats = step_sequences(run, args, student, teacher, tokenizer, data, kd_examples, step)
         t_gen = time.time() - t0
         n_tokens = run.all_sum(sum(sum(m[1:]) for _, m in examples))
         loss_sum = 0.0
@@ -372,18 +362,16 @@ def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
                 (loss * run.world / n_tokens).backward()  # DDP averages over ranks; we want the global token mean
             loss_sum += loss.item()
             del t_logits, loss  # the teacher's logits of this micro-batch are no longer needed
-        grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr_at(step, args))
+        grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr_at(args, step))
         step += 1
         stats = {k: run.all_sum(v) for k, v in sorted(stats.items())}
-        metrics = {"loss": run.all_sum(loss_sum) / n_tokens, "lr": lr_at(step - 1, args), "grad_norm": grad_norm,
+        metrics = {"loss": run.all_sum(loss_sum) / n_tokens, "lr": lr_at(args, step - 1), "grad_norm": grad_norm,
                    "skipped": skipped, "gen_s": t_gen, "tokens_per_s": n_tokens / (time.time() - t0)}
         for who in ("student", "teacher"):
             if stats.get(f"{who}_samples"):
                 metrics[f"{who}_sample_acc"] = stats[f"{who}_sample_acc"] / stats[f"{who}_samples"]
                 metrics[f"{who}_sample_len"] = stats[f"{who}_sample_len"] / stats[f"{who}_samples"]
-        run.log(step, metrics)
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics.get('student_sample_acc', float('nan')):.2f}")
+        run.log(step, metrics, pbar, show=("loss", "student_sample_acc"))
         checkpoint_or_stop(run, step, {"": student}, {"policy": optimizer}, tokenizer)
     pbar.close()
     save_checkpoint(run, step, {"": student}, {"policy": optimizer}, tokenizer)
@@ -395,34 +383,26 @@ def train_logits(args, run, student, teacher, tokenizer, data, kd_examples):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = Run(args, "distill")
-    # The teacher only runs forward: no gradient, bf16 on GPU (it may be much larger than the student)
-    teacher = load_frozen(args.teacher, run)
-    teacher_tok = Tokenizer.from_pretrained(args.teacher)
-    student = student_tok = None
-    if not args.traces_only:
-        config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd, num_hidden_layers=args.n_layer,
-                             num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
-                             max_position_embeddings=512)
-        student, student_tok = load_model(args.student, run, config)
-        reason = vocab_mismatch(teacher_tok, student_tok) if args.mode == "logits" else None
+    run = Run.start(args, "distill")
+    with user_input():
+        # The teacher only runs forward: no gradient, bf16 on GPU (it may be much larger than the student)
+        teacher = load_frozen(run, args.teacher)
+        teacher_tok = Tokenizer.from_pretrained(args.teacher)
+        student = student_tok = None
+        if not args.traces_only:
+            config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd,
+                                 num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
+                                 num_key_value_heads=args.n_head, max_position_embeddings=512)
+            student, student_tok = load_model(run, args.student, config)
+        reason = vocab_mismatch(teacher_tok, student_tok) if args.mode == "logits" and student else None
         if reason:
             student_name = args.student or "byte_level (a fresh student)"
             raise SystemExit(f"--mode logits needs one vocabulary, but the teacher's tokenizer ({args.teacher}) and "
                              f"the student's ({student_name}) differ: {reason}. Use a student with the teacher's "
                              "tokenizer, or --mode traces (it distils through text and works across tokenizers).")
-    # prompts that leave no room for max_new_tokens in either model's context are dropped (and reported)
-    models = [(teacher, teacher_tok)] + ([(student, student_tok)] if student is not None else [])
-
-    def fitting(problems, source):
-        for model, tok in models:
-            limit = model.config.max_position_embeddings
-            problems = drop_long_prompts(problems, tok, args.max_new_tokens, limit, source)
-        return problems
-    data = None if args.data == "builtin" else fitting(templated_problems(args.data, args.prompt_template), args.data)
-    heldout = (builtin_problems("heldout", args.heldout_problems) if args.heldout_data is None  # grpo.py's problems
-               else fitting(templated_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems],
-                            args.heldout_data))
+        # prompts that leave no room for max_new_tokens in either model's context are dropped (and reported)
+        models = [(teacher, teacher_tok)] + ([(student, student_tok)] if student is not None else [])
+        data, heldout = rl_problems(args, [(tok, m.config.max_position_embeddings) for m, tok in models])
 
     summary = {"mode": args.mode, "teacher": args.teacher, "student": args.student or "fresh"}
     summary["teacher_acc"] = heldout_accuracy(run, teacher, teacher_tok, heldout, args.max_new_tokens)[0]
@@ -439,10 +419,10 @@ def main(argv=None):
         if reuse:
             stats = json.loads(stats_file.read_text())
         else:
-            problems = (builtin_problems("train", args.num_prompts, args.seed) if data is None
+            problems = (verify.task_problems(args.data, "train", args.num_prompts, args.seed) if data is None
                         else random.Random(args.seed).sample(data, min(args.num_prompts, len(data))))
             t0 = time.time()
-            stats = make_traces(args, run, teacher, teacher_tok, problems)
+            stats = make_traces(run, args, teacher, teacher_tok, problems)
             stats["sampling_s"] = round(time.time() - t0, 1)
         summary.update(stats)
         run.print(f"traces: kept {stats['kept']} of {stats['sampled']} (keep rate {stats['keep_rate']:.3f}; "
@@ -470,9 +450,10 @@ def main(argv=None):
     else:
         kd_examples = None
         if args.kd_data != "teacher":
-            chats = builtin_chats("train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
+            task = args.data if verify.is_builtin(args.data) else "builtin"
+            chats = builtin_chats(task, "train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
             kd_examples = tokenize_dataset(student_tok, chats, args.max_len)[0]
-        steps = train_logits(args, run, student, teacher, student_tok, data, kd_examples)
+        steps = train_logits(run, args, student, teacher, student_tok, data, kd_examples)
 
     summary["student_acc_after"], summary["student_mean_length_after"] = heldout_accuracy(
         run, student, student_tok, heldout, args.max_new_tokens)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -296,6 +296,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
+        self.generation_config = {}  # generation_config.json of the checkpoint (eos ids: where rollouts stop)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -354,15 +355,14 @@ class Transformer(nn.Module):
         config_file = path / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{config_file} not found (a Hugging Face model folder needs config.json)")
-        try:
-            cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        cfg = ModelConfig.from_hf(read_json(config_file), source=str(config_file))
         tensors = read_safetensors(path, dtype=parse_dtype(dtype), device=device)
         with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
             model = cls(cfg)
         model.load_hf_state_dict(tensors, source=str(path), assign=True)
         model.inv_freq = rope_inv_freq(cfg, device=device)
+        if (path / "generation_config.json").exists():
+            model.generation_config = read_json(path / "generation_config.json")
         return model
 
     def load_hf_state_dict(self, tensors, source="checkpoint", assign=False):
@@ -385,25 +385,37 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def save_pretrained(self, path, tokenizer=None, generation_config=None):
-        """Write config.json, model.safetensors (shards over 4 GB, with an index), generation_config.json and
-        the tokenizer files, atomically: into a temporary folder first, then renamed into place, so a crash
-        never leaves a half-written checkpoint at `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        dtype = self.embed_tokens.weight.dtype
-        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(dtype), indent=2) + "\n")
-        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
-        gen.update(generation_config or {})
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        state = {hf_name(n): p.detach().contiguous().cpu() for n, p in self.named_parameters()}
-        write_safetensors(state, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for f in [tmp, *tmp.iterdir()]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        replace_dir(tmp, path)
+    def save_pretrained(self, path, tokenizer=None):
+        """A Hugging Face folder (see save_folder) with generation_config.json: the loaded checkpoint's, so that
+        its stop tokens and sampling defaults survive training, with bos/eos from the config where it had none."""
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
+               **self.generation_config}
+        save_folder(path, self.config.to_hf(self.embed_tokens.weight.dtype),
+                    {hf_name(n): p for n, p in self.named_parameters()}, tokenizer, {"generation_config.json": gen})
+
+
+def read_json(file):
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def save_folder(path, hf_config, tensors, tokenizer=None, extra_json=None):
+    """Write a Hugging Face folder: config.json, model.safetensors (shards over 4 GB, with an index), the tokenizer
+    files and extra_json ({file name: object}), atomically: into a temporary folder first, then renamed into place,
+    so a crash never leaves a half-written checkpoint at `path`. Files 0644, folder 0755, like any download."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    for name, obj in {"config.json": hf_config, **(extra_json or {})}.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    write_safetensors({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for f in [tmp, *tmp.iterdir()]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
+        f.chmod(0o755 if f.is_dir() else 0o644)
+    replace_dir(tmp, path)
 
 
 def hf_name(name):
@@ -415,7 +427,7 @@ def read_safetensors(path, dtype=None, device=None):
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
@@ -427,10 +439,13 @@ def read_safetensors(path, dtype=None, device=None):
     for f in files:
         if not (path / f).exists():
             raise FileNotFoundError(f"{path / f} is listed in {index.name} but missing")
-        with safe_open(path / f, framework="pt", device=str(device or "cpu")) as st:
-            for name in st.keys():
-                t = st.get_tensor(name)
-                tensors[name] = t.to(dtype) if dtype is not None else t
+        try:
+            with safe_open(path / f, framework="pt", device=str(device or "cpu")) as st:
+                for name in st.keys():
+                    t = st.get_tensor(name)
+                    tensors[name] = t.to(dtype) if dtype is not None else t
+        except SafetensorError as e:  # truncated download, disk full during a save, not a safetensors file
+            raise ValueError(f"{path / f}: not a readable safetensors file ({e}); re-download or re-save it") from None
     return tensors
 
 

@@ -1,7 +1,8 @@
 r"""PPO for language models with a learned critic (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022):
 the RLHF recipe, here with a verifier's or a reward model's score as the reward.
 
-Each step samples completions for a batch of prompts and scores them (verify.py, or --reward_model).
+Each step samples completions for a batch of prompts and scores them with grpo.py's rewards (verify.compute_rewards:
+the verifier, and --reward_model's score when given; see "rewards" in --help).
 Every completion token gets the reward -beta * KL(pi || pi_ref) (per-token k1 estimate), and the last one the
 sequence score too. A value model (transformer + scalar head per token) estimates the return from each token;
 GAE turns rewards and values into advantages; then several epochs of clipped policy and value updates run over
@@ -11,7 +12,7 @@ CPU, no arguments: the committed tiny checkpoint on the built-in arithmetic task
 held-out greedy accuracy before and after:
     python ppo.py
 With a learned reward instead of the verifier (train one first: python reward_model.py):
-    python ppo.py --reward_model out/reward_model/final
+    python ppo.py --reward_model out/reward_model/final --accuracy_weight 0 --format_weight 0
 8 GPUs (the --batch_size counts completions over all GPUs):
     torchrun --nproc_per_node=8 ppo.py --model Qwen2.5-1.5B-Instruct --data gsm8k_train.jsonl \
         --heldout_data gsm8k_test.jsonl --batch_size 512 --lr 1e-6 --critic_lr 5e-6 --max_new_tokens 1024 \
@@ -30,30 +31,31 @@ positions whose next token is a completion token):
 """
 import argparse
 import math
-import os
 import random
 import time
 
 import torch
 from tqdm import tqdm
 
-import verify
-from grpo import clipped_surrogate, heldout_before, problems_for_step, rl_problems, sample_groups
+from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, length_buckets, load_policy,
+                    lr_at, make_optimizer, micro_batches, optimizer_step, resume, step_problems,
+                    user_input, world_size)
+from grpo import clipped_surrogate
 from model import Tokenizer, token_entropy, token_logprobs
 from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
-from sample import PROMPT_TEMPLATE
-from sft import (Run, add_training_args, checkpoint_or_stop, first_loss_position, heldout_accuracy, load_frozen,
-                 load_model, lr_at, make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint)
+from sample import (PROMPT_TEMPLATE, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
+                    sample_groups)
+from verify import add_reward_args
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL penalty (default: --model)")
-    p.add_argument("--reward_model", default=None, help="a reward_model.py folder: its score replaces the verifier")
     p.add_argument("--critic_model", default=None, help="value model init: a reward-model or causal LM folder "
                    "(default: --reward_model if given, else --model)")
-    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH), or 'builtin'")
+    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
+                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out)")
     p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
     p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
@@ -61,8 +63,6 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=64, help="completion length limit")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--top_p", type=float, default=None, help="rollout nucleus sampling")
-    p.add_argument("--accuracy_weight", type=float, default=1.0, help="verifier reward: weight of math_reward")
-    p.add_argument("--format_weight", type=float, default=0.1, help="verifier reward: weight of format_reward")
     p.add_argument("--kl_coef", type=float, default=0.02, help="beta: initial KL(pi || pi_ref) penalty per token")
     p.add_argument("--target_kl", type=float, default=0.0, help="adaptive KL controller target (nats per "
                    "sequence; 0: fixed beta)")
@@ -79,13 +79,14 @@ def build_parser():
     p.add_argument("--critic_lr", type=float, default=1e-3, help="critic peak learning rate (--lr is the policy's)")
     p.add_argument("--eval_every", type=int, default=5, help="held-out accuracy every N steps (0: start and end)")
     add_training_args(p, "ppo", lr=1e-4, max_steps=25, batch_size=256)
+    add_reward_args(p)
     return p
 
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     if args.batch_size % (args.group_size * world):
         p.error(f"--batch_size {args.batch_size} is not divisible by --group_size {args.group_size} x {world} ranks")
     if args.batch_size // world < args.n_minibatches:
@@ -158,40 +159,19 @@ def adaptive_kl_coef(beta, kl, target, n_steps, horizon):
 # Rollouts
 
 
-def rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
-    """Sample group_size completions per problem (one batched generate call) and score them. The verifier's
-    accuracy is always computed (it is logged); the reward is the reward model's score when there is one."""
-    problems, prompts, outs, truncated, texts = sample_groups(args, run, policy, tokenizer, problems, seed)
-    accuracy = [verify.safe_reward(verify.math_reward, c, p["answer"]) for c, p in zip(texts, problems)]
-    if reward_model is not None:
-        scores = reward_model.score([p["prompt"] for p in problems], texts)
-    else:
-        fmt = [verify.safe_reward(verify.format_reward, c) for c in texts]
-        scores = torch.tensor([args.accuracy_weight * a + args.format_weight * f for a, f in zip(accuracy, fmt)])
-    return {"prompts": prompts, "completions": outs, "truncated": truncated, "accuracy": accuracy,
-            "scores": scores.float()}
-
-
 def row_chunks(lengths, rows, max_tokens):
-    """Sort rows by length and cut them into pieces of at most max_tokens padded tokens: [(rows, T)]."""
-    rows = sorted(rows, key=lambda r: lengths[r])
-    out, start = [], 0
-    while start < len(rows):
-        end = start + 1
-        while end < len(rows) and (end + 1 - start) * lengths[rows[end]] <= max_tokens:
-            end += 1
-        out.append((rows[start:end], lengths[rows[end - 1]]))
-        start = end
-    return out
+    """rows cut into length-bucketed pieces of at most max_tokens padded tokens: [(rows, T)], T the longest."""
+    return [([rows[i] for i in b], max(lengths[rows[i]] for i in b))
+            for b in length_buckets([lengths[r] for r in rows], max_tokens)]
 
 
 @torch.no_grad()
-def prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, pad_id):
+def prepare_batch(run, args, policy, ref_model, critic, batch, kl_coef, pad_id):
     """Rollouts -> the tensors PPO trains on: x, y, mask, old logp, old values, advantages, returns [B, T]."""
     examples = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(batch["prompts"], batch["completions"])]
     [(rows, x, y, mask)] = micro_batches(examples, math.inf, pad_id)  # one right-padded batch, sorted by length
     x, y, mask = x.to(run.device), y.to(run.device), mask.to(run.device)
-    scores = batch["scores"][rows].to(run.device)
+    scores = torch.tensor(batch["rewards"], dtype=torch.float)[rows].to(run.device)
     lengths = [len(examples[r][0]) - 1 for r in rows]
     logp, ref_logp, values = (torch.zeros_like(mask) for _ in range(3))
     # FSDP: both models gathered once, so ranks may run different numbers of micro-batches
@@ -214,7 +194,7 @@ def prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, pad_id):
 # Training
 
 
-def ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_critic, data):
+def ppo_update(run, args, step, train_policy, train_critic, opt_policy, opt_critic, data):
     """ppo_epochs passes over this rank's rollouts, each in n_minibatches shuffled minibatches; one optimizer
     step of each model per minibatch. Losses are token means over the minibatch on all ranks."""
     stats = {k: 0.0 for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "entropy")}
@@ -248,29 +228,26 @@ def ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_crit
                              ("value_clip_frac", (vclipped * w).sum().item() / n_tokens),
                              ("entropy", (entropy.detach() * w).sum().item() / n_tokens)):
                     stats[k] += v / n_updates
-            policy_norm, skipped_p = optimizer_step(run, train_policy, opt_policy, lr_at(step, args))
-            critic_norm, skipped_c = optimizer_step(run, train_critic, opt_critic, lr_at(step, args, args.critic_lr))
+            policy_norm, skipped_p = optimizer_step(run, train_policy, opt_policy, lr_at(args, step))
+            critic_norm, skipped_c = optimizer_step(run, train_critic, opt_critic, lr_at(args, step, args.critic_lr))
     stats = {k: run.all_sum(v) for k, v in stats.items()}
     return {**stats, "grad_norm": policy_norm, "critic_grad_norm": critic_norm, "skipped": skipped_p or skipped_c}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    run = Run(args, "ppo")
-    policy, tokenizer = load_model(args.model, run)
-    # beta = 0 (and no controller to raise it): no reference model at all
-    ref_model = load_frozen(args.ref_model or args.model, run) if args.kl_coef > 0 else None
-    reward_model = None
-    if args.reward_model:
-        reward_model = load_reward_model(args.reward_model, device=run.device, tokenizer_of_policy=tokenizer)
-    critic_path = args.critic_model or args.reward_model or args.model
-    check_same_tokenizer(Tokenizer.from_pretrained(critic_path), tokenizer, what="critic")  # it reads policy ids
-    critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
-    critic.backbone.grad_checkpointing = args.grad_checkpointing
-    data, heldout = rl_problems(args, tokenizer, policy.config.max_position_embeddings)
+    run = Run.start(args, "ppo")
+    with user_input():
+        policy, tokenizer, ref_model = load_policy(run, args, args.kl_coef)  # beta = 0 (no controller): no reference
+        reward_model = load_reward_model(args.reward_model, run.device, tokenizer_of_policy=tokenizer)
+        critic_path = args.critic_model or args.reward_model or args.model
+        check_same_tokenizer(Tokenizer.from_pretrained(critic_path), tokenizer, what="critic")  # it reads policy ids
+        critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
+        critic.backbone.grad_checkpointing = args.grad_checkpointing
+        data, heldout = rl_problems(args, [(tokenizer, policy.config.max_position_embeddings)])
 
     train_policy, train_critic = run.wrap(policy), run.wrap(critic)
-    opt_policy, opt_critic = make_optimizer(policy, args), make_optimizer(critic, args, lr=args.critic_lr)
+    opt_policy, opt_critic = make_optimizer(args, policy), make_optimizer(args, critic, lr=args.critic_lr)
     models, optimizers = {"": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
     state = resume(run, models, optimizers)
     step, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
@@ -279,46 +256,32 @@ def main(argv=None):
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="ppo")
     while step < args.max_steps:
         t0 = time.time()
-        problems = problems_for_step(args, run, data, step, 0)
+        problems = step_problems(run, args.batch_size // args.group_size // run.world, data, step)
         seed = random.Random(f"sample-{args.seed}-{step}-{run.rank}").randrange(2**31)
-        batch = rollout(args, run, policy, tokenizer, problems, seed, reward_model)
+        batch = sample_groups(run, args, policy, tokenizer, problems, seed, reward_model)
         t_gen = time.time() - t0
-        prepared = prepare_batch(args, run, policy, ref_model, critic, batch, kl_coef, tokenizer.pad_token_id)
-        stats = ppo_update(args, run, step, train_policy, train_critic, opt_policy, opt_critic, prepared)
+        prepared = prepare_batch(run, args, policy, ref_model, critic, batch, kl_coef, tokenizer.pad_token_id)
+        stats = ppo_update(run, args, step, train_policy, train_critic, opt_policy, opt_critic, prepared)
         t_train = time.time() - t0 - t_gen
         step += 1
         n = run.all_sum(len(batch["completions"]))
         kl = run.all_sum(prepared["kl"].sum().item()) / n  # nats per sequence: sum over its tokens of k1
-        lengths = torch.tensor([len(c) for c in batch["completions"]], dtype=torch.float)
-        metrics = {"reward": run.all_sum(batch["scores"].sum().item()) / n,
-                   "accuracy": run.all_sum(sum(batch["accuracy"])) / n, "kl": kl, "kl_coef": kl_coef,
-                   **stats, "explained_variance": prepared["explained_variance"],
-                   "completion_len_mean": run.all_sum(lengths.sum().item()) / n,
-                   "completion_len_max": run.all_max(lengths.max().item()),
-                   "truncated_frac": run.all_sum(sum(batch["truncated"])) / n,
-                   "lr": lr_at(step - 1, args), "critic_lr": lr_at(step - 1, args, args.critic_lr),
+        metrics = {**rollout_metrics(run, batch["rewards"], batch["parts"], batch["completions"], batch["truncated"]),
+                   "kl": kl, "kl_coef": kl_coef, **stats, "explained_variance": prepared["explained_variance"],
+                   "lr": lr_at(args, step - 1), "critic_lr": lr_at(args, step - 1, args.critic_lr),
                    "gen_s": t_gen, "train_s": t_train}
         if args.target_kl > 0:
             kl_coef = adaptive_kl_coef(kl_coef, kl, args.target_kl, n, args.kl_horizon)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             metrics["heldout_acc"], metrics["heldout_mean_length"] = heldout_accuracy(
                 run, policy, tokenizer, heldout, args.max_new_tokens)
-        run.log(step, metrics)
-        pbar.update(1)
-        pbar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}", kl=f"{kl:.2f}",
-                         ev=f"{metrics['explained_variance']:.2f}")
+        run.log(step, metrics, pbar, show=("reward", "accuracy", "kl", "explained_variance"))
         ckpt_state = {"heldout_acc_before": acc_before, "kl_coef": kl_coef}
         checkpoint_or_stop(run, step, models, optimizers, tokenizer, ckpt_state)
     pbar.close()
 
-    acc_after, len_after = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
-    run.log(step, {"heldout_acc": acc_after, "heldout_mean_length": len_after})
-    save_checkpoint(run, step, models, optimizers, tokenizer, {"heldout_acc_before": acc_before, "kl_coef": kl_coef})
-    final = save_checkpoint(run, step, {"": policy}, {}, tokenizer, name="final")
-    run.print(f"held-out greedy accuracy: {acc_before:.3f} -> {acc_after:.3f} ({len(heldout)} problems); saved {final}")
-    run.write_summary({"heldout_acc_before": acc_before, "heldout_acc_after": acc_after,
-                       "heldout_mean_length_after": len_after, "heldout_problems": len(heldout), "steps": step,
-                       "final_kl_coef": kl_coef, "final_checkpoint": str(final)})
+    finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout,
+                  {"heldout_acc_before": acc_before, "kl_coef": kl_coef})
 
 
 if __name__ == "__main__":

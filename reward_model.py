@@ -35,7 +35,6 @@ import dataclasses
 import json
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,11 +43,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_safetensors, replace_dir,
-                   rope_inv_freq, write_safetensors)
-from sft import (Run, add_training_args, builtin_problems, lr_at, make_optimizer, optimizer_step, render, resume,
-                 save_checkpoint, checkpoint_or_stop, worked_solution)
-from verify import read_jsonl
+from common import (Run, add_training_args, checkpoint_or_stop, length_buckets, lr_at, make_optimizer,
+                    optimizer_step, pad_right, resume, save_checkpoint, step_indices, user_input)
+from model import ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_safetensors, rope_inv_freq, save_folder
+from sample import render
+from verify import builtin_problems, read_jsonl, worked_solution
 
 # ----------------------------------------------------------------------------------------------------
 # The model: backbone + scalar head
@@ -72,10 +71,6 @@ class RewardModel(nn.Module):
     def forward(self, idx, attention_mask=None):
         """idx [B, T] -> one scalar per position [B, T], float32."""
         return self.head(self.backbone.hidden(idx, attention_mask)).squeeze(-1).float()
-
-    @property
-    def embed_tokens(self):  # sft.resume reads the dtype and device of the weights from here, as for a Transformer
-        return self.backbone.embed_tokens
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
@@ -118,22 +113,14 @@ class RewardModel(nn.Module):
         self.head.load_state_dict({"weight": score.to(w.dtype)}, assign=assign)
 
     def save_pretrained(self, path, tokenizer=None):
-        """The Hugging Face sequence-classification folder described at the top, written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        dtype = self.backbone.embed_tokens.weight.dtype
-        hf = self.config.to_hf(dtype)
+        """The Hugging Face sequence-classification folder described at the top (model.save_folder: atomic, the
+        same file modes as a policy folder)."""
+        hf = self.config.to_hf(self.backbone.embed_tokens.weight.dtype)
         pad = tokenizer.pad_token_id if tokenizer is not None else hf.get("pad_token_id")
         hf.update(architectures=[self.config.architecture.replace("ForCausalLM", "ForSequenceClassification")],
                   num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        state = {hf_name(n): p.detach().contiguous().cpu() for n, p in self.backbone.named_parameters()}
-        state["score.weight"] = self.head.weight.detach().contiguous().cpu()
-        write_safetensors(state, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, path)
+        tensors = {hf_name(n): p for n, p in self.backbone.named_parameters()}
+        save_folder(path, hf, {**tensors, "score.weight": self.head.weight}, tokenizer)
 
     @torch.no_grad()
     def score(self, prompts, responses, batch_size=64):
@@ -143,7 +130,7 @@ class RewardModel(nn.Module):
         seqs = [pair_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
         device, out = self.head.weight.device, []
         for i in range(0, len(seqs), batch_size):
-            ids, mask = pad_right(seqs[i:i + batch_size], self.tokenizer.pad_token_id)
+            ids, mask = pad_pairs(seqs[i:i + batch_size], self.tokenizer.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
             out.append(last_token_values(self(ids), mask))  # right padding: plain causal attention is exact
         return torch.cat(out).cpu() if out else torch.zeros(0)
@@ -186,8 +173,10 @@ def check_same_tokenizer(model_tokenizer, policy_tokenizer, what="reward model")
 
 
 def load_reward_model(path, device="cpu", tokenizer_of_policy=None, dtype=None):
-    """A trained reward model ready to .score(prompts, responses), frozen, in eval mode. With
+    """A trained reward model ready to .score(prompts, responses), frozen, in eval mode (None for path None). With
     tokenizer_of_policy, a reward model whose tokenizer differs from the policy's is refused."""
+    if path is None:
+        return None
     tokenizer = Tokenizer.from_pretrained(path)
     if tokenizer_of_policy is not None:
         check_same_tokenizer(tokenizer, tokenizer_of_policy)
@@ -278,7 +267,7 @@ def spoil(problem, kind, show_steps, rng):
 
 
 def builtin_pairs(split, n, seed=0, kinds=DEFAULT_KINDS):
-    """n preference pairs on the train or heldout problems of sft.builtin_problems (disjoint splits); each pair's
+    """n preference pairs on the train or heldout problems of verify.builtin_problems (disjoint splits); each pair's
     kind is drawn uniformly from the comma-separated kinds that fit its problem."""
     kinds = kinds.split(",") if isinstance(kinds, str) else list(kinds)
     if not kinds or set(kinds) - set(KINDS):
@@ -319,29 +308,18 @@ def tokenize_pairs(tokenizer, pairs, max_len, margin=0.0):
     return out, dropped
 
 
-def pad_right(seqs, pad_id):
+def pad_pairs(seqs, pad_id):
     """Lists of ids -> right-padded ids [B, T] and mask [B, T] (1 = token)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
+    return pad_right(seqs, pad_id), pad_right([[1] * len(s) for s in seqs], 0)
 
 
 def pair_micro_batches(pairs, max_tokens, pad_id):
-    """Sort pairs by length and cut them into micro-batches of at most max_tokens padded tokens. Each is
+    """Length-bucketed micro-batches of pairs, at most max_tokens padded tokens each (both sides count). Each is
     (rows, ids [2n, T], mask [2n, T], margins [n]): the n chosen sequences first, then the n rejected ones."""
-    length = lambda i: max(len(pairs[i][0]), len(pairs[i][1]))
-    order, out, start = sorted(range(len(pairs)), key=length), [], 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and 2 * (end + 1 - start) * length(order[end]) <= max_tokens:
-            end += 1
-        rows = order[start:end]
-        ids, mask = pad_right([pairs[i][0] for i in rows] + [pairs[i][1] for i in rows], pad_id)
+    out = []
+    for rows in length_buckets([max(len(c), len(r)) for c, r, *_ in pairs], max_tokens, rows_per_item=2):
+        ids, mask = pad_pairs([pairs[i][0] for i in rows] + [pairs[i][1] for i in rows], pad_id)
         out.append((rows, ids, mask, torch.tensor([pairs[i][2] for i in rows])))
-        start = end
     return out
 
 
@@ -416,17 +394,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.export_builtin:
         return export_builtin(args.export_builtin, args.builtin_size, args.heldout_pairs, args.builtin_kinds)
-    run = Run(args, "reward_model")
-    tokenizer = Tokenizer.from_pretrained(args.model)
-    model = RewardModel.from_pretrained(args.model, dtype=run.dtype, device=run.device)
-    model.backbone.grad_checkpointing = args.grad_checkpointing
+    run = Run.start(args, "reward_model")
     builtin = args.data == "builtin"
     kinds = args.builtin_kinds
-    train_pairs = builtin_pairs("train", args.builtin_size, args.seed, kinds) if builtin else load_pairs(args.data)
-    eval_pairs = load_pairs(args.eval_data) if args.eval_data else (
-        builtin_pairs("heldout", args.heldout_pairs, args.seed, kinds) if builtin else None)
-    train, dropped = tokenize_pairs(tokenizer, train_pairs, args.max_len, args.margin)
-    evals = tokenize_pairs(tokenizer, eval_pairs, args.max_len, args.margin)[0] if eval_pairs else None
+    with user_input():
+        tokenizer = Tokenizer.from_pretrained(args.model)
+        model = RewardModel.from_pretrained(args.model, dtype=run.dtype, device=run.device)
+        model.backbone.grad_checkpointing = args.grad_checkpointing
+        train_pairs = builtin_pairs("train", args.builtin_size, args.seed, kinds) if builtin else load_pairs(args.data)
+        eval_pairs = load_pairs(args.eval_data) if args.eval_data else (
+            builtin_pairs("heldout", args.heldout_pairs, args.seed, kinds) if builtin else None)
+        train, dropped = tokenize_pairs(tokenizer, train_pairs, args.max_len, args.margin)
+        evals = tokenize_pairs(tokenizer, eval_pairs, args.max_len, args.margin)[0] if eval_pairs else None
     if not train:
         raise SystemExit(f"{args.data}: every pair was dropped (longer than --max_len {args.max_len})")
     run.print(f"{len(train)} training pairs ({dropped} dropped as longer than {args.max_len} tokens); "
@@ -434,7 +413,7 @@ def main(argv=None):
     pad = tokenizer.pad_token_id
 
     train_model = run.wrap(model)
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(args, model)
     state = resume(run, {"": model}, {"reward_model": optimizer})
     step = state.get("step", 0)
     before = state.get("heldout_before")
@@ -442,14 +421,10 @@ def main(argv=None):
         before = evaluate(run, model, evals, args.micro_batch_tokens, pad)
         run.print(f"held-out pairwise accuracy before training: {before['heldout_pair_acc']:.3f}")
         run.log(step, before)
-    per_epoch = max(1, len(train) // args.batch_size)
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="reward_model")
     while step < args.max_steps:
         t0 = time.time()
-        # a seeded permutation per epoch: any step's pairs follow from the step number alone (exact resume)
-        epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        batch = [train[i] for i in order[offset * args.batch_size:(offset + 1) * args.batch_size]][run.rank::run.world]
+        batch = [train[i] for i in step_indices(len(train), args.batch_size, step, args.seed)][run.rank::run.world]
         n_pairs = run.all_sum(len(batch))
         sums, n_tokens = {"loss": 0.0, "correct": 0.0, "gap": 0.0}, 0
         chunks = pair_micro_batches(batch, args.micro_batch_tokens, pad)
@@ -462,7 +437,7 @@ def main(argv=None):
             for k, v in pair_stats(rc.detach(), rr.detach()).items():
                 sums[k] += v
             n_tokens += ids.numel()
-        lr = lr_at(step, args)
+        lr = lr_at(args, step)
         grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr)
         step += 1
         metrics = {"loss": run.all_sum(sums["loss"]) / n_pairs, "pair_acc": run.all_sum(sums["correct"]) / n_pairs,
@@ -470,9 +445,7 @@ def main(argv=None):
                    "skipped": skipped, "tokens_per_s": run.all_sum(n_tokens) / (time.time() - t0)}
         if evals and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             metrics.update(evaluate(run, model, evals, args.micro_batch_tokens, pad))
-        run.log(step, metrics)
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pair_acc']:.3f}")
+        run.log(step, metrics, pbar, show=("loss", "pair_acc"))
         ckpt_state = {"heldout_before": before}
         checkpoint_or_stop(run, step, {"": model}, {"reward_model": optimizer}, tokenizer, ckpt_state)
     pbar.close()

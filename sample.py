@@ -1,5 +1,8 @@
-"""Batched sampling with a static KV cache: the rollout engine of every RL script, and a command line to
-chat with or evaluate a checkpoint.
+"""Batched sampling with a static KV cache, the one rollout function every script uses, and a command line to chat
+with or evaluate a checkpoint. Top to bottom: sample_next, generate (left-padded prompts, a static cache), render and
+prompt_ids (the chat template), stop_token_ids and rollout (generate -> cut at the first stop token -> decode ->
+truncated flags), sample_groups and rollout_metrics (an RL step's scored groups, grpo.py and ppo.py), the problems of
+a run and held-out greedy accuracy, evaluate (pass@k, maj@k), the command line.
 
 CPU:
     python sample.py --model ~/.cache/smollm2-135m-instruct --prompt "What is 12+7?"
@@ -12,15 +15,16 @@ GPU (one device is enough for sampling; compile captures the decode step in a CU
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import verify
+from common import Run, save_checkpoint, unwrap, user_input
 from model import KVCache, Tokenizer, Transformer, padding_inputs
 
 
@@ -65,7 +69,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     token-id lists. Each sequence stops at its own stop token, which is kept as its last id; a list without
     one hit max_new_tokens. Prompts are left-padded so every row decodes at the same cache slot.
     on_token(list_of_B_ids) is called after every step (for streaming)."""
-    model = getattr(model, "module", model)  # DDP wrapper -> the model
+    model = unwrap(model)
     device = model.embed_tokens.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
@@ -133,18 +137,60 @@ def prompt_ids(tokenizer, text, system=None):
     return tokenizer.encode(render(tokenizer, messages, add_generation_prompt=True))
 
 
-def stop_token_ids_for(model_dir, tokenizer):
-    """Generation stops at the tokenizer's eos and at every eos id in generation_config.json."""
-    ids = {tokenizer.eos_token_id}
-    gen_file = Path(model_dir) / "generation_config.json"
-    if gen_file.exists():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos])
+def stop_token_ids(model, tokenizer):
+    """The one stop rule of every rollout: the tokenizer's eos and every eos id of the checkpoint's
+    generation_config.json (Llama 3.1 lists three: end_of_text, eom, eot)."""
+    eos = unwrap(model).generation_config.get("eos_token_id")
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
     return sorted(i for i in ids if i is not None)
 
 
+@torch.no_grad()
+def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=None, top_k=None, seed=0,
+            batch_size=None, compile=False, desc=None):
+    """The rollout of every script: generate from prompt ids (batch_size rows at a time, batch i seeded seed + i),
+    cut each row at its first stop token, decode. Returns (completion ids, ending with the stop token unless
+    truncated; texts, without it; truncated flags: hit max_new_tokens without a stop token)."""
+    stop = stop_token_ids(model, tokenizer)
+    batch_size = batch_size or max(1, len(prompts))
+    outs = []
+    with run.full_params(model) as plain:  # FSDP: gathered once for the whole rollout
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None or not run.is_main, leave=False):
+            with run.autocast():
+                outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)
+    truncated = [not (o and o[-1] in stop) for o in outs]
+    texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
+    return outs, texts, truncated
+
+
+def sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
+    """An RL step's rollouts (grpo.py, ppo.py): args.group_size completions per problem in one rollout, scored by
+    verify.compute_rewards. Returns a dict of lists, the samples of a problem adjacent."""
+    problems = [p for p in problems for _ in range(args.group_size)]
+    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems]
+    outs, texts, truncated = rollout(run, policy, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p,
+                                     seed=seed)
+    rewards, parts = verify.compute_rewards(args, problems, texts, [len(o) for o in outs], truncated, reward_model)
+    return {"prompts": prompts, "completions": outs, "texts": texts, "truncated": truncated, "rewards": rewards,
+            "parts": parts}
+
+
+def rollout_metrics(run, rewards, parts, completions, truncated):
+    """What an RL step logs about its rollouts, over all ranks: reward mean and std, accuracy, every other reward
+    component as reward_<name> (verify.REWARD_HELP), completion lengths and the truncated fraction."""
+    n = run.all_sum(len(completions))
+    lengths = [len(c) for c in completions]
+    mean = run.all_sum(sum(rewards)) / n
+    return {"reward": mean, "reward_std": math.sqrt(max(0.0, run.all_sum(sum(r * r for r in rewards)) / n - mean ** 2)),
+            "accuracy": run.all_sum(sum(parts["accuracy"])) / n,
+            **{f"reward_{k}": run.all_sum(sum(v)) / n for k, v in parts.items() if k != "accuracy"},
+            "completion_len_mean": run.all_sum(sum(lengths)) / n, "completion_len_max": run.all_max(max(lengths)),
+            "truncated_frac": run.all_sum(sum(truncated)) / n}
+
+
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: pass@k, maj@k, lengths and format over a problems file
+# Problems, held-out accuracy and evaluation (pass@k, maj@k, lengths and format over a problems file)
 
 
 def templated_problems(path, template):
@@ -166,38 +212,80 @@ def drop_long_prompts(problems, tokenizer, max_new_tokens, max_positions, source
     return kept
 
 
-def load_eval_problems(source, template):
+def load_eval_problems(source, template, n=500):
     """Problems from a JSONL file (the template turns each question into the user turn), or the built-in task's
-    held-out split ('builtin': prompts used as they are, the way the built-in models were trained)."""
-    if source == "builtin":
-        from sft import builtin_problems  # imported here: sft.py itself imports this file
-        return builtin_problems("heldout", 500)
-    return templated_problems(source, template)
+    held-out split of a built-in task ('builtin', 'builtin:countdown': prompts used as they are, the way the built-in
+    models were trained)."""
+    return verify.task_problems(source, "heldout", n) if verify.is_builtin(source) else templated_problems(source, template)
+
+
+def rl_problems(args, models):
+    """The problems of an RL (or distillation) run: (training problems, None for the built-in task's endless
+    stream; held-out problems). models: [(tokenizer, max_positions)]; prompts that leave no room for
+    --max_new_tokens in one of them are dropped and counted."""
+    def fitting(problems, source):
+        for tokenizer, max_positions in models:
+            problems = drop_long_prompts(problems, tokenizer, args.max_new_tokens, max_positions, source)
+        return problems
+    builtin = verify.is_builtin(args.data)
+    data = None if builtin else fitting(templated_problems(args.data, args.prompt_template), args.data)
+    if args.heldout_data is None:  # the task's own held-out split (the arithmetic task's for a file)
+        return data, verify.task_problems(args.data if builtin else "builtin", "heldout", args.heldout_problems)
+    heldout = load_eval_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems]
+    return data, fitting(heldout, args.heldout_data)
+
+
+@torch.no_grad()
+def heldout_accuracy(run, model, tokenizer, problems, max_new_tokens=96, batch_size=256):
+    """Greedy accuracy and mean completion length over problems, split across ranks."""
+    mine = problems[run.rank::run.world]
+    outs, texts, _ = rollout(run, model, tokenizer, [prompt_ids(tokenizer, p["prompt"]) for p in mine],
+                             max_new_tokens, temperature=0.0, batch_size=batch_size)
+    correct = sum(verify.safe_reward(verify.accuracy_reward, p, t) for t, p in zip(texts, mine))
+    return run.all_sum(correct) / len(problems), run.all_sum(sum(len(o) for o in outs)) / len(problems)
+
+
+def heldout_before(run, args, model, tokenizer, heldout, state):
+    """Held-out greedy accuracy of the starting policy (kept in the checkpoint, so a resumed run reports it too)."""
+    if state.get("heldout_acc_before") is not None:
+        return state["heldout_acc_before"]
+    acc, mean_len = heldout_accuracy(run, model, tokenizer, heldout, args.max_new_tokens)
+    run.print(f"held-out greedy accuracy before: {acc:.3f} (mean length {mean_len:.1f})")
+    run.log(0, {"heldout_acc": acc, "heldout_mean_length": mean_len})
+    return acc
+
+
+def finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout, state):
+    """The end of an RL run (grpo.py, ppo.py): held-out greedy accuracy after training, the last step's checkpoint
+    (with `state`, what resume needs), the final Hugging Face folder and summary.json."""
+    policy = models[""]
+    acc, mean_len = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
+    run.log(step, {"heldout_acc": acc, "heldout_mean_length": mean_len})
+    save_checkpoint(run, step, models, optimizers, tokenizer, state)
+    final = save_checkpoint(run, step, {"": policy}, {}, tokenizer, name="final")
+    before = state["heldout_acc_before"]
+    run.print(f"held-out greedy accuracy: {before:.3f} -> {acc:.3f} ({len(heldout)} problems); saved {final}")
+    run.write_summary({"heldout_acc_before": before, "heldout_acc_after": acc, "heldout_mean_length_after": mean_len,
+                       "heldout_problems": len(heldout), "steps": step, "final_checkpoint": str(final),
+                       **{f"final_{k}": v for k, v in state.items() if k != "heldout_acc_before"}})
 
 
 def powers_of_two(n):
     return [k for k in (2 ** i for i in range(n.bit_length())) if k <= n]
 
 
-def evaluate(model, tokenizer, problems, n=1, max_new_tokens=512, temperature=0.6, top_p=None, seed=0,
-             batch_size=64, stop_token_ids=None, compile=False, samples_file=None):
+def evaluate(run, model, tokenizer, problems, n=1, max_new_tokens=512, temperature=0.6, top_p=None, seed=0,
+             batch_size=64, compile=False, samples_file=None):
     """Sample n completions per problem and grade them. Returns the summary dict; writes one JSONL line per sample
     (problem id, completion, extracted answer, reward) when samples_file is given."""
-    stop = stop_token_ids or [tokenizer.eos_token_id]
     jobs = [(i, j) for i in range(len(problems)) for j in range(n)]
     prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems]
-    rows = []
-    for start in tqdm(range(0, len(jobs), batch_size), desc="eval", leave=False):
-        chunk = jobs[start:start + batch_size]
-        outs = generate(model, [prompts[i] for i, _ in chunk], max_new_tokens, temperature=temperature, top_p=top_p,
-                        stop_token_ids=stop, seed=seed + start, compile=compile)
-        for (i, j), out in zip(chunk, outs):
-            text = tokenizer.decode(out[:-1] if out and out[-1] in stop else out)
-            answer = verify.extract_answer(text)
-            rows.append({"id": i, "sample": j, "prompt": problems[i]["prompt"], "completion": text, "answer": answer,
-                         "gold": problems[i]["answer"], "length": len(out),
-                         "reward": 1.0 if answer is not None and verify.is_equiv(answer, problems[i]["answer"]) else 0.0,
-                         "format": verify.format_reward(text)})
+    outs, texts, _ = rollout(run, model, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens, temperature, top_p,
+                             seed=seed, batch_size=batch_size, compile=compile, desc="eval")
+    rows = [{"id": i, "sample": j, "prompt": problems[i]["prompt"], "completion": text,
+             "answer": verify.extract_answer(text), "gold": problems[i].get("answer"), "length": len(out),
+             "reward": verify.safe_reward(verify.accuracy_reward, problems[i], text),
+             "format": verify.format_reward(text)} for (i, j), out, text in zip(jobs, outs, texts)]
     if samples_file:
         Path(samples_file).parent.mkdir(parents=True, exist_ok=True)
         Path(samples_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -233,7 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
-                   "MATH format) or 'builtin' (the built-in task's 500 held-out problems)")
+                   "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
+                   "'builtin:countdown')")
     p.add_argument("--n", type=int, default=1, help="--eval: samples per problem (pass@k and maj@k for k = 1, 2, 4.. n)")
     p.add_argument("--limit", type=int, default=None, help="--eval: only the first N problems")
     p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences generated together")
@@ -249,17 +338,19 @@ def parse_args(argv=None):
 
 
 def run_eval(args):
-    problems = load_eval_problems(args.eval, args.prompt_template)[:args.limit]
+    run = Run(args, "sample")
+    with user_input():
+        problems = load_eval_problems(args.eval, args.prompt_template)[:args.limit]
     results = {}
     for path in args.compare or [args.model]:
-        tokenizer = Tokenizer.from_pretrained(path)
-        model = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device)
+        with user_input():
+            tokenizer = Tokenizer.from_pretrained(path)
+            model = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device)
         name = str(path)
         out = Path(args.out) / (name.strip("/").replace("/", "_") if args.compare else "")  # out/grpo/final -> out_grpo_final
-        results[name] = evaluate(model, tokenizer, problems, n=args.n, max_new_tokens=args.max_new_tokens,
+        results[name] = evaluate(run, model, tokenizer, problems, n=args.n, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                 batch_size=args.batch_size, stop_token_ids=stop_token_ids_for(path, tokenizer),
-                                 compile=args.compile, samples_file=out / "samples.jsonl")
+                                 batch_size=args.batch_size, compile=args.compile, samples_file=out / "samples.jsonl")
         (out / "summary.json").write_text(json.dumps({"model": str(path), "data": args.eval, **results[name],
                                                       "args": vars(args)}, indent=2) + "\n")
         del model
@@ -277,8 +368,9 @@ def main(argv=None):
         if not args.eval:
             raise SystemExit("--compare needs --eval DATA (the problems to compare the checkpoints on)")
         return run_eval(args)
-    tokenizer = Tokenizer.from_pretrained(args.model)
-    model = Transformer.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    with user_input():
+        tokenizer = Tokenizer.from_pretrained(args.model)
+        model = Transformer.from_pretrained(args.model, dtype=args.dtype, device=args.device)
     prompt = tokenizer.encode(args.prompt) if args.no_chat_template else prompt_ids(tokenizer, args.prompt, args.system)
     generated = []
     printed = ""
@@ -294,7 +386,7 @@ def main(argv=None):
 
     t0 = time.time()
     generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-             top_p=args.top_p, stop_token_ids=stop_token_ids_for(args.model, tokenizer), seed=args.seed,
+             top_p=args.top_p, stop_token_ids=stop_token_ids(model, tokenizer), seed=args.seed,
              compile=args.compile, on_token=stream)
     dt = time.time() - t0
     print(f"\n[{len(generated)} tokens in {dt:.2f}s, {len(generated) / dt:.1f} tok/s]", file=sys.stderr)

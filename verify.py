@@ -29,10 +29,12 @@ is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 
 Public API, in file order: extract_answer, extract_gsm8k_answer (answer extraction); is_equiv
 (equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
-extract_code, code_reward, safe_reward (rewards); countdown_problem, countdown_problems,
-countdown_worked_solution, countdown_reward, accuracy_reward (countdown, and the one reward that grades
-any problem dict by its fields); pass_at_k, majority_vote, maj_at_k (evaluation); read_jsonl,
-load_problems (data files). Everything after the "internals" line is private.
+extract_code, code_reward, safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the
+one reward that grades any problem dict by its fields); pass_at_k, majority_vote, maj_at_k
+(evaluation); read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in task), with
+countdown_problem, countdown_problems, countdown_worked_solution (Countdown), task_problems and
+task_solution (either, by the --data name); add_reward_args, compute_rewards
+(the reward of an RL completion, for grpo.py and ppo.py). Everything after the "internals" line is private.
 """
 
 import atexit
@@ -56,10 +58,8 @@ import warnings
 import zlib
 from fractions import Fraction
 
-
 # -----------------------------------------------------------------------------
 # answer extraction
-
 
 def extract_answer(text):
     """Content of the last well-formed \\boxed{...} / \\fbox{...} (or `\\boxed 5`), else of the last
@@ -72,17 +72,14 @@ def extract_answer(text):
     tags = re.findall(r"<answer>(.*?)</answer>", text, re.S)
     return tags[-1].strip() if tags else None
 
-
 def extract_gsm8k_answer(text):
     """GSM8K gold solutions end with '#### 1,234': return '1234' (None if there is no ####)."""
     if text is None or "####" not in str(text):
         return None
     return str(text).split("####")[-1].strip().replace(",", "")
 
-
 # -----------------------------------------------------------------------------
 # equivalence
-
 
 def is_equiv(pred, gold, timeout=5.0):
     """True if the two answers are mathematically equal (rules in the module docstring). Never
@@ -106,10 +103,8 @@ def is_equiv(pred, gold, timeout=5.0):
     except Exception:
         return False
 
-
 # -----------------------------------------------------------------------------
 # rewards
-
 
 def math_reward(response, gold, timeout=5.0):
     """1.0 if the response's final answer equals gold (a plain answer, a \\boxed solution, or a
@@ -120,7 +115,6 @@ def math_reward(response, gold, timeout=5.0):
         "\\boxed" in gold or "\\fbox" in gold or "<answer>" in gold) else gold
     return 1.0 if pred is not None and is_equiv(pred, gold, timeout) else 0.0
 
-
 def format_reward(response, require_open_tag=False):
     """R1 template, lenient: [<think>] reasoning </think> ... answer. Passes iff the text before the
     first </think> (after an optional leading <think>) has non-whitespace reasoning and the text after
@@ -130,9 +124,7 @@ def format_reward(response, require_open_tag=False):
     m = re.match(r"\s*" + ("<think>" if require_open_tag else "(?:<think>)?") + r"(.*?)</think>(.*)\Z", response, re.S)
     return 1.0 if m and m.group(1).strip() and (extract_answer(m.group(2)) or "").strip() else 0.0
 
-
 _EOS = re.compile(r"<\|[^|>]*\|>|</s>|<｜[^｜]*｜>")
-
 
 def strict_format_reward(response, require_open_tag=True):
     """Un-gameable template: exactly one <think> (optional if require_open_tag=False, but then at
@@ -165,7 +157,6 @@ def strict_format_reward(response, require_open_tag=True):
         end = tail[j + 1:]
     return 1.0 if re.fullmatch(r"(?:\s|[.!*$]|\\\]|\\\))*", _EOS.sub("", end)) else 0.0
 
-
 def cosine_length_reward(correct, length, max_length, r_correct=(2.0, 1.0), r_wrong=(-10.0, 0.0), r_exceed=-10.0):
     """Cosine length-scaling reward (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning
     in LLMs", Sec. 4.2; defaults from their runs: r_0^c=2, r_L^c=1, r_0^w=-10, r_L^w=0, r_e=-10).
@@ -178,7 +169,6 @@ def cosine_length_reward(correct, length, max_length, r_correct=(2.0, 1.0), r_wr
     # CosFn(t, T, eta_min, eta_max) = eta_min + 1/2 (eta_max - eta_min)(1 + cos(t pi / T)), eta_min=r_L, eta_max=r_0
     return rL + 0.5 * (r0 - rL) * (1.0 + math.cos(math.pi * length / max_length))
 
-
 def overlong_penalty(length, max_length, cache_length):
     """DAPO soft overlong punishment (Yu et al. 2025, Sec. 3.4), added to the task reward:
     0 if L <= L_max - L_cache; ((L_max - L_cache) - L) / L_cache inside the cache window; -1 beyond L_max."""
@@ -188,16 +178,13 @@ def overlong_penalty(length, max_length, cache_length):
         return ((max_length - cache_length) - length) / cache_length
     return -1.0
 
-
 def lcpo_reward(correct, length, target_length, alpha=0.0003):
     """L1 / LCPO-Exact (Aggarwal & Welleck 2025): r = 1[y = y_gold] - alpha * |n_gold - n_y|."""
     return float(bool(correct)) - alpha * abs(target_length - length)  # r = 1[y = y_gold] - alpha |n_gold - n_y|
 
-
 def lcpo_max_reward(correct, length, target_length, alpha=0.0003, delta=0.5):
     """L1 / LCPO-Max: r = 1[y = y_gold] * clip(alpha * (n_gold - n_y) + delta, 0, 1); n_gold is a budget."""
     return float(bool(correct)) * min(1.0, max(0.0, alpha * (target_length - length) + delta))  # clip(., 0, 1)
-
 
 def kimi_length_reward(lengths, correct):
     """Kimi k1.5 length penalty within one prompt's group of samples:
@@ -211,12 +198,10 @@ def kimi_length_reward(lengths, correct):
     lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]  # lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len)
     return [l if c else min(0.0, l) for l, c in zip(lam, correct)]
 
-
 _LANG_SCRIPTS = {"zh": {"CJK"}, "ja": {"CJK", "HIRAGANA", "KATAKANA"}, "ko": {"HANGUL"},
                  "ru": {"CYRILLIC"}, "uk": {"CYRILLIC"}, "ar": {"ARABIC"}, "he": {"HEBREW"},
                  "el": {"GREEK"}, "hi": {"DEVANAGARI"}, "th": {"THAI"}}
 _UNSPACED = {"CJK", "HIRAGANA", "KATAKANA", "THAI"}  # scripts written without spaces between words
-
 
 def language_consistency_reward(response, language="en"):
     """DeepSeek-R1 language-consistency reward: the fraction of words in the chain of thought (the
@@ -241,12 +226,10 @@ def language_consistency_reward(response, language="en"):
     words = [s for s, n in words if not (s == "LATIN" and n == 1)]
     return sum(s in target for s in words) / len(words) if words else 0.0
 
-
 def extract_code(text):
     """The last ```python (or plain ```) fenced block of a model response; the text itself if none."""
     blocks = re.findall(r"```(?:python|py|python3)[^\n]*\n(.*?)```", text, re.S) or re.findall(r"```[^\n]*\n(.*?)```", text, re.S)
     return blocks[-1] if blocks else text
-
 
 def code_reward(program, tests, timeout=5.0, memory_mb=512):
     """Fraction of tests passed by `program` (a model response is reduced with extract_code). tests:
@@ -266,9 +249,7 @@ def code_reward(program, tests, timeout=5.0, memory_mb=512):
     with ThreadPoolExecutor(max(1, min(len(tests), os.cpu_count() or 1))) as ex:
         return sum(ex.map(run, tests)) / len(tests)
 
-
 _warned = set()
-
 
 def safe_reward(fn, *args, default=0.0, **kwargs):
     """fn(*args, **kwargs) as a float, or `default` if it raises (warning once per distinct error),
@@ -282,58 +263,8 @@ def safe_reward(fn, *args, default=0.0, **kwargs):
             warnings.warn(f"reward {key[0]} raised {key[1]}: {key[2]}; using {default}", RuntimeWarning, stacklevel=2)
         return default
 
-
 # -----------------------------------------------------------------------------
-# countdown
-
-
-def countdown_problem(rng, min_numbers=3, max_numbers=4, max_number=25, max_target=100):
-    """A random Countdown problem (TinyZero's task): reach the target with + - * / and parentheses over
-    the given numbers. Returns {"prompt", "answer", "numbers", "target", "steps"}. The target is built
-    from a random expression over all the numbers, so every problem is solvable: "answer" is that
-    expression ("(3+5)*2") and "steps" its intermediate results ("3+5=8", "8*2=16"). Intermediate
-    results are positive integers (divisions are exact) and 1 <= target <= max_target."""
-    while True:
-        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min_numbers, max_numbers))]
-        items, steps = [(n, str(n), 3) for n in numbers], []  # (value, text, precedence: 1 + -, 2 * /, 3 atom)
-        while len(items) > 1:
-            (a, ta, pa), (b, tb, pb) = (items.pop(rng.randrange(len(items))) for _ in range(2))
-            if a < b:
-                (a, ta, pa), (b, tb, pb) = (b, tb, pb), (a, ta, pa)
-            ops = "+*" + ("-" if a > b else "") + ("/" if b > 1 and a % b == 0 else "")
-            op = rng.choice(ops)
-            value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-            prec = 1 if op in "+-" else 2
-            ta = f"({ta})" if pa < prec else ta
-            tb = f"({tb})" if pb < prec or (pb == prec and op in "-/") else tb  # a-(b+c), a/(b*c)
-            steps.append(f"{a}{op}{b}={value}")
-            items.append((value, ta + op + tb, prec))
-        target, answer = items[0][0], items[0][1]
-        if 1 <= target <= max_target:
-            return {"prompt": _countdown_prompt(numbers, target), "answer": answer, "numbers": numbers,
-                    "target": target, "steps": steps}
-
-
-def countdown_problems(split, n, seed=0, **difficulty):
-    """n Countdown problems from the "train" or "heldout" split; same seed, same problems. The splits are
-    disjoint by construction: a hash of the question (sorted numbers, target) puts a fixed eighth of
-    all questions in heldout, however they were generated."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    rng, out = random.Random(f"countdown-{split}-{seed}"), []
-    while len(out) < n:
-        p = countdown_problem(rng, **difficulty)
-        if _countdown_heldout(p["numbers"], p["target"]) == (split == "heldout"):
-            out.append(p)
-    return out
-
-
-def countdown_worked_solution(problem, show_steps=True):
-    """The R1-format completion for a countdown_problem: the intermediate results in <think>, then
-    the expression boxed (show_steps=False writes only "expr=target" as the reasoning)."""
-    work = "\n".join(problem["steps"]) if show_steps else f"{problem['answer']}={problem['target']}"
-    return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
-
+# countdown, and the accuracy of any problem (math, countdown or code, chosen by its fields)
 
 def countdown_reward(completion, numbers, target):
     """1.0 if the completion's final expression (the last \\boxed{}, else the last <answer></answer>)
@@ -364,7 +295,6 @@ def countdown_reward(completion, numbers, target):
     except (ValueError, ZeroDivisionError):
         return 0.0
 
-
 def accuracy_reward(problem, completion, timeout=5.0):
     """1.0 / 0.0 (the fraction of tests passed for code) for a completion of a problem dict, as
     load_problems, countdown_problems and the built-in tasks make them. The task kind is chosen by the
@@ -380,10 +310,8 @@ def accuracy_reward(problem, completion, timeout=5.0):
         return countdown_reward(completion, problem["numbers"], problem["target"])
     return math_reward(completion, problem["answer"], timeout=timeout)
 
-
 # -----------------------------------------------------------------------------
 # evaluation
-
 
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product
@@ -393,7 +321,6 @@ def pass_at_k(n, c, k):
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
 
 def majority_vote(answers, timeout=5.0):
     """Most common answer, grouping equivalent spellings with is_equiv (0.5 and 1/2 vote together).
@@ -409,16 +336,13 @@ def majority_vote(answers, timeout=5.0):
             groups.append([a, 1])
     return max(groups, key=lambda g: g[1])[0] if groups else None
 
-
 def maj_at_k(answers, gold, k=None):
     """1.0 if the majority vote over the first k answers equals gold, else 0.0."""
     winner = majority_vote(answers[:k] if k else answers)
     return 1.0 if winner is not None and is_equiv(winner, gold) else 0.0
 
-
 # -----------------------------------------------------------------------------
 # data files
-
 
 def read_jsonl(path):
     """[(line_number, record)] for every non-blank line; ValueError names path:line on bad lines."""
@@ -435,7 +359,6 @@ def read_jsonl(path):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             out.append((lineno, rec))
     return out
-
 
 def load_problems(path):
     """Problem dicts, one per record, of every kind accuracy_reward grades (the question may be under
@@ -471,14 +394,185 @@ def load_problems(path):
         raise ValueError(f"{path}: no problems found (empty file)")
     return problems
 
+# -----------------------------------------------------------------------------
+# built-in tasks, generated on the fly (no downloads), each with disjoint train and held-out splits and
+# worked solutions in the R1 format. The default: multi-step arithmetic, graded by math_reward.
+# "Compute 7+5-3+8." -> "<think>\n7+5=12\n12-3=9\n9+8=17\n</think>\n\boxed{17}". sft.py mixes step-by-step
+# solutions with terse ones that write only the final equation: a small model gets many terse answers wrong,
+# so RL has something real to find (show the work) and response length grows as it does. Then Countdown
+# (TinyZero's task), graded by countdown_reward.
+
+def arithmetic_problem(rng, min_terms=2, max_terms=6, max_value=9, max_total=19):
+    """A random problem: {"prompt", "answer", "steps", "expr"}. Running totals stay within [0, max_total], so each
+    step is one of a few hundred small facts ("12-3=9") while the whole chain is long; difficulty grows with
+    max_terms, max_value and max_total."""
+    total = rng.randint(1, max_value)
+    expr, steps = str(total), []
+    for _ in range(rng.randint(min_terms, max_terms) - 1):
+        n = rng.randint(1, max_value)
+        can_add, can_sub = total + n <= max_total, total - n >= 0
+        op = "+" if can_add and (not can_sub or rng.random() < 0.5) else "-" if can_sub else None
+        if op is None:  # neither fits: pick a smaller number that can be subtracted
+            n, op = rng.randint(1, total) if total else 0, "-"
+            if n == 0:
+                n, op = rng.randint(1, max_value), "+"
+        new = total + n if op == "+" else total - n
+        steps.append(f"{total}{op}{n}={new}")
+        expr, total = expr + op + str(n), new
+    return {"prompt": f"Compute {expr}.", "answer": str(total), "steps": steps, "expr": expr}
+
+def is_heldout(problem):
+    return zlib.crc32(problem["expr"].encode()) % 8 == 0  # a fixed eighth of all problems never appears in training
+
+def builtin_problems(split, n, seed=0, **difficulty):
+    """n problems from the train or heldout split (disjoint by construction); same seed, same problems."""
+    rng, out = random.Random(f"{split}-{seed}"), []
+    while len(out) < n:
+        p = arithmetic_problem(rng, **difficulty)
+        if is_heldout(p) == (split == "heldout"):
+            out.append(p)
+    return out
+
+def worked_solution(problem, show_steps=True):
+    """The R1-format completion: reasoning in <think>, then the boxed answer."""
+    work = "\n".join(problem["steps"]) if show_steps else f"{problem['expr']}={problem['answer']}"
+    return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
+
+def countdown_problem(rng, min_numbers=3, max_numbers=4, max_number=25, max_target=100):
+    """A random Countdown problem (TinyZero's task): reach the target with + - * / and parentheses over
+    the given numbers. Returns {"prompt", "answer", "numbers", "target", "steps"}. The target is built
+    from a random expression over all the numbers, so every problem is solvable: "answer" is that
+    expression ("(3+5)*2") and "steps" its intermediate results ("3+5=8", "8*2=16"). Intermediate
+    results are positive integers (divisions are exact) and 1 <= target <= max_target."""
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min_numbers, max_numbers))]
+        items, steps = [(n, str(n), 3) for n in numbers], []  # (value, text, precedence: 1 + -, 2 * /, 3 atom)
+        while len(items) > 1:
+            (a, ta, pa), (b, tb, pb) = (items.pop(rng.randrange(len(items))) for _ in range(2))
+            if a < b:
+                (a, ta, pa), (b, tb, pb) = (b, tb, pb), (a, ta, pa)
+            ops = "+*" + ("-" if a > b else "") + ("/" if b > 1 and a % b == 0 else "")
+            op = rng.choice(ops)
+            value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            prec = 1 if op in "+-" else 2
+            ta = f"({ta})" if pa < prec else ta
+            tb = f"({tb})" if pb < prec or (pb == prec and op in "-/") else tb  # a-(b+c), a/(b*c)
+            steps.append(f"{a}{op}{b}={value}")
+            items.append((value, ta + op + tb, prec))
+        target, answer = items[0][0], items[0][1]
+        if 1 <= target <= max_target:
+            return {"prompt": _countdown_prompt(numbers, target), "answer": answer, "numbers": numbers,
+                    "target": target, "steps": steps}
+
+def countdown_problems(split, n, seed=0, **difficulty):
+    """n Countdown problems from the "train" or "heldout" split; same seed, same problems. The splits are
+    disjoint by construction: a hash of the question (sorted numbers, target) puts a fixed eighth of
+    all questions in heldout, however they were generated."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng, out = random.Random(f"countdown-{split}-{seed}"), []
+    while len(out) < n:
+        p = countdown_problem(rng, **difficulty)
+        if _countdown_heldout(p["numbers"], p["target"]) == (split == "heldout"):
+            out.append(p)
+    return out
+
+def countdown_worked_solution(problem, show_steps=True):
+    """The R1-format completion for a countdown_problem: the intermediate results in <think>, then
+    the expression boxed (show_steps=False writes only "expr=target" as the reasoning)."""
+    work = "\n".join(problem["steps"]) if show_steps else f"{problem['answer']}={problem['target']}"
+    return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
+
+BUILTIN_TASKS = ("builtin", "builtin:countdown")  # what --data names: the arithmetic task, Countdown
+
+
+def is_builtin(data):
+    return data in BUILTIN_TASKS
+
+
+def task_problems(data, split, n, seed=0):
+    """n problems of the built-in task that --data names: 'builtin' (arithmetic) or 'builtin:countdown'."""
+    if data not in BUILTIN_TASKS:
+        raise ValueError(f"--data {data}: not a built-in task ({', '.join(BUILTIN_TASKS)}) and not a file")
+    return (countdown_problems if data == "builtin:countdown" else builtin_problems)(split, n, seed)
+
+
+def task_solution(problem, show_steps=True):
+    """The worked solution of a built-in problem of either task."""
+    return (countdown_worked_solution if "numbers" in problem else worked_solution)(problem, show_steps)
+
+
+# -----------------------------------------------------------------------------
+# the reward of an RL completion: one builder for grpo.py and ppo.py, with the same flags in both
+
+REWARD_HELP = """Each completion's reward is a sum of components, each logged under one name with one meaning:
+  accuracy      accuracy_reward: 1 if the final answer is right, else 0 (math_reward, or countdown_reward for a
+                Countdown problem); for a code problem the fraction of its tests passed; logged as "accuracy"
+  format        format_reward or, with --strict_format, strict_format_reward (0 or 1)
+  length        the --length_reward function's value: cosine, lcpo and lcpo_max score correctness and length
+                together, so they take the accuracy term's place; kimi is added to it
+  overlong      DAPO's soft overlong penalty (0 down to -1 over the last --overlong_cache tokens)
+  language      language_consistency_reward of the completion (share of --language's script)
+  reward_model  the --reward_model's score
+total = accuracy_weight * (length if cosine/lcpo/lcpo_max else accuracy) + format_weight * format
+        [+ kimi length] + overlong + language_weight * language + reward_model_weight * reward_model
+(a learned reward alone: --accuracy_weight 0 --format_weight 0 --reward_model DIR)"""
+
+def add_reward_args(parser):
+    """The reward flags (grpo.py and ppo.py), in their own --help section."""
+    g = parser.add_argument_group("rewards", REWARD_HELP)
+    g.add_argument("--accuracy_weight", type=float, default=1.0, help="weight of the accuracy (or cosine/lcpo) term")
+    g.add_argument("--format_weight", type=float, default=0.1, help="weight of the format reward")
+    g.add_argument("--strict_format", action="store_true", help="strict_format_reward: exactly one think block, "
+                   "nothing after the answer (repeated tags earn nothing)")
+    g.add_argument("--length_reward", choices=["none", "cosine", "kimi", "lcpo", "lcpo_max"], default="none",
+                   help="length shaping (see above)")
+    g.add_argument("--target_length", type=int, default=0, help="lcpo / lcpo_max token budget")
+    g.add_argument("--overlong_cache", type=int, default=None, help="soft overlong penalty window in tokens "
+                   "(default: 0, off; grpo.py --loss dapo: max_new_tokens // 4)")
+    g.add_argument("--language_weight", type=float, default=0.0, help="weight of the language-consistency reward")
+    g.add_argument("--language", default="en", help="target language of the chain of thought")
+    g.add_argument("--reward_model", default=None, help="a reward_model.py folder whose score is added")
+    g.add_argument("--reward_model_weight", type=float, default=1.0, help="weight of the reward model's score")
+    return parser
+
+def compute_rewards(args, problems, completions, lengths, truncated, reward_model=None):
+    """Totals [N] and components {name: [N]} (see REWARD_HELP) for completions (texts) of problems, their lengths in
+    tokens and truncated flags (hit max_new_tokens). Groups of args.group_size samples of one prompt are adjacent
+    (kimi compares within a group). A verifier that raises gives 0 for that sample with a warning (safe_reward)."""
+    acc = [safe_reward(accuracy_reward, p, c) for c, p in zip(completions, problems)]
+    fmt = strict_format_reward if args.strict_format else format_reward
+    parts = {"accuracy": acc, "format": [safe_reward(fmt, c) for c in completions]}
+    if args.length_reward == "cosine":
+        parts["length"] = [cosine_length_reward(a > 0, n, args.max_new_tokens) for a, n in zip(acc, lengths)]
+    elif args.length_reward in ("lcpo", "lcpo_max"):
+        fn = lcpo_reward if args.length_reward == "lcpo" else lcpo_max_reward
+        parts["length"] = [fn(a > 0, n, args.target_length) for a, n in zip(acc, lengths)]
+    elif args.length_reward == "kimi":
+        G = args.group_size
+        parts["length"] = [x for i in range(0, len(acc), G)
+                           for x in kimi_length_reward(lengths[i:i + G], [a > 0 for a in acc[i:i + G]])]
+    scored = parts["length"] if args.length_reward in ("cosine", "lcpo", "lcpo_max") else acc
+    total = [args.accuracy_weight * s + args.format_weight * f for s, f in zip(scored, parts["format"])]
+    if args.length_reward == "kimi":
+        total = [t + x for t, x in zip(total, parts["length"])]
+    if args.overlong_cache:  # a truncated completion counts as past the limit
+        parts["overlong"] = [overlong_penalty(n + 1 if t else n, args.max_new_tokens, args.overlong_cache)
+                             for n, t in zip(lengths, truncated)]
+        total = [t + x for t, x in zip(total, parts["overlong"])]
+    if args.language_weight:
+        parts["language"] = [safe_reward(language_consistency_reward, c, args.language) for c in completions]
+        total = [t + args.language_weight * x for t, x in zip(total, parts["language"])]
+    if reward_model is not None:
+        parts["reward_model"] = reward_model.score([p["prompt"] for p in problems], completions).tolist()
+        total = [t + args.reward_model_weight * x for t, x in zip(total, parts["reward_model"])]
+    return total, parts
 
 # =============================================================================
 # internals: everything below is private to this file
 
-
 # -----------------------------------------------------------------------------
 # answer extraction: brace matching and \boxed{} contents
-
 
 def _match_brace(s, i):
     """Index of the '}' closing the '{' at s[i], or -1. Escaped \\{ \\} are not group braces."""
@@ -493,7 +587,6 @@ def _match_brace(s, i):
             return i
         i += 1
     return -1
-
 
 def _boxed(text, last_only=False):
     """Contents of the well-formed \\boxed{...} / \\fbox{...} / `\\boxed 5` in text (at most 50,
@@ -511,10 +604,8 @@ def _boxed(text, last_only=False):
             break
     return out
 
-
 # -----------------------------------------------------------------------------
 # normalisation: LaTeX answer -> canonical string (cheap, pure string work)
-
 
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|texttt|textnormal|textup|mathrm|mathbf|"
                       r"mathit|mathsf|mathtt|mathcal|mathbb|mathnormal|mbox|hbox|operatorname|"
@@ -542,16 +633,13 @@ _LATEX, _TEXT = ([(re.compile(p), r) for p, r in subs] for subs in (_LATEX, _TEX
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")  # a plain decimal: the common case in RL
 _MAX_LEN = 1000  # longer answers are only compared as strings (a guard against pathological input)
 
-
 def _clean(s):
     s = str(s).strip()
     return _clean_cached(s) if len(s) < 2000 else _clean_uncached(s)
 
-
 @functools.lru_cache(maxsize=1 << 14)  # golds repeat across a group of samples
 def _clean_cached(s):
     return _clean_uncached(s)
-
 
 def _clean_uncached(s):
     if len(s) > 20 * _MAX_LEN or _NUMBER.fullmatch(s):
@@ -572,14 +660,11 @@ def _clean_uncached(s):
         s = pat.sub(rep, s)
     return s.strip().rstrip(" .,;:\\").lstrip(" ,;:")
 
-
 def _squash(s):
     return re.sub(r"\s+", "", s)
 
-
 # -----------------------------------------------------------------------------
 # structure: split an answer into lists / sets / tuples / intervals / matrices / relations
-
 
 def _split_top(s, sep=","):
     """Split on `sep` outside of any ( [ { brackets."""
@@ -600,7 +685,6 @@ def _split_top(s, sep=","):
         i += 1
     return [p.strip() for p in parts + [s[start:]]]
 
-
 def _wrapped(s):
     """True if the bracket opening s closes exactly at its last character."""
     depth = 0
@@ -610,10 +694,8 @@ def _wrapped(s):
             return i == len(s) - 1
     return False
 
-
 _REL = re.compile(r"<=|>=|!=|==|=|<|>|\\approx(?![a-zA-Z])|\\in(?![a-zA-Z])")
 _REL_NAME = {"==": "=", "\\approx": "~", "\\in": "in"}
-
 
 def _split_rel(s):
     """'a < b <= c' -> (['a', 'b', 'c'], ['<', '<=']) using top-level relation symbols only."""
@@ -629,7 +711,6 @@ def _split_rel(s):
         i += 2 if s[i] == "\\" and s[i + 1:i + 2] not in ("{", "}") and not s[i + 1:i + 2].isalpha() else 1
     return parts + [s[start:].strip()], ops
 
-
 def _is_name(lhs):
     """Left side of an assignment: a name without digits once subscripts and arguments are dropped
     (x, y_1, f(x), a+b, |AB|, A:B) -- so 'x = 3' answers 3 but '2x + z = 1' is an equation."""
@@ -637,9 +718,7 @@ def _is_name(lhs):
     t = re.sub(r"(?<=\w)\([^()]*\)", "", t[1:-1] if t[:1] == "(" and _wrapped(t) else t)  # (p,q); f(x) -> f
     return bool(t.strip()) and not re.search(r"\d", t)
 
-
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array|smallmatrix)\}(?:\{[^}]*\})?(.*)\\end\{\1\}", re.S)
-
 
 def _parse_answer(s):
     """Whole answer -> item; a top-level comma list becomes ('list', items). ± expands to both signs."""
@@ -656,7 +735,6 @@ def _parse_answer(s):
             variants = [re.sub(r"\\mp(?![a-zA-Z])", t, re.sub(r"\\pm(?![a-zA-Z])", s_, p)) for s_, t in (("+", "-"), ("-", "+"))]
         items += [_parse_item(v) for v in variants]
     return items[0] if len(items) == 1 else ("list", items)
-
 
 def _parse_item(p):
     p = p.strip()
@@ -682,7 +760,6 @@ def _parse_item(p):
         return ("ratio", [_parse_item(q) for q in r])
     return ("expr", _strip_units(p))
 
-
 _UNITS = re.compile(r"(?:sq(?:uare)?\.? |cubic )?(?:units?|cm|mm|km|m|meters?|metres?|centimeters?|"
                     r"millimeters?|kilometers?|inch(?:es)?|in|feet|foot|ft|yards?|yd|miles?|mph|kg|g|"
                     r"grams?|kilograms?|lbs?|pounds?|ounces?|oz|liters?|litres?|ml|seconds?|sec|s|"
@@ -690,7 +767,6 @@ _UNITS = re.compile(r"(?:sq(?:uare)?\.? |cubic )?(?:units?|cm|mm|km|m|meters?|me
                     r"euros?|degrees?|deg|radians?|rad|st|nd|rd|th)\.?", re.I)
 _MATH_WORDS = {"sin", "cos", "tan", "sec", "csc", "cot", "log", "ln", "exp", "sqrt", "pi", "oo", "inf",
                "infinity", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "abs"}
-
 
 def _strip_units(p):
     """'10 cm^2' -> '10', '5 dollars' -> '5' (only when what remains is a number)."""
@@ -708,12 +784,10 @@ def _strip_units(p):
             pass
     return p
 
-
 # -----------------------------------------------------------------------------
 # expression parser: LaTeX / plain math -> small tuple AST, shared by the exact evaluator (parent
 # process) and the sympy builder (worker). Nodes: ('n', Fraction, is_decimal) ('s', name)
 # ('c', 'pi'|'E'|'I'|'oo') (op, a, b) for + - * / ^, ('neg', a), ('!', a), ('f', name, [args]).
-
 
 _FUNCS = {"sin", "cos", "tan", "sec", "csc", "cot", "arcsin", "arccos", "arctan", "sinh", "cosh",
           "tanh", "log", "ln", "exp", "sqrt", "abs", "lg"}
@@ -726,7 +800,6 @@ _SKIP_CMDS = {"\\overline", "\\vec", "\\hat", "\\bar", "\\widehat", "\\overright
               "\\underline", "\\cr", "\\!", "\\,", "\\prime"}
 _TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|(\\[a-zA-Z]+|\\.)|"
                     r"([a-zA-Z]+)|(\*\*|\S))")
-
 
 def _tokenize(s):
     out, pos, end = [], 0, len(s.rstrip())
@@ -749,7 +822,6 @@ def _tokenize(s):
         else:
             out.append(("op", op))
     return out
-
 
 class _Parser:
     """Recursive descent: expr = term (+|- term)*; term = unary ((*|/|implicit) unary)*;
@@ -924,13 +996,11 @@ class _Parser:
         node = ("f", name, [arg] + ([base] if base is not None else []))
         return ("^", node, power) if power is not None else node
 
-
 def _symbols(node):
     if node[0] == "s":
         return {node[1]}
     kids = node[2] if node[0] == "f" else node[1:] if node[0] not in ("n", "c") else ()
     return set().union(*(_symbols(k) for k in kids if isinstance(k, tuple)))
-
 
 def _has_decimal(node):
     if node[0] == "n":
@@ -938,22 +1008,17 @@ def _has_decimal(node):
     kids = node[2] if node[0] == "f" else node[1:] if node[0] not in ("s", "c") else ()
     return any(_has_decimal(k) for k in kids if isinstance(k, tuple))
 
-
 # -----------------------------------------------------------------------------
 # exact rational evaluation: decides plain numbers without sympy (microseconds)
-
 
 class _NotRational(Exception):
     pass
 
-
 _MAX_BITS = 100_000  # refuse powers/factorials whose result would exceed ~30k digits
-
 
 def _check_pow(base_bits, exp):
     if abs(exp) > 10_000 or abs(exp) * base_bits > _MAX_BITS:
         raise ValueError("power too large")
-
 
 def _rat(n):
     op = n[0]
@@ -990,24 +1055,19 @@ def _rat(n):
             return Fraction(*r)
     raise _NotRational
 
-
 def _close(a, b, decimal):
     """Exact equality, or the documented tolerance when a decimal literal was involved."""
     return a == b or (decimal and abs(a - b) <= Fraction(1, 10**6) * min(1, max(abs(a), abs(b))))
-
 
 # -----------------------------------------------------------------------------
 # comparison of parsed answers. sym=False is the fast path in the caller's process: it raises
 # _NeedSympy instead of guessing, and the same function then runs with sym=True in the worker.
 
-
 class _NeedSympy(Exception):
     pass
 
-
 def _equiv(a, b, sym):
     return _item_equal(_parse_answer(a), _parse_answer(b), sym)
-
 
 def _assignment_value(x):
     """'x = 1 + 1 = 2' -> item for '2' (the last exact '=' part); '\\frac{\\sqrt3}{3} \\approx 0.577' ->
@@ -1019,7 +1079,6 @@ def _assignment_value(x):
         return None
     exact = [p for p, o in zip(parts[1:], ops) if o in ("=", "in")]
     return _parse_item(exact[-1] if exact else parts[-1])
-
 
 def _match_unordered(xs, ys, sym):
     """Same multiset of answers: pair every item with a distinct equal item on the other side.
@@ -1036,7 +1095,6 @@ def _match_unordered(xs, ys, sym):
             return False
         left.pop(j)
     return True
-
 
 def _item_equal(x, y, sym):
     kx, ky = x[0], y[0]
@@ -1078,7 +1136,6 @@ def _item_equal(x, y, sym):
         return _sympy_structured_equal(x, y)
     return False
 
-
 def _text(s):
     """Lower-cased text if s reads as words (not math), else None."""
     if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", s) and any(
@@ -1086,9 +1143,7 @@ def _text(s):
         return " ".join(s.lower().split())
     return None
 
-
 _MC = re.compile(r"\(([A-E])\)(?:\s.*)?|([A-E])[.:)](?:\s.*)?|([A-E])")
-
 
 def _expr_equal(a, b, sym):
     if _squash(a) == _squash(b):
@@ -1117,7 +1172,6 @@ def _expr_equal(a, b, sym):
         raise _NeedSympy
     return _sympy_expr_equal(pa, pb, decimal)
 
-
 @functools.lru_cache(maxsize=1 << 14)
 def _expr_node(s):
     """(AST, had_percent_sign). '2 1/2' is a mixed number; a trailing % is remembered, not applied."""
@@ -1129,17 +1183,14 @@ def _expr_node(s):
         s = f"{m[1]}({m[2]}+{m[3]}/{m[4]})"
     return _Parser(s).parse(), pct
 
-
 def _value(node):
     try:
         return _rat(node)
     except _NotRational:
         return None
 
-
 # -----------------------------------------------------------------------------
 # sympy backend (runs only inside the worker process, see _SympyWorker)
-
 
 def _to_sympy(n):
     import sympy as sp
@@ -1172,9 +1223,7 @@ def _to_sympy(n):
         _check_pow(bits, float(sp.N(abs(b), 15)))
     return a ** b
 
-
 _TOL_EXACT, _TOL_DECIMAL = 1e-20, 1e-6
-
 
 def _num_close(x, y, decimal):
     """x, y: sympy numbers evaluated to 30 digits (may be complex)."""
@@ -1182,7 +1231,6 @@ def _num_close(x, y, decimal):
     if decimal:
         return bool(diff <= _TOL_DECIMAL * min(1, scale) or diff < 1e-25)
     return bool(diff <= _TOL_EXACT * scale or diff < 1e-25)
-
 
 def _at_random_points(exprs, free):
     """Values of the expressions at 6 fixed pseudo-random points (real, both signs, |v| in [0.3, 2.5]);
@@ -1195,7 +1243,6 @@ def _at_random_points(exprs, free):
         if all(v.is_number and not v.has(sp.oo, -sp.oo, sp.zoo, sp.nan) for v in vals):
             rows.append(vals)
     return rows
-
 
 def _sym_equal(a, b, decimal):
     import sympy as sp
@@ -1213,7 +1260,6 @@ def _sym_equal(a, b, decimal):
         return all(_num_close(x, y, decimal) for x, y in rows)
     return sp.simplify(a - b) == 0
 
-
 def _proportional(dx, dy, decimal, sign=0):
     """dx = c * dy for a constant c != 0 (c > 0 if sign > 0): the same equation / inequality."""
     import sympy as sp
@@ -1225,13 +1271,11 @@ def _proportional(dx, dy, decimal, sign=0):
     c = ratios[0]
     return bool(c != 0 and (sign <= 0 or sp.re(c) > 0) and all(_num_close(r, c, decimal) for r in ratios))
 
-
 def _sympy_expr_equal(pa, pb, decimal):
     a, b = _to_sympy(pa[0]), _to_sympy(pb[0])
     if pa[1] != pb[1]:  # one side had a % sign: p% equals p and p/100
         return _sym_equal(a, b, decimal) or _sym_equal(a / 100 if pa[1] else a, b / 100 if pb[1] else b, decimal)
     return _sym_equal(a, b, decimal)
-
 
 def _sympy_relation(item):
     import sympy as sp
@@ -1239,7 +1283,6 @@ def _sympy_relation(item):
     exprs = [_to_sympy(_Parser(p).parse()) for p in parts]
     rel = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge, "!=": sp.Ne, "=": sp.Eq, "~": sp.Eq}
     return exprs, [rel[o] for o in ops]
-
 
 def _to_set(item):
     """Interval / union / finite set / univariate inequality -> sympy set (ValueError if not a set)."""
@@ -1270,7 +1313,6 @@ def _to_set(item):
             return cond.subs(x, r).as_set()
     raise ValueError("not a set")
 
-
 def _sympy_structured_equal(x, y):
     """Relations and set-like answers: equations up to a constant factor, inequalities and
     intervals as sets of reals."""
@@ -1294,7 +1336,6 @@ def _sympy_structured_equal(x, y):
         return _proportional(dx, dy, decimal, sign=0 if x[2][0] == "!=" else 1)
     return False
 
-
 def _sets_equal(sx, sy, decimal):
     """Compare sets of reals interval by interval (sympy's own == is structural, its
     symmetric_difference can take seconds)."""
@@ -1315,16 +1356,13 @@ def _sets_equal(sx, sy, decimal):
     return len(px) == len(py) and all(a[2:] == b[2:] and _sym_equal(a[0], b[0], decimal) and _sym_equal(a[1], b[1], decimal)
                                       for a, b in zip(px, py))
 
-
 # -----------------------------------------------------------------------------
 # sympy worker processes: a persistent `python verify.py --sympy-worker` per concurrent caller,
 # started lazily, reused, killed (and replaced on the next call) when a comparison runs past its
 # deadline. A subprocess (not fork/signal.alarm) so it works from any thread, from multiprocessing
 # children, and inside CUDA/torch processes; it imports nothing from the caller's __main__.
 
-
 _WORKER_CMD = [sys.executable, os.path.abspath(__file__), "--sympy-worker"]
-
 
 class _SympyWorker:
     def __init__(self):
@@ -1359,9 +1397,7 @@ class _SympyWorker:
             except Exception:
                 pass
 
-
 _pool_lock, _idle, _workers = threading.Lock(), [], set()
-
 
 def _reset_pool_after_fork():  # a forked child must not talk to (or keep open) its parent's workers
     global _pool_lock, _idle, _workers
@@ -1373,10 +1409,8 @@ def _reset_pool_after_fork():  # a forked child must not talk to (or keep open) 
                 pass
     _pool_lock, _idle, _workers = threading.Lock(), [], set()
 
-
 os.register_at_fork(after_in_child=_reset_pool_after_fork)
 atexit.register(lambda: [w.kill() for w in list(_workers)])
-
 
 def _sympy_equiv(a, b, timeout):
     deadline = time.monotonic() + timeout
@@ -1409,7 +1443,6 @@ def _sympy_equiv(a, b, timeout):
         w.kill()
         return False
 
-
 def _worker_main():
     import resource
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]  # sympy blowups become MemoryError, not swap
@@ -1427,10 +1460,8 @@ def _worker_main():
         out.write(b"1\n" if ok else b"0\n")
         out.flush()
 
-
 # -----------------------------------------------------------------------------
 # data files: code and countdown records (load_problems)
-
 
 def _code_record(rec, prompt, where):
     if not isinstance(prompt, str):
@@ -1448,7 +1479,6 @@ def _code_record(rec, prompt, where):
         raise ValueError(f"{where}: inputs and outputs must be non-empty lists of strings of equal length")
     return {"prompt": prompt, "inputs": inputs, "outputs": outputs}
 
-
 def _countdown_record(rec, prompt, where):
     numbers, target = rec.get("numbers", rec.get("nums")), rec.get("target")
     is_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
@@ -1464,16 +1494,13 @@ def _countdown_record(rec, prompt, where):
         out["answer"] = str(rec["answer"])
     return out
 
-
 # -----------------------------------------------------------------------------
 # countdown: a tokenizer and exact evaluator for + - * / ( ) over integer literals, nothing else
-
 
 _COUNTDOWN_SUBS = [(re.compile(p), r) for p, r in (
     (r"\\(?:times|cdot|ast)(?![a-zA-Z])|[×·⋅∗]", "*"), (r"\\div(?![a-zA-Z])|÷", "/"), (r"[−–]", "-"),
     (r"\\(?:left|right)(?![a-zA-Z])|\$", ""))]
 _COUNTDOWN_TOKEN = re.compile(r"\s*(?:([0-9]+)|([-+*/()=]))")
-
 
 def _countdown_tokens(s):
     """Integer literals and operators as strings; ValueError on anything else (names, calls, dots)."""
@@ -1491,20 +1518,16 @@ def _countdown_tokens(s):
         pos = m.end()
     return out
 
-
 def _countdown_prompt(numbers, target):
     return (f"Using the numbers {', '.join(map(str, numbers))}, write an expression that equals {target}. "
             f"Use + - * / and parentheses, each number at most once.")
 
-
 def _is_literal(tokens, target):
     return len(tokens) == 1 and tokens[0].isdigit() and int(tokens[0]) == target
-
 
 def _countdown_heldout(numbers, target):
     key = f"{sorted(int(n) for n in numbers)}:{target}"
     return zlib.crc32(key.encode()) % 8 == 0  # a fixed eighth of all questions never appears in training
-
 
 class _CountdownParser:
     """Recursive descent, evaluating as it goes with Fractions: expr = term (('+'|'-') term)*;
@@ -1554,7 +1577,6 @@ class _CountdownParser:
         self.depth -= 1
         return v
 
-
 # -----------------------------------------------------------------------------
 # code sandbox. Each test case runs in a fresh `python -I` process that (see _HARNESS):
 #  - is enforced: wall-clock `timeout` (the whole process group / pid namespace is SIGKILLed),
@@ -1588,7 +1610,6 @@ class _CountdownParser:
 #  - not defended: a program that deliberately introspects the harness's memory for the marker, and,
 #    without unshare, processes that escape the process group with setsid().
 # _sandbox_config() probes once which of these this machine allows and uses the strongest that works.
-
 
 _HARNESS = r"""
 import os, resource, sys
@@ -1661,7 +1682,6 @@ _SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPEN
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _sandbox = None  # (unshare prefix, drop root, private mounts) that works on this machine, probed once
 
-
 def _sandbox_config():
     """The strongest setup that runs a trivial test (and writes to its scratch dir) here: namespaces
     if `unshare` is permitted, with private read-only mounts if they can be set up, root dropped to
@@ -1680,7 +1700,6 @@ def _sandbox_config():
                         ([], False, False))
     return _sandbox
 
-
 def _task_count(uid):
     """Tasks (threads included) owned by uid: RLIMIT_NPROC counts these for the whole user."""
     n = 0
@@ -1691,7 +1710,6 @@ def _task_count(uid):
         except OSError:
             pass
     return n
-
 
 def _run_case(code, test, timeout, memory_mb, nproc, config):
     prefix, drop, private = config
@@ -1739,7 +1757,6 @@ def _run_case(code, test, timeout, memory_mb, nproc, config):
                 except OSError:
                     pass
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sympy-worker"]:
     _worker_main()

@@ -18,9 +18,9 @@ import time
 import torch
 
 import grpo
+from common import Run
 from model import Tokenizer, Transformer
 from sample import generate
-from sft import Run
 
 
 def prompts_of_64_tokens(tokenizer, n, seed=0):
@@ -51,8 +51,8 @@ def time_ours(args, policy, tokenizer, prompts):
         sync(args.device)
         t_gen = time.perf_counter() - t0
         batch = {"prompts": group_prompts, "completions": outs, "truncated": [False] * 32,
-                 "rewards": torch.rand(32)}
-        grpo.policy_loss_step(run_args, run, policy, None, optimizer, batch, 1e-6)
+                 "rewards": torch.rand(32).tolist()}
+        grpo.policy_loss_step(run, run_args, policy, None, optimizer, batch, 1e-6)
         sync(args.device)
         return time.perf_counter() - t0, t_gen
 

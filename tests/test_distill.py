@@ -259,7 +259,7 @@ def torchrun(easy, out, *flags):
 @pytest.mark.slow
 def test_ddp_traces(easy, tmp_path):
     s = torchrun(easy, tmp_path, "--num_prompts", "4", "--samples_per_prompt", "3", "--max_per_prompt", "2",
-                 "--mix_data", str(easy / "chats.jsonl"))
+                 "--mix_data", str(easy / "chats.jsonl"), "--temperature", "0.3")  # low: every prompt gets 2 traces
     assert s["world_size"] == 2 and s["sampled"] == 12 and s["steps"] == 3  # both ranks' samples are counted
     assert s["teacher_acc"] == 1.0 and {"student_acc_before", "student_acc_after"} <= s.keys()
     rows = [json.loads(l) for l in (tmp_path / "traces.jsonl").read_text().splitlines()]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import grpo
-from grpo import aggregate, all_equal_groups, clipped_surrogate, group_advantages, kl_k3
+from common import Run
+from grpo import aggregate, all_equal_groups, clipped_surrogate, group_advantages, kl_penalty
 from model import ModelConfig, Transformer, token_logprobs
 
 # One group of G = 2 completions: rewards [1, 0]. Sequence 0 has 2 completion tokens with ratios 1.1, 1.5;
@@ -56,11 +57,35 @@ def test_dapo_loss_by_hand_with_clip_higher():
     assert clipped[0].tolist() == [0.0, 1.0, 0.0]
 
 
-def test_kl_k3_by_hand_and_nonnegative():
+def test_kl_estimators_by_hand():
+    # d = log pi_ref - log pi = [0, 1, -1.5]
     logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -1.0, -2.0])
-    want = [0.0, math.exp(1) - 1 - 1, math.exp(-1.5) + 1.5 - 1]
-    assert torch.allclose(kl_k3(logp, ref), torch.tensor(want), atol=1e-6)
-    assert (kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+    want = {"k1": [0.0, -1.0, 1.5],  # -d = log(pi / pi_ref)
+            "k2": [0.0, 0.5, 1.125],  # d^2 / 2
+            "k3": [0.0, math.exp(1) - 1 - 1, math.exp(-1.5) + 1.5 - 1]}  # e^d - d - 1
+    for estimator, values in want.items():
+        assert torch.allclose(kl_penalty(logp, ref, estimator), torch.tensor(values), atol=1e-6), estimator
+    for estimator in ("k2", "k3"):  # never negative, unlike k1
+        assert (kl_penalty(torch.randn(100), torch.randn(100), estimator) >= 0).all()
+
+
+def test_kl_estimators_are_unbiased_or_not_as_documented():
+    """On samples from pi, k1 and k3 average to KL(pi || pi_ref) and k2 does not (its bias is O(d^3))."""
+    torch.manual_seed(0)
+    pi, ref = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.2, 0.3, 0.5])
+    kl = (pi * (pi / ref).log()).sum()
+    y = torch.multinomial(pi, 200_000, replacement=True)
+    logp, ref_logp = pi.log()[y], ref.log()[y]
+    assert kl_penalty(logp, ref_logp, "k1").mean() == pytest.approx(kl.item(), rel=0.02)
+    assert kl_penalty(logp, ref_logp, "k3").mean() == pytest.approx(kl.item(), rel=0.02)
+    assert abs(kl_penalty(logp, ref_logp, "k2").mean() - kl) > 0.05
+
+
+def test_kl_estimator_flag(capsys):
+    assert grpo.parse_args([]).kl_estimator == "k3"
+    assert grpo.parse_args(["--kl_estimator", "k2"]).kl_estimator == "k2"
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--kl_estimator", "k4"])
 
 
 def test_all_equal_groups():
@@ -118,7 +143,7 @@ def test_masked_tokens_get_no_gradient(tiny, loss):
     logits = torch.randn(4, 9, 40, requires_grad=True)
     logp = token_logprobs(logits, y)
     per_token, _ = clipped_surrogate(logp, logp.detach() + 0.05, torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None], 0.2, 0.28)
-    per_token = per_token + 0.1 * kl_k3(logp, logp.detach() - 0.3)
+    per_token = per_token + 0.1 * kl_penalty(logp, logp.detach() - 0.3)
     aggregate(per_token, mask, loss, 4, mask.sum(), 9).backward()
     assert (logits.grad[mask == 0] == 0).all()
     assert (logits.grad[mask == 1].abs().sum(-1) > 0).all()
@@ -128,20 +153,25 @@ def test_dynamic_sampling_keeps_exactly_the_informative_groups(monkeypatch):
     """fill_batch drops the all-equal groups, samples a second round, and fills the batch from it."""
     rounds = [torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])]
 
-    def fake_rollout(args, run, policy, tokenizer, problems, seed, reward_model=None):
-        r = rounds.pop(0)
-        ids = [[int(10 * x)] for x in r.tolist()]
+    def fake_sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
+        r = rounds.pop(0).tolist()
+        ids = [[int(10 * x)] for x in r]
         return {"prompts": ids, "completions": ids, "texts": [""] * 6, "truncated": [False] * 6, "rewards": r,
-                "parts": {"accuracy": r.tolist()}}
+                "parts": {"accuracy": r}}
 
-    monkeypatch.setattr(grpo, "rollout", fake_rollout)
-    monkeypatch.setattr(grpo, "problems_for_step", lambda *a: [None] * 3)
-    args = grpo.parse_args(["--loss", "dapo", "--group_size", "2", "--batch_size", "6"])
-    run = type("R", (), {"world": 1, "rank": 0})()
-    batch = grpo.fill_batch(args, run, None, None, None, 0, None)
+    monkeypatch.setattr(grpo, "sample_groups", fake_sample_groups)
+    monkeypatch.setattr(grpo, "step_problems", lambda *a: [None] * 3)
+    args = grpo.parse_args(["--loss", "dapo", "--group_size", "2", "--batch_size", "6", "--device", "cpu"])
+    batch = grpo.fill_batch(Run(args, "grpo"), args, None, None, None, 0, None)
     # round 1: groups [1,1] (dropped), [0,1], [0,0] (dropped); round 2: [0,1], [1,1] (dropped), [1,0]
-    assert batch["rewards"].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert batch["rewards"] == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
     assert batch["all_equal_frac"] == pytest.approx(3 / 6)
+
+
+def test_group_size_one_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--group_size", "1", "--batch_size", "4"])
+    assert "--group_size 1: GRPO compares the samples of a prompt with each other" in capsys.readouterr().err
 
 
 def test_batch_not_divisible_by_group_size_is_a_clear_error(capsys):
@@ -163,10 +193,10 @@ def test_a_verifier_that_raises_gives_zero_reward_and_a_warning(monkeypatch):
     args = grpo.parse_args([])
     problems = [{"answer": "3"}, {"answer": "3"}]
     with pytest.warns(RuntimeWarning, match="verifier bug"):
-        total, parts = grpo.compute_rewards(args, problems, ["<think>x</think>\\boxed{3} boom", "<think>x</think>\\boxed{3}"],
-                                            [5, 5], [False, False])
+        total, parts = verify.compute_rewards(args, problems, ["<think>x</think>\\boxed{3} boom",
+                                                               "<think>x</think>\\boxed{3}"], [5, 5], [False, False])
     assert parts["accuracy"] == [0.0, 1.0]
-    assert total.tolist() == pytest.approx([0.1, 1.1])  # format still counts; accuracy weight 1, format weight 0.1
+    assert total == pytest.approx([0.1, 1.1])  # format still counts; accuracy weight 1, format weight 0.1
 
 
 # ------------------------------------------------------------------ end to end
@@ -185,7 +215,8 @@ def test_no_argument_run_raises_heldout_accuracy_by_15_points(tmp_path):
     assert summary["heldout_acc_after"] - summary["heldout_acc_before"] >= 0.15, summary
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "accuracy", "kl", "clip_frac", "entropy", "completion_len_mean", "completion_len_max",
-            "all_equal_groups_frac", "gen_s", "train_s", "tokens_per_s", "reward_accuracy", "reward_format"} <= set(rows[1])
+            "all_equal_groups_frac", "gen_s", "train_s", "tokens_per_s", "reward_format"} <= set(rows[1])
+    assert "reward_accuracy" not in rows[1]  # accuracy is logged once, as "accuracy"
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
 

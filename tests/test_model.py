@@ -166,6 +166,32 @@ def test_missing_weights_file_names_the_folder(pair, tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_file_is_named(pair, tmp_path, damage):
+    _, _, folder = pair
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    data = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 64)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'model.safetensors'}: not a readable safetensors file"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_a_truncated_checkpoint_is_one_line_from_a_script(tmp_path):
+    """What a user sees: `error: <file>: ...` and a non-zero exit, not a traceback."""
+    import subprocess
+    import sys
+    from model import ModelConfig, Tokenizer
+    tok = Tokenizer.byte_level()
+    Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path, tokenizer=tok)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    proc = subprocess.run([sys.executable, "sample.py", "--model", str(tmp_path), "--max_new_tokens", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'model.safetensors'}: not a readable")
+
+
 def test_unsupported_architecture_lists_supported(pair, tmp_path):
     _, _, folder = pair
     cfg = json.loads((folder / "config.json").read_text())

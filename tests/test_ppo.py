@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-import sft
-
 import ppo
+from common import Run
 from model import ModelConfig, Tokenizer, Transformer
 from ppo import adaptive_kl_coef, clipped_value_loss, explained_variance, gae, token_rewards, whiten
 
@@ -143,8 +142,6 @@ def test_explained_variance():
 def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regression(monkeypatch):
     """ppo_update's first minibatch step (ratio 1, values unmoved): policy gradient = -1/N sum_t A_t grad log pi(y_t),
     critic gradient = grad of 1/N sum_t 0.5 (V_t - G_t)^2, N = completion tokens; masked positions give nothing."""
-    from contextlib import nullcontext
-
     from model import token_logprobs
     from reward_model import RewardModel
     torch.manual_seed(0)
@@ -163,12 +160,9 @@ def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regress
         optimizer.zero_grad()
         return 0.0, False
     monkeypatch.setattr(ppo, "optimizer_step", record)
-    args = ppo.parse_args(["--ppo_epochs", "1", "--n_minibatches", "1", "--batch_size", "4"])
-    run = type("R", (), {"world": 1, "rank": 0, "args": args, "all_sum": staticmethod(lambda v: v),
-                         "autocast": nullcontext, "no_sync": staticmethod(sft.Run.no_sync),
-                         "lockstep": sft.Run.lockstep})()
+    args = ppo.parse_args(["--ppo_epochs", "1", "--n_minibatches", "1", "--batch_size", "4", "--device", "cpu"])
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (policy, critic)]
-    ppo.ppo_update(args, run, 0, policy, critic, *opts, data)
+    ppo.ppo_update(Run(args, "ppo"), args, 0, policy, critic, *opts, data)
     n = MASK.sum()
     (-(data["adv"] * token_logprobs(policy(x), y) * MASK).sum() / n).backward()
     (0.5 * ((critic(x) - data["returns"]) ** 2 * MASK).sum() / n).backward()
@@ -243,6 +237,9 @@ def test_ddp_two_processes(tiny_policy, tmp_path):
     assert (tmp_path / "final" / "model.safetensors").exists()
     ckpt = sorted(tmp_path.glob("ckpt-*"))[-1]  # policy at the top, critic in critic/, both optimizers
     assert (ckpt / "critic" / "config.json").exists() and (ckpt / "optimizer_critic.safetensors").exists()
+    for folder in (ckpt, ckpt / "critic", tmp_path / "final"):  # critic folders are shared like policy folders
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert {f.stat().st_mode & 0o777 for f in folder.iterdir() if f.is_file()} == {0o644}, folder
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     x = torch.randint(0, 256, (1, 9))
@@ -286,14 +283,16 @@ def test_no_argument_run_raises_heldout_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_replaces_the_verifier(tmp_path):
-    """--reward_model DIR: the reward is the learned score (real-valued), not the verifier's 0 / 0.1 / 1 / 1.1."""
+    """--reward_model DIR --accuracy_weight 0 --format_weight 0: the reward is the learned score (real-valued), not the
+    verifier's 0 / 0.1 / 1 / 1.1; accuracy is still logged."""
     subprocess.run([sys.executable, "reward_model.py", "--max_steps", "3", "--batch_size", "8", "--out",
                     str(tmp_path / "rm")], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     proc = run_ppo(["--reward_model", str(tmp_path / "rm" / "final"), "--out", str(tmp_path / "ppo"), "--max_steps", "2",
-                    "--eval_every", "0"])
+                    "--eval_every", "0", "--accuracy_weight", "0", "--format_weight", "0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
     assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
+    assert all(r["reward"] == pytest.approx(r["reward_reward_model"]) and "accuracy" in r for r in rows if "reward" in r)
     # the verifier's mean over 4 samples is a multiple of 0.025 (each is 0, 0.1, 1 or 1.1); a learned score is not
     assert not any(abs(r * 40 - round(r * 40)) < 1e-4 for r in rewards), rewards

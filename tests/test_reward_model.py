@@ -12,7 +12,7 @@ import torch
 import reward_model
 from model import ModelConfig, Tokenizer, Transformer
 from reward_model import (RewardModel, bt_loss, builtin_pairs, last_token_values, load_pairs, load_reward_model,
-                          pad_right, pair_ids, pair_stats)
+                          pad_pairs, pair_ids, pair_stats)
 from verify import format_reward, math_reward
 
 PROMPTS = ["Compute 1+2.", "Compute 7+5-3+8.", "Compute 9-4."]
@@ -76,7 +76,7 @@ def test_transformers_sequence_classification_gives_the_same_scores(tmp_path, ar
     assert config["num_labels"] == 1 and config["pad_token_id"] == tok.pad_token_id
     ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert type(ref).__name__ == config["architectures"][0]
-    ids, mask = pad_right([pair_ids(tok, p, r) for p, r in zip(PROMPTS, RESPONSES)], tok.pad_token_id)
+    ids, mask = pad_pairs([pair_ids(tok, p, r) for p, r in zip(PROMPTS, RESPONSES)], tok.pad_token_id)
     assert mask[:, -1].tolist().count(0) == 2  # right padding, with the pad token, on two rows
     with torch.no_grad():
         theirs = ref(ids, attention_mask=mask).logits.squeeze(-1)
@@ -247,3 +247,16 @@ def test_no_argument_run_reaches_90_percent_heldout_pair_accuracy(tmp_path):
     rm = load_reward_model(tmp_path / "final")
     chosen, rejected = rm.score(["Compute 2+3."] * 2, ["<think>\n2+3=5\n</think>\n\\boxed{5}", "\\boxed{6}"]).tolist()
     assert chosen > rejected
+
+
+def test_reward_model_and_critic_folders_have_the_modes_of_a_policy_folder(tmp_path):
+    """Folders 0755, files 0644 (model.save_folder for both), whatever the umask made of the temporary folder."""
+    tok = Tokenizer.byte_level()
+    random_reward_model(tok).save_pretrained(tmp_path / "rm", tokenizer=tok)
+    Transformer(tiny_config(tok)).save_pretrained(tmp_path / "policy", tokenizer=tok)
+
+    def modes(folder):
+        return {p.name: p.stat().st_mode & 0o777 for p in [folder, *folder.iterdir()]}
+    rm, policy = modes(tmp_path / "rm"), modes(tmp_path / "policy")
+    assert rm["rm"] == policy["policy"] == 0o755
+    assert set(rm.values()) == set(policy.values()) == {0o755, 0o644}

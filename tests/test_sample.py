@@ -1,12 +1,21 @@
 """sample.py's command line: evaluation (pass@k, maj@k), checkpoint comparison, streaming chat."""
+import argparse
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import sample
+from common import Run
 from model import ModelConfig, Tokenizer, Transformer
+from verify import builtin_problems
+
+
+def cpu_run(tmp_path):
+    return Run(argparse.Namespace(device="cpu", dtype=None, out=str(tmp_path)), "test")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +45,10 @@ def test_evaluate_pass_and_majority_by_hand(monkeypatch, tmp_path):
     completions = ["\\boxed{5}", "\\boxed{4}", "\\boxed{4}", "\\boxed{5}",  # problem 0: 2 of 4 correct, vote tie 5/4
                    "\\boxed{2}", "<think>x</think>\\boxed{0.5}", "\\boxed{0.5}", "no answer"]  # problem 1: 2 of 4
     monkeypatch.setattr(sample, "generate", fake_generate(completions))
-    s = sample.evaluate(None, Tokenizer.byte_level(), problems, n=4, batch_size=3, samples_file=tmp_path / "s.jsonl")
+    model = Transformer(ModelConfig(vocab_size=262, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                    num_attention_heads=1, num_key_value_heads=1))
+    s = sample.evaluate(cpu_run(tmp_path), model, Tokenizer.byte_level(), problems, n=4, batch_size=3,
+                        samples_file=tmp_path / "s.jsonl")
     assert s["pass@1"] == 0.5
     assert s["pass@2"] == pytest.approx(1 - math.comb(2, 2) / math.comb(4, 2))  # 5/6 for both problems
     assert s["pass@4"] == 1.0
@@ -81,17 +93,67 @@ def test_chat_cli_streams_a_completion(tiny_dir, capsys):
     assert "tok/s" in captured.err
 
 
-def test_stop_tokens_include_generation_config_eos(tiny_dir):
-    (tiny_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 258]}))
-    tok = Tokenizer.from_pretrained(tiny_dir)
-    assert sample.stop_token_ids_for(tiny_dir, tok) == sorted({7, 258, tok.eos_token_id})
+@pytest.fixture(scope="module")
+def two_eos_dir(tmp_path_factory):
+    """A checkpoint whose generation_config.json lists two eos ids, the tokenizer's and token 0 (as Llama 3.1 lists
+    end_of_text, eom and eot), and that emits token 0 with probability ~1 at any temperature: every embedding is the
+    same vector and the blocks add nothing, so the final hidden state is that vector everywhere, and only lm_head row
+    0 points along it (logit 50, all others 0). A rollout that honours generation_config stops after one token; one
+    that stops only at the tokenizer's eos runs to max_new_tokens."""
+    tok = Tokenizer.byte_level(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"))
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                    eos_token_id=tok.eos_token_id, max_position_embeddings=512,
+                                    tie_word_embeddings=False))
+    with torch.no_grad():
+        model.embed_tokens.weight.fill_(1.0)
+        for block in model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[0] = 50.0 / 32  # hidden = ones(32) after the norm: logit 50 for token 0
+    model.generation_config = {"eos_token_id": [tok.eos_token_id, 0]}
+    folder = tmp_path_factory.mktemp("two_eos")
+    model.save_pretrained(folder, tokenizer=tok)
+    return folder
+
+
+def test_rollout_stops_at_every_generation_config_eos(two_eos_dir, tmp_path):
+    tok, model = Tokenizer.from_pretrained(two_eos_dir), Transformer.from_pretrained(two_eos_dir)
+    assert json.loads((two_eos_dir / "generation_config.json").read_text())["eos_token_id"] == [tok.eos_token_id, 0]
+    assert sample.stop_token_ids(model, tok) == sorted({0, tok.eos_token_id})
+    prompts = [sample.prompt_ids(tok, "Compute 1+2."), sample.prompt_ids(tok, "Compute 10+20-3.")]
+    outs, texts, truncated = sample.rollout(cpu_run(tmp_path), model, tok, prompts, 8)
+    assert outs == [[0], [0]] and texts == ["", ""] and truncated == [False, False]
+    model.generation_config = {}  # only the tokenizer's eos: the same rows now run to the limit
+    outs, _, truncated = sample.rollout(cpu_run(tmp_path), model, tok, prompts, 8)
+    assert outs == [[0] * 8] * 2 and truncated == [True, True]
+
+
+def test_every_script_stops_its_rollouts_at_generation_config_eos(two_eos_dir, tmp_path):
+    """The no-argument paths of evaluation, grpo.py, ppo.py and distill.py (one short step each) on the two-eos
+    checkpoint: every completion is the one stop token."""
+    small = ["--heldout_problems", "4", "--max_steps", "1", "--eval_every", "0", "--device", "cpu"]
+    runs = {"sample": ["sample.py", "--model", str(two_eos_dir), "--eval", "builtin", "--limit", "4", "--n", "2"],
+            "grpo": ["grpo.py", "--model", str(two_eos_dir), "--batch_size", "4", "--group_size", "2", *small],
+            "ppo": ["ppo.py", "--model", str(two_eos_dir), "--batch_size", "4", *small],
+            "distill": ["distill.py", "--teacher", str(two_eos_dir), "--traces_only", "--num_prompts", "4",
+                        "--heldout_problems", "4", "--device", "cpu"]}
+    for name, cmd in runs.items():
+        subprocess.run([sys.executable, *cmd, "--out", str(tmp_path / name)], check=True, capture_output=True)
+    assert json.loads((tmp_path / "sample" / "summary.json").read_text())["max_length"] == 1
+    for name in ("grpo", "ppo"):
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["completion_len_max"], r["truncated_frac"]) for r in rows if "reward" in r] == [(1, 0.0)], name
+        assert all(r["heldout_mean_length"] == 1 for r in rows if "heldout_mean_length" in r), name
+    stats = json.loads((tmp_path / "distill" / "traces.stats.json").read_text())
+    assert stats["mean_sample_len"] == 1 and stats["truncated_frac"] == 0
 
 
 @pytest.mark.slow
 def test_compiled_decode_step_generates_what_eager_does():
     """--compile: one static shape (all cache slots, a cache length rounded up to 128) captured by torch.compile
     must sample the same tokens as the eager loop, which reads only the slots filled so far."""
-    from sft import builtin_problems
     model = Transformer.from_pretrained("checkpoints/tiny-sft")
     tok = Tokenizer.from_pretrained("checkpoints/tiny-sft")
     prompts = [sample.prompt_ids(tok, p["prompt"]) for p in builtin_problems("heldout", 4)]

@@ -208,3 +208,55 @@ def test_accuracy_reward_dispatch_order():
     assert accuracy_reward(countdown, "\\boxed{7}") == 0.0  # the target alone is not an expression of the numbers
     assert accuracy_reward({"prompt": "p", "answer": "\\frac{1}{2}"}, "so \\boxed{0.5}") == 1.0
     assert accuracy_reward({"prompt": "p", "answer": "7", "steps": []}, "\\boxed{7}") == 1.0  # built-in arithmetic
+
+
+# ------------------------------------------------------------------ the tasks through the scripts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "code_tasks.jsonl")
+
+
+def test_builtin_countdown_is_one_data_name_for_every_script(tmp_path):
+    """--data builtin:countdown: the same problems for SFT chats, RL steps and held-out sets; exported like the
+    arithmetic task and read back by load_problems as Countdown records."""
+    import argparse
+
+    import common
+    import sample
+    import sft
+    sft.export_builtin(tmp_path, "builtin:countdown", n_train=20, n_heldout=5)
+    chats = sft.load_chats(tmp_path / "countdown_sft_train.jsonl")
+    problems = verify.load_problems(tmp_path / "countdown_rl_train.jsonl")
+    assert len(chats) == len(problems) == 20 and all({"numbers", "target"} <= p.keys() for p in problems)
+    assert all(accuracy_reward(p, verify.countdown_worked_solution(p, show_steps=False)) == 1.0 for p in problems)
+    heldout = verify.load_problems(tmp_path / "countdown_heldout.jsonl")
+    assert not {(tuple(sorted(p["numbers"])), p["target"]) for p in heldout} & {
+        (tuple(sorted(p["numbers"])), p["target"]) for p in problems}
+    args = argparse.Namespace(data="builtin:countdown", heldout_data=None, heldout_problems=5, max_new_tokens=8,
+                              prompt_template="{question}", seed=0, device="cpu", dtype="float32", out=str(tmp_path))
+    data, rl_heldout = sample.rl_problems(args, [])
+    assert data is None and [p["prompt"] for p in rl_heldout] == [p["prompt"] for p in heldout]
+    step = common.step_problems(common.Run(args, "test"), 3, None, step=0)
+    assert all("numbers" in p for p in step) and step == common.step_problems(common.Run(args, "test"), 3, None, 0)
+    assert sample.load_eval_problems("builtin:countdown", "{question}", n=5) == rl_heldout
+
+
+def grpo_step(tmp_path, *flags):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "grpo.py", "--out", str(tmp_path), "--max_steps", "1", "--batch_size", "4", "--group_size",
+           "2", "--max_new_tokens", "16", "--heldout_problems", "2", "--eval_every", "0", "--device", "cpu", *flags]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_step_on_builtin_countdown(tmp_path):
+    rows = grpo_step(tmp_path, "--data", "builtin:countdown")
+    assert [r["step"] for r in rows if "reward" in r] == [1]
+
+
+def test_grpo_step_on_code_tasks_from_jsonl(tmp_path):
+    """Code records get code_reward (the fraction of their tests passed) as their accuracy, chosen by their fields."""
+    rows = grpo_step(tmp_path, "--data", FIXTURE, "--heldout_data", FIXTURE, "--prompt_template", "{question}")
+    step = next(r for r in rows if "reward" in r)
+    assert 0.0 <= step["accuracy"] <= 1.0 and "reward_format" in step

@@ -1,0 +1,512 @@
+"""The training plumbing every script shares; nothing here is an algorithm. Top to bottom:
+
+  world_size, Run           where a process stands: rank, device, dtype, output folder, metrics JSONL and summary,
+                            stop signals, collectives, DDP/FSDP wrapping (Run.start sets the process up)
+  unwrap, user_input        the plain module under DDP / FSDP / torch.compile; user mistakes as one-line errors
+  add_training_args         the flags every training script has
+  load_model, load_frozen   the policy (or a fresh model) and its tokenizer; read-only models (reference, teacher)
+  make_optimizer, lr_at,    AdamW, warmup + cosine schedule, the optimizer step that skips NaN/inf gradients
+  optimizer_step
+  length_buckets, pad_right token-budgeted micro-batching (sequences, pairs, row chunks) and right padding
+  micro_batches, first_loss_position
+  step_indices, step_problems  the data of a step as a function of (seed, step, rank): exact resume
+  save_checkpoint, checkpoint_or_stop, resume   atomic Hugging Face checkpoints with optimizer state
+
+Imports only model.py and verify.py (for the built-in task's problems).
+"""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from tqdm import tqdm
+
+from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir
+from verify import task_problems
+
+
+def world_size():
+    """Processes in the run (torchrun sets WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Run:
+    """Where a training process stands: rank, device, output folder, metrics log and stop requests. Constructing one
+    has no side effects (tests build them directly); Run.start(args, script) is what a script calls."""
+
+    def __init__(self, args, script, world=1, rank=0, local_rank=0):
+        self.args, self.script = args, script
+        self.world, self.rank, self.is_main = world, rank, rank == 0
+        self.device = torch.device("cuda", local_rank) if args.device.startswith("cuda") else torch.device(args.device)
+        self.dtype = parse_dtype(args.dtype)
+        self.amp = self.device.type == "cuda"  # bf16 autocast for matmuls; parameters stay in --dtype
+        self.out = Path(args.out)
+        self.stop_requested = False
+        self.bad_steps = 0
+        self.start_time = time.time()
+
+    @classmethod
+    def start(cls, args, script):
+        """Set this process up: device, process group (under torchrun), seeds, the output folder (an earlier run
+        there is refused unless --resume or --overwrite), and SIGINT/SIGTERM handlers that stop after the step."""
+        run = cls(args, script, world_size(), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)))
+        if run.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit("--device cuda: no CUDA device available (use --device cpu)")
+            torch.cuda.set_device(run.device)
+        if run.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+        if args.batch_size % run.world:
+            raise SystemExit(f"--batch_size {args.batch_size} is not divisible by the world size {run.world}")
+        random.seed(args.seed + run.rank)
+        torch.manual_seed(args.seed + run.rank)
+        if run.is_main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            for junk in run.out.glob(".ckpt-*.tmp-*"):  # a save that was killed half-way
+                shutil.rmtree(junk, ignore_errors=True)
+            earlier = sorted(run.out.glob("ckpt-*")) + [run.out / f for f in ("metrics.jsonl", "summary.json", "final")
+                                                         if (run.out / f).exists()]
+            if earlier and not args.resume:  # never mix two runs in one folder, never delete one unasked
+                if not args.overwrite:
+                    raise SystemExit(f"{run.out} already holds a run ({', '.join(p.name for p in earlier)}): pass "
+                                     "--resume auto to continue it, --overwrite to replace it, or another --out")
+                for p in earlier:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        run.barrier()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # pre-emption: finish the step, checkpoint, exit non-zero
+            signal.signal(sig, run._on_signal)
+        return run
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint")
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def print(self, *a):
+        if self.is_main:
+            tqdm.write(" ".join(str(x) for x in a))
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def all_sum(self, value):
+        """Sum a float (or tensor) over ranks."""
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t if t.dim() else t.item()
+
+    def all_max(self, value):
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def broadcast_str(self, text):
+        """Rank 0's string on every rank."""
+        if self.world == 1:
+            return text
+        box = [text]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def should_stop(self):
+        """Whether any rank got a stop signal (all ranks must leave the loop at the same step)."""
+        return self.all_sum(float(self.stop_requested)) > 0
+
+    def log(self, step, metrics, pbar=None, show=()):
+        """Append a step's metrics to metrics.jsonl; with a progress bar, advance it and show the `show` metrics."""
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics})
+
+    def write_summary(self, summary):
+        if self.is_main:
+            summary = {**summary, "wall_time_s": round(time.time() - self.start_time, 1), "world_size": self.world,
+                       "args": vars(self.args)}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def wrap(self, model):
+        """The model as it trains across ranks; call before make_optimizer. --fsdp: FSDP2, every transformer block
+        its own unit, parameters, gradients and optimizer state sharded over ranks (the model is sharded in place);
+        otherwise DDP: full replicas, gradients all-reduced in backward. --compile: then torch.compile."""
+        if self.world > 1 and self.args.fsdp:
+            for block in [m for m in model.modules() if isinstance(m, Block)]:
+                fully_shard(block)
+            fully_shard(model)
+        elif self.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if self.args.compile else model
+
+    @staticmethod
+    def no_sync(train_model, sync):
+        """Gradient accumulation: skip the gradient all-reduce / reduce-scatter unless `sync` (the last micro-batch)."""
+        m = getattr(train_model, "_orig_mod", train_model)  # under torch.compile
+        if isinstance(m, torch.nn.parallel.DistributedDataParallel) and not sync:
+            return m.no_sync()
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def lockstep(self, chunks, *train_models):
+        """This rank's training micro-batches as (chunk, sync) pairs, sync marking the step's last one (gradients are
+        reduced there). FSDP all-gathers a unit's parameters in every forward and backward, so every rank must run as
+        many passes as the busiest: a rank with fewer micro-batches then runs idle passes through `train_models` (a
+        1-token forward, a backward of zero) so that the collectives pair up instead of hanging."""
+        n = int(self.all_max(len(chunks))) if self.world > 1 and self.args.fsdp else len(chunks)
+        for i, chunk in enumerate(chunks):
+            yield chunk, i == n - 1
+        for i in range(len(chunks), n):
+            for m in train_models:
+                with self.no_sync(m, sync=i == n - 1), self.autocast():
+                    token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+                    (m(token).float().sum() * 0.0).backward()
+
+    @contextmanager
+    def full_params(self, model):
+        """Every parameter whole on every rank inside the block: FSDP all-gathers them once (nothing to do
+        otherwise), so generation and saving run on plain tensors and ranks may run different numbers of forward
+        passes. Yields the plain module (no DDP / compile wrapper)."""
+        model = unwrap(model)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for u in units:
+            u.set_reshard_after_forward(False)
+            u.unshard()
+        try:
+            yield model
+        finally:
+            for u in units:
+                u.reshard()
+                u.set_reshard_after_forward(True)
+
+
+def unwrap(model):
+    """The module itself under torch.compile (._orig_mod) and DDP (.module); FSDP2 shards in place (no wrapper)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+@contextmanager
+def user_input():
+    """Around a script's setup (flags, data files, model folders): a mistake there is the user's, reported as one
+    line naming the file or flag and exit status 1 instead of a traceback. Errors in training keep theirs."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def add_training_args(p, script, lr, max_steps, batch_size):
+    """The flags every training script shares."""
+    p.add_argument("--out", default=f"out/{script}", help="output folder: checkpoints, metrics.jsonl, summary.json")
+    p.add_argument("--seed", type=int, default=0, help="random seed (each rank derives its own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="parameter dtype; on CUDA, matmuls also run under bf16 autocast")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine schedule floor, as a fraction of --lr")
+    p.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="global batch (all ranks together)")
+    p.add_argument("--micro_batch_tokens", type=int, default=8192,
+                   help="padded tokens per forward/backward pass; larger steps accumulate gradients")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over ranks "
+                   "(FSDP2) instead of replicating them (DDP): for models that do not fit one GPU with DDP")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive NaN/inf steps")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and the optimizer
+
+
+def load_model(run, path, config=None):
+    """A checkpoint folder (model + tokenizer), or with path None a fresh model of `config` with a byte-level
+    tokenizer. Ranks start from identical weights: the fresh init is seeded identically everywhere."""
+    if path is None:  # <think> and </think> as single tokens, as in Qwen3 and DeepSeek-R1 vocabularies
+        tokenizer = Tokenizer.byte_level(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                                                         "</think>"))
+        torch.manual_seed(run.args.seed)
+        config.vocab_size, config.eos_token_id = tokenizer.vocab_size, tokenizer.eos_token_id
+        model = Transformer(config).to(run.device, run.dtype)
+        torch.manual_seed(run.args.seed + run.rank)
+    else:
+        tokenizer = Tokenizer.from_pretrained(path)
+        model = Transformer.from_pretrained(path, dtype=run.dtype, device=run.device)
+    model.grad_checkpointing = run.args.grad_checkpointing
+    return model, tokenizer
+
+
+def load_policy(run, args, kl_coef):
+    """An RL run's policy (args.model) and tokenizer, and its frozen KL reference (args.ref_model, default the
+    policy's starting point), loaded only when kl_coef > 0: no memory and no forward pass otherwise."""
+    policy, tokenizer = load_model(run, args.model)
+    return policy, tokenizer, load_frozen(run, args.ref_model or args.model) if kl_coef > 0 else None
+
+
+def load_frozen(run, path):
+    """A model that is only read (a KL reference, a teacher): no gradients, eval mode, bf16 on CUDA (half the
+    memory, and the forward runs under bf16 autocast anyway), float32 on CPU."""
+    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+    return Transformer.from_pretrained(path, dtype=dtype, device=run.device).requires_grad_(False).eval()
+
+
+def make_optimizer(args, model, lr=None):
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr or args.lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def lr_at(args, step, lr=None):
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at max_steps."""
+    peak = lr or args.lr
+    if step < args.warmup_steps:
+        return peak * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return peak * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(run, model, optimizer, lr):
+    """Clip, then step, unless the gradient is NaN/inf: then the step is skipped and counted; too many in a
+    row stop the run (the last checkpoint stays good). Returns (grad_norm, skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.args.grad_clip)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        run.bad_steps += 1
+        run.print(f"non-finite gradient norm ({norm.item()}): step skipped ({run.bad_steps} in a row)")
+        if run.bad_steps >= run.args.max_bad_steps:
+            raise SystemExit(f"{run.bad_steps} consecutive steps with NaN/inf gradients: stopping; the last "
+                             f"checkpoint in {run.out} is intact (lower --lr or check the data)")
+        return float("nan"), True
+    run.bad_steps = 0
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item(), False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Micro-batches and the data of each step
+
+
+def length_buckets(lengths, max_tokens, rows_per_item=1):
+    """Indices sorted by length, cut into buckets whose padded size (rows_per_item x items x the longest length)
+    stays within max_tokens; an item longer than that gets a bucket of its own. rows_per_item is 2 for preference
+    pairs (chosen and rejected share the bucket's width). -> [[index, ...], ...]"""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and rows_per_item * (end + 1 - start) * lengths[order[end]] <= max_tokens:
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
+def pad_right(seqs, pad, dtype=torch.long):
+    """Lists of numbers -> [B, T] tensor, each row padded on the right with `pad` to the longest."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=dtype)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=dtype)
+    return out
+
+
+def micro_batches(examples, max_tokens, pad_id):
+    """(ids, mask) examples -> length-bucketed, right-padded micro-batches of at most max_tokens padded tokens:
+    [(rows, inputs [B, T], targets [B, T], loss mask [B, T])], rows being the examples' indices; position t predicts
+    token t + 1 (right padding: plain causal attention is exact, no packing masks needed)."""
+    out = []
+    for rows in length_buckets([len(examples[i][0]) for i in range(len(examples))], max_tokens):
+        ids, masks = [examples[i][0] for i in rows], [examples[i][1] for i in rows]
+        out.append((rows, pad_right([s[:-1] for s in ids], pad_id), pad_right([s[1:] for s in ids], pad_id),
+                    pad_right([m[1:] for m in masks], 0, torch.float)))
+    return out
+
+
+def first_loss_position(w):
+    """The first position of a micro-batch where any row takes loss (w [B, T] -> int); 0 if none does. The
+    positions before it (the prompts) need no logits."""
+    return int(w.any(0).float().argmax())
+
+
+def step_indices(n, batch_size, step, seed):
+    """The global batch of a step over a dataset of n examples: a seeded permutation per epoch, so any step's
+    examples follow from the step number alone (exact resume). Each rank then takes its [rank::world] share."""
+    epoch, offset = divmod(step, max(1, n // batch_size))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+def step_problems(run, n, data, step, round_=0):
+    """This rank's n prompts of an RL step: a function of (seed, step, round, rank) only, so a resumed run sees the
+    same data as an uninterrupted one. data None is the endless train split of the built-in task --data names."""
+    rng = random.Random(f"{run.args.seed}-{step}-{round_}-{run.rank}")
+    if data is None:
+        return task_problems(run.args.data, "train", n, seed=rng.randrange(2**31))
+    return rng.sample(data, n) if n <= len(data) else [rng.choice(data) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: out/ckpt-000100/ is a Hugging Face folder (loads in transformers) plus training_state.json and
+# optimizer.safetensors (no pickle anywhere). Written to a temporary folder and renamed, so a kill at any moment
+# leaves the previous checkpoint intact; `--resume auto` picks the newest complete one.
+
+
+def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=None):
+    """models / optimizers: {"": policy, "critic": ...}; "" is saved at the top of the folder. Under FSDP the
+    weights are gathered for rank 0 and every rank writes its own optimizer shard."""
+    final = run.out / (name or f"ckpt-{step:06d}")
+    tmp = run.out / f".ckpt-{step:06d}.tmp-{os.getpid() if run.is_main else 0}"
+    tmp = Path(run.broadcast_str(str(tmp)))  # rank 0's pid names the folder every rank writes into
+    sharded = run.args.fsdp and run.world > 1
+    for sub, model in sorted(models.items()):  # "" first: the top-level save replaces the (empty) folder
+        with run.full_params(model) as m:
+            if run.is_main:
+                m.save_pretrained(tmp / sub if sub else tmp, tokenizer=tokenizer)
+    run.barrier()
+    for key, opt in optimizers.items():
+        if run.is_main or sharded:
+            tensors, meta = flatten_optimizer(opt.state_dict())
+            suffix = f".rank{run.rank}" if sharded else ""
+            save_file(tensors, tmp / f"optimizer_{key}{suffix}.safetensors")
+            (tmp / f"optimizer_{key}{suffix}.json").write_text(json.dumps(meta))
+    run.barrier()
+    if run.is_main:
+        (tmp / "training_state.json").write_text(json.dumps({"step": step, "world_size": run.world, **(state or {})},
+                                                            indent=2))
+        replace_dir(tmp, final)
+        if name is None:
+            for old in sorted(run.out.glob("ckpt-*"))[: -run.args.keep_checkpoints]:
+                trash = old.with_name(f".{old.name}.tmp-deleting")  # renamed first: a kill mid-delete leaves no
+                os.replace(old, trash)  # half-deleted ckpt-* behind, only junk the next run clears
+                shutil.rmtree(trash, ignore_errors=True)
+    run.barrier()
+    return final
+
+
+def checkpoint_or_stop(run, step, models, optimizers, tokenizer, state=None):
+    """End of a training step: a checkpoint every --save_every steps; on SIGINT / SIGTERM a checkpoint, then exit
+    130 (continue with --resume auto)."""
+    stop = run.should_stop()
+    if stop or (run.args.save_every and step % run.args.save_every == 0 and step < run.args.max_steps):
+        save_checkpoint(run, step, models, optimizers, tokenizer, state)
+    if stop:
+        run.print(f"stopped at step {step}; continue with --resume auto")
+        raise SystemExit(130)
+
+
+def latest_checkpoint(out):
+    ckpts = sorted(p for p in Path(out).glob("ckpt-*") if (p / "training_state.json").exists())
+    return ckpts[-1] if ckpts else None
+
+
+def resume(run, models, optimizers):
+    """Restore weights and optimizer state from --resume; returns the saved training state ({} if none).
+    metrics.jsonl lines past the checkpoint are dropped so the log reads as one uninterrupted run."""
+    path = run.args.resume
+    if path is None:
+        return {}
+    path = latest_checkpoint(run.out) if path == "auto" else Path(path)
+    if path is None:
+        run.print(f"--resume auto: no checkpoint in {run.out}, starting fresh")
+        return {}
+    if not (path / "training_state.json").exists():
+        raise SystemExit(f"--resume {path}: not a checkpoint folder (no training_state.json)")
+    state = json.loads((path / "training_state.json").read_text())
+    sharded = run.args.fsdp and run.world > 1
+    if sharded and state.get("world_size") != run.world:
+        raise SystemExit(f"--resume {path}: saved by {state.get('world_size')} FSDP ranks, this run has {run.world} "
+                         "(sharded optimizer state needs the same number)")
+    for sub, model in models.items():
+        load_weights(unwrap(model), path / sub if sub else path)
+    for key, opt in optimizers.items():
+        suffix = f".rank{run.rank}" if sharded else ""
+        meta = json.loads((path / f"optimizer_{key}{suffix}.json").read_text())
+        params = [p for g in opt.param_groups for p in g["params"]]
+        opt.load_state_dict(unflatten_optimizer(load_file(path / f"optimizer_{key}{suffix}.safetensors"), meta, params))
+    run.barrier()
+    if run.is_main and (run.out / "metrics.jsonl").exists():
+        lines = (run.out / "metrics.jsonl").read_text().splitlines()
+        kept = [l for l in lines if json.loads(l).get("step", 0) <= state["step"]]
+        (run.out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+    run.print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def load_weights(model, folder):
+    """A checkpoint's weights into a plain or an FSDP-sharded model (then each rank keeps its own shard)."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    param = next(model.parameters())
+    device = param.device_mesh.device_type if isinstance(param, DTensor) else param.device
+    tensors = read_safetensors(folder, dtype=param.dtype, device=device)
+    if not units:
+        return model.load_hf_state_dict(tensors, source=str(folder))
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    plain.load_hf_state_dict(tensors, source=str(folder), assign=True)
+    set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+
+
+def flatten_optimizer(sd):
+    """optimizer.state_dict() -> (tensors for safetensors, JSON-able rest). A sharded (FSDP) value is saved as this
+    rank's shard, its placement noted so that resume rebuilds it."""
+    tensors, scalars, placements = {}, {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, DTensor):
+                placements[f"{idx}.{k}"] = {"placements": [str(p) for p in v.placements], "shape": list(v.shape)}
+                v = v.to_local()
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "placements": placements}
+
+
+def unflatten_optimizer(tensors, meta, params=None):
+    state = {}
+    for key, v in [*tensors.items(), *meta["scalars"].items()]:
+        idx, k = key.split(".", 1)
+        if key in meta.get("placements", {}):
+            saved = meta["placements"][key]
+            places = [Replicate() if p == "Replicate()" else Shard(int(re.search(r"\d+", p).group()))
+                      for p in saved["placements"]]
+            shape = torch.Size(saved["shape"])  # the global shape: shards may be uneven (259 rows over 2 ranks)
+            v = DTensor.from_local(v.to(params[int(idx)].device), params[int(idx)].device_mesh, places, shape=shape,
+                                   stride=torch.empty(shape, device="meta").stride())
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}

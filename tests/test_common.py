@@ -1,0 +1,191 @@
+"""common.py: the shared plumbing. The run object, schedule, NaN-skipping optimizer step, token-budgeted micro-batches
+(sequences, pairs, row chunks), the step's data order, FSDP lockstep, atomic checkpoints and one-line user errors."""
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from model import ModelConfig, Transformer
+
+
+def training_args(argv=()):
+    """The flags every training script has, parsed as a script would (CPU)."""
+    return common.add_training_args(argparse.ArgumentParser(), "test", lr=1e-3, max_steps=10, batch_size=8).parse_args(
+        ["--device", "cpu", *argv])
+
+
+def test_run_construction_has_no_side_effects(tmp_path):
+    run = common.Run(training_args(["--out", str(tmp_path / "never")]), "test", world=4, rank=3)
+    assert (run.world, run.rank, run.is_main, run.device.type) == (4, 3, False, "cpu")
+    assert not (tmp_path / "never").exists()  # Run.start makes the folder; constructing a Run does nothing
+
+
+def test_run_start_refuses_an_earlier_run_unless_asked(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        common.Run.start(training_args(["--out", str(tmp_path)]), "test")
+    common.Run.start(training_args(["--out", str(tmp_path), "--overwrite"]), "test")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unwrap_sees_through_compile():
+    model = torch.nn.Linear(2, 2)
+    assert common.unwrap(torch.compile(model)) is model and common.unwrap(model) is model
+
+
+def test_user_input_errors_are_one_line_and_programming_errors_keep_their_traceback():
+    with pytest.raises(SystemExit) as e:
+        with common.user_input():
+            raise ValueError("data.jsonl:3: not valid JSON")
+    assert str(e.value) == "error: data.jsonl:3: not valid JSON"
+    with pytest.raises(TypeError):
+        with common.user_input():
+            raise TypeError("a bug")
+
+
+def test_length_buckets_keep_the_token_budget_and_cover_every_item_once():
+    lengths = [5, 9, 3, 12, 7, 4, 30, 1]
+    for rows_per_item in (1, 2):
+        buckets = common.length_buckets(lengths, 24, rows_per_item)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in buckets for i in b]
+        assert flat == sorted(lengths)  # sorted by length, so padding stays small
+        for b in buckets:  # within budget, or a single item that alone exceeds it
+            assert rows_per_item * len(b) * max(lengths[i] for i in b) <= 24 or len(b) == 1
+    assert common.length_buckets([4, 4, 4], 8, rows_per_item=2) == [[0], [1], [2]]  # 2 x 1 x 4 fits, 2 x 2 x 4 not
+    assert common.length_buckets([4, 4, 4], 12) == [[0, 1, 2]]
+
+
+def test_step_indices_are_epoch_permutations_and_a_function_of_the_step():
+    n, batch = 10, 4  # 2 full batches per epoch; the 2 left over are dropped
+    steps = [common.step_indices(n, batch, s, seed=0) for s in range(4)]
+    assert all(len(b) == batch for b in steps)
+    assert len(set(steps[0] + steps[1])) == 8 and len(set(steps[2] + steps[3])) == 8  # no repeats within an epoch
+    assert steps[0] != steps[2]  # a new permutation each epoch
+    assert common.step_indices(n, batch, 3, seed=0) == steps[3] and common.step_indices(n, batch, 3, seed=1) != steps[3]
+
+
+def test_pad_right():
+    assert common.pad_right([[1, 2, 3], [4]], 0).tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert common.pad_right([[1.0], [0.5, 0.25]], 0.0, torch.float).dtype == torch.float
+
+
+def test_first_loss_position_is_the_first_column_any_row_trains_on():
+    w = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1.]])
+    assert common.first_loss_position(w) == 2
+    assert common.first_loss_position(torch.zeros(2, 4)) == 0  # nothing to train on: keep every position
+
+
+def test_micro_batches_respect_the_token_budget_and_shift_targets():
+    examples = [(list(range(n)), [0] * (n // 2) + [1] * (n - n // 2)) for n in (5, 9, 3, 12, 7, 4)]
+    batches = common.micro_batches(examples, max_tokens=24, pad_id=-1)
+    assert sorted(r for rows, *_ in batches for r in rows) == list(range(6))
+    for rows, x, y, w in batches:
+        assert x.numel() <= 24 or len(rows) == 1
+        for r, i in enumerate(rows):
+            n = len(examples[i][0]) - 1
+            assert x[r, :n].tolist() == examples[i][0][:-1] and y[r, :n].tolist() == examples[i][0][1:]
+            assert w[r, :n].tolist() == examples[i][1][1:] and w[r, n:].sum() == 0
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    args = training_args(["--lr", "1.0", "--warmup_steps", "4", "--max_steps", "104", "--min_lr_ratio", "0.1"])
+    assert [common.lr_at(args, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert common.lr_at(args, 54) == pytest.approx(0.55)  # half way through the cosine: (1 + 0.1) / 2
+    assert common.lr_at(args, 104) == pytest.approx(0.1) and common.lr_at(args, 500) == pytest.approx(0.1)
+
+
+def test_optimizer_state_round_trips_through_safetensors_layout():
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = common.flatten_optimizer(opt.state_dict())
+    json.dumps(meta)  # the non-tensor part is plain JSON
+    back = common.unflatten_optimizer(tensors, meta)
+    for k, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(st[n], back["state"][k][n]) for n in st)
+
+
+def test_lockstep_pads_a_rank_with_idle_passes_that_change_no_gradient():
+    """Run.lockstep on a rank with 1 micro-batch while the busiest has 3 (FSDP): the real one is not the sync point,
+    then 2 idle forward+backward passes run through the model and leave the accumulated gradients as they were."""
+    run = common.Run(training_args(["--fsdp"]), "test", world=2, rank=1)  # a rank of a 2-process FSDP run
+    run.all_max = lambda v: 3  # without the process group: the busiest rank has 3
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2))
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    x = torch.randint(0, 64, (2, 5))
+    seen = []
+    for chunk, sync in run.lockstep([x], model):
+        seen.append((chunk is x, sync))
+        model(chunk).logsumexp(-1).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+    assert seen == [(True, False)] and calls == [x.shape, (1, 1), (1, 1)]
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_nan_gradient_skips_the_step_and_too_many_stop_the_run(tmp_path):
+    run = common.Run(training_args(["--out", str(tmp_path), "--max_bad_steps", "3"]), "test")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for i in range(2):
+        model.weight.grad = torch.full_like(model.weight, float("nan"))
+        model.bias.grad = torch.zeros_like(model.bias)
+        norm, skipped = common.optimizer_step(run, model, opt, 0.1)
+        assert skipped and math.isnan(norm) and run.bad_steps == i + 1
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was applied
+    model(torch.randn(4, 3)).sum().backward()
+    assert common.optimizer_step(run, model, opt, 0.1)[1] is False and run.bad_steps == 0  # a good step resets
+    with pytest.raises(SystemExit, match="3 consecutive steps with NaN/inf gradients"):
+        for _ in range(3):
+            model.weight.grad = torch.full_like(model.weight, float("inf"))
+            common.optimizer_step(run, model, opt, 0.1)
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_writes_leaves_every_checkpoint_loadable(tmp_path):
+    """A process saving checkpoints back to back is SIGKILLed at random moments; every ckpt-* folder that exists
+    afterwards is complete and loads, and the next run clears the half-written temporary folder."""
+    import os
+    import random
+    import signal
+    import time
+    script = f"""
+import torch, common, sft
+from model import ModelConfig, Tokenizer, Transformer
+args = sft.parse_args(["--out", {str(tmp_path)!r}, "--keep_checkpoints", "3", "--resume", "auto", "--device", "cpu"])
+run = common.Run.start(args, "sft")
+tok = Tokenizer.byte_level()
+model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4))
+opt = common.make_optimizer(args, model)
+model(torch.randint(0, 200, (1, 8))).sum().backward(); opt.step()
+step = (common.latest_checkpoint(args.out) and int(common.latest_checkpoint(args.out).name[5:])) or 0
+while True:
+    step += 1
+    common.save_checkpoint(run, step, {{"": model}}, {{"policy": opt}}, tok)
+"""
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        newest = common.latest_checkpoint(tmp_path)
+        while common.latest_checkpoint(tmp_path) == newest and proc.poll() is None:
+            time.sleep(0.05)  # the first save of this process has completed: now kill it at a random moment
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpts = sorted(tmp_path.glob("ckpt-*"))
+        assert ckpts, "no checkpoint was completed"
+        for c in ckpts:
+            Transformer.from_pretrained(c)
+            assert json.loads((c / "training_state.json").read_text())["step"] == int(c.name[5:])
+    common.Run.start(training_args(["--out", str(tmp_path), "--resume", "auto"]), "test")  # clears killed saves' leftovers
+    assert not list(tmp_path.glob(".ckpt-*"))
