@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm import tqdm
 
 from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir
-from verify import builtin_problems
+from verify import task_problems
 
 
 def world_size():
@@ -373,10 +373,10 @@ def step_indices(n, batch_size, step, seed):
 
 def step_problems(run, n, data, step, round_=0):
     """This rank's n prompts of an RL step: a function of (seed, step, round, rank) only, so a resumed run sees the
-    same data as an uninterrupted one. data None is the built-in task's endless train split."""
+    same data as an uninterrupted one. data None is the endless train split of the built-in task --data names."""
     rng = random.Random(f"{run.args.seed}-{step}-{round_}-{run.rank}")
     if data is None:
-        return builtin_problems("train", n, seed=rng.randrange(2**31))
+        return task_problems(run.args.data, "train", n, seed=rng.randrange(2**31))
     return rng.sample(data, n) if n <= len(data) else [rng.choice(data) for _ in range(n)]
 
 

@@ -76,8 +76,8 @@ def parser():
     p.add_argument("--n_layer", type=int, default=2, help="fresh student: layers")
     p.add_argument("--n_embd", type=int, default=64, help="fresh student: hidden size")
     p.add_argument("--n_head", type=int, default=4, help="fresh student: attention heads")
-    p.add_argument("--data", default="builtin", help="prompts: problems JSONL (prompt/answer, GSM8K or MATH) or "
-                   "'builtin' (the arithmetic task's training split)")
+    p.add_argument("--data", default="builtin", help="prompts: problems JSONL (prompt/answer, GSM8K or MATH; code or "
+                   "Countdown records) or a built-in task's training split ('builtin', 'builtin:countdown')")
     p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out split)")
     p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
@@ -124,7 +124,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.teacher = args.teacher or next((t for t in DEFAULT_TEACHERS if Path(t, "config.json").exists()),
                                         DEFAULT_TEACHERS[-1])
-    args.kd_data = args.kd_data or ("builtin" if args.data == "builtin" else "teacher")
+    args.kd_data = args.kd_data or ("builtin" if verify.is_builtin(args.data) else "teacher")
     args.temperature = args.temperature if args.temperature is not None else (0.7 if args.mode == "traces" else 1.0)
     args.traces_file = args.traces_file or os.path.join(args.out, "traces.jsonl")
     args.teacher_micro_batch_tokens = args.teacher_micro_batch_tokens or args.micro_batch_tokens
@@ -234,11 +234,11 @@ def vocab_mismatch(a, b):
 FORMAT_CHECKS = {"strict": verify.strict_format_reward, "lenient": verify.format_reward, "none": None}
 
 
-def is_verified(text, answer, truncated, fmt="strict"):
+def is_verified(problem, text, truncated, fmt="strict"):
     """A trace is kept iff it ended by itself (not cut at max_new_tokens), its final answer is right
-    (verify.math_reward) and it is well formed (the --format check; the <think> tag may come from the prompt)."""
+    (verify.accuracy_reward: math, Countdown, or every test of a code problem passed) and it is well formed (the --format check; the <think> tag may come from the prompt)."""
     check = FORMAT_CHECKS[fmt]
-    return (not truncated and verify.safe_reward(verify.math_reward, text, answer) == 1.0
+    return (not truncated and verify.safe_reward(verify.accuracy_reward, problem, text) == 1.0
             and (check is None or verify.safe_reward(check, text, require_open_tag=False) == 1.0))
 
 
@@ -248,7 +248,7 @@ def select_traces(problems, samples, keep="all", max_per_prompt=0, fmt="strict")
     one (the max_per_prompt shortest if > 0; ties in sampling order). Returns [(problem, text, n_tokens)]."""
     kept = []
     for problem, group in zip(problems, samples):
-        ok = [s for s in group if is_verified(s[0], problem["answer"], s[2], fmt)]
+        ok = [s for s in group if is_verified(problem, s[0], s[2], fmt)]
         if keep == "shortest":
             ok = sorted(ok, key=lambda s: s[1])[:max_per_prompt or 1]  # sorted() is stable
         elif max_per_prompt:
@@ -267,7 +267,7 @@ def write_traces(path, kept):
         for problem, text, n in kept:
             f.write(json.dumps({"messages": [{"role": "user", "content": problem["prompt"]},
                                              {"role": "assistant", "content": text}],
-                                "answer": problem["answer"], "n_tokens": n}, ensure_ascii=False) + "\n")
+                                "answer": problem.get("answer"), "n_tokens": n}, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -331,7 +331,7 @@ def step_sequences(run, args, student, teacher, tokenizer, data, kd_examples, st
         seed = random.Random(f"kd-{args.seed}-{step}-{run.rank}-{who}").randrange(2**31)
         samples, prompts, outs = sample_completions(run, args, model, tokenizer, part, 1, seed)
         examples += [(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outs)]
-        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.math_reward, g[0][0], p["answer"])
+        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.accuracy_reward, p, g[0][0])
                                          for g, p in zip(samples, part))
         stats[f"{who}_sample_len"] = float(sum(len(o) for o in outs))
         stats[f"{who}_samples"] = float(len(part))
@@ -419,7 +419,7 @@ def main(argv=None):
         if reuse:
             stats = json.loads(stats_file.read_text())
         else:
-            problems = (verify.builtin_problems("train", args.num_prompts, args.seed) if data is None
+            problems = (verify.task_problems(args.data, "train", args.num_prompts, args.seed) if data is None
                         else random.Random(args.seed).sample(data, min(args.num_prompts, len(data))))
             t0 = time.time()
             stats = make_traces(run, args, teacher, teacher_tok, problems)
@@ -450,7 +450,8 @@ def main(argv=None):
     else:
         kd_examples = None
         if args.kd_data != "teacher":
-            chats = builtin_chats("train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
+            task = args.data if verify.is_builtin(args.data) else "builtin"
+            chats = builtin_chats(task, "train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
             kd_examples = tokenize_dataset(student_tok, chats, args.max_len)[0]
         steps = train_logits(run, args, student, teacher, student_tok, data, kd_examples)
 

@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL term (default: --model)")
-    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH), or 'builtin'")
+    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
+                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out)")
     p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
     p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")

@@ -54,7 +54,8 @@ def build_parser():
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL penalty (default: --model)")
     p.add_argument("--critic_model", default=None, help="value model init: a reward-model or causal LM folder "
                    "(default: --reward_model if given, else --model)")
-    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH), or 'builtin'")
+    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
+                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out)")
     p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
     p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")

@@ -214,8 +214,9 @@ def drop_long_prompts(problems, tokenizer, max_new_tokens, max_positions, source
 
 def load_eval_problems(source, template, n=500):
     """Problems from a JSONL file (the template turns each question into the user turn), or the built-in task's
-    held-out split ('builtin': prompts used as they are, the way the built-in models were trained)."""
-    return verify.builtin_problems("heldout", n) if source == "builtin" else templated_problems(source, template)
+    held-out split of a built-in task ('builtin', 'builtin:countdown': prompts used as they are, the way the built-in
+    models were trained)."""
+    return verify.task_problems(source, "heldout", n) if verify.is_builtin(source) else templated_problems(source, template)
 
 
 def rl_problems(args, models):
@@ -226,9 +227,10 @@ def rl_problems(args, models):
         for tokenizer, max_positions in models:
             problems = drop_long_prompts(problems, tokenizer, args.max_new_tokens, max_positions, source)
         return problems
-    data = None if args.data == "builtin" else fitting(templated_problems(args.data, args.prompt_template), args.data)
-    if args.heldout_data is None:
-        return data, verify.builtin_problems("heldout", args.heldout_problems)
+    builtin = verify.is_builtin(args.data)
+    data = None if builtin else fitting(templated_problems(args.data, args.prompt_template), args.data)
+    if args.heldout_data is None:  # the task's own held-out split (the arithmetic task's for a file)
+        return data, verify.task_problems(args.data if builtin else "builtin", "heldout", args.heldout_problems)
     heldout = load_eval_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems]
     return data, fitting(heldout, args.heldout_data)
 
@@ -239,7 +241,7 @@ def heldout_accuracy(run, model, tokenizer, problems, max_new_tokens=96, batch_s
     mine = problems[run.rank::run.world]
     outs, texts, _ = rollout(run, model, tokenizer, [prompt_ids(tokenizer, p["prompt"]) for p in mine],
                              max_new_tokens, temperature=0.0, batch_size=batch_size)
-    correct = sum(verify.safe_reward(verify.math_reward, t, p["answer"]) for t, p in zip(texts, mine))
+    correct = sum(verify.safe_reward(verify.accuracy_reward, p, t) for t, p in zip(texts, mine))
     return run.all_sum(correct) / len(problems), run.all_sum(sum(len(o) for o in outs)) / len(problems)
 
 
@@ -281,8 +283,8 @@ def evaluate(run, model, tokenizer, problems, n=1, max_new_tokens=512, temperatu
     outs, texts, _ = rollout(run, model, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens, temperature, top_p,
                              seed=seed, batch_size=batch_size, compile=compile, desc="eval")
     rows = [{"id": i, "sample": j, "prompt": problems[i]["prompt"], "completion": text,
-             "answer": verify.extract_answer(text), "gold": problems[i]["answer"], "length": len(out),
-             "reward": verify.safe_reward(verify.math_reward, text, problems[i]["answer"]),
+             "answer": verify.extract_answer(text), "gold": problems[i].get("answer"), "length": len(out),
+             "reward": verify.safe_reward(verify.accuracy_reward, problems[i], text),
              "format": verify.format_reward(text)} for (i, j), out, text in zip(jobs, outs, texts)]
     if samples_file:
         Path(samples_file).parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
-                   "MATH format) or 'builtin' (the built-in task's 500 held-out problems)")
+                   "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
+                   "'builtin:countdown')")
     p.add_argument("--n", type=int, default=1, help="--eval: samples per problem (pass@k and maj@k for k = 1, 2, 4.. n)")
     p.add_argument("--limit", type=int, default=None, help="--eval: only the first N problems")
     p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences generated together")

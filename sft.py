@@ -31,30 +31,32 @@ from common import (Run, add_training_args, checkpoint_or_stop, first_loss_posit
                     make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint, step_indices, user_input)
 from model import ModelConfig
 from sample import heldout_accuracy, render
-from verify import builtin_problems, read_jsonl, worked_solution
+from verify import is_builtin, read_jsonl, task_problems, task_solution
 
 # ----------------------------------------------------------------------------------------------------
 # The built-in task as chats. The SFT data mixes step-by-step solutions with terse ones that write only the final
 # equation: a small model gets many terse answers wrong, so RL has something real to find (show the work).
 
 
-def builtin_chats(split, n, seed=0, step_fraction=0.4):
+def builtin_chats(task, split, n, seed=0, step_fraction=0.4):
+    """Chats of a built-in task (--data builtin or builtin:countdown), a step_fraction of them showing every step."""
     rng = random.Random(f"style-{split}-{seed}")
     return [[{"role": "user", "content": p["prompt"]},
-             {"role": "assistant", "content": worked_solution(p, show_steps=rng.random() < step_fraction)}]
-            for p in builtin_problems(split, n, seed)]
+             {"role": "assistant", "content": task_solution(p, show_steps=rng.random() < step_fraction)}]
+            for p in task_problems(task, split, n, seed)]
 
 
-def export_builtin(folder, n_train=20000, n_heldout=500, seed=0, step_fraction=0.4):
-    folder = Path(folder)
+def export_builtin(folder, task="builtin", n_train=20000, n_heldout=500, seed=0, step_fraction=0.4):
+    """The task as JSONL files: SFT chats and RL problems (what verify.load_problems reads back), train and held-out."""
+    folder, name = Path(folder), task.split(":")[-1]  # builtin_*.jsonl, countdown_*.jsonl
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"builtin_sft_train.jsonl": [{"messages": m} for m in builtin_chats("train", n_train, seed, step_fraction)],
-             "builtin_sft_heldout.jsonl": [{"messages": m}
-                                           for m in builtin_chats("heldout", n_heldout, seed, step_fraction)],
-             "builtin_rl_train.jsonl": [{"prompt": p["prompt"], "answer": p["answer"]}
-                                        for p in builtin_problems("train", n_train)],
-             "builtin_heldout.jsonl": [{"prompt": p["prompt"], "answer": p["answer"]}
-                                       for p in builtin_problems("heldout", n_heldout)]}
+    record = lambda p: {k: p[k] for k in ("prompt", "answer", "numbers", "target") if k in p}
+    files = {f"{name}_sft_train.jsonl": [{"messages": m} for m in builtin_chats(task, "train", n_train, seed,
+                                                                                 step_fraction)],
+             f"{name}_sft_heldout.jsonl": [{"messages": m} for m in builtin_chats(task, "heldout", n_heldout, seed,
+                                                                                   step_fraction)],
+             f"{name}_rl_train.jsonl": [record(p) for p in task_problems(task, "train", n_train)],
+             f"{name}_heldout.jsonl": [record(p) for p in task_problems(task, "heldout", n_heldout)]}
     for name, rows in files.items():
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {folder / name} ({len(rows)} records)")
@@ -146,7 +148,8 @@ def eval_loss(run, model, examples, micro_batch_tokens, pad_id):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Hugging Face folder to fine-tune (default: a fresh small model)")
-    p.add_argument("--data", default="builtin", help="chat JSONL file, or 'builtin' for the arithmetic task")
+    p.add_argument("--data", default="builtin", help="chat JSONL file, or a built-in task: 'builtin' (arithmetic) or "
+                   "'builtin:countdown'")
     p.add_argument("--eval_data", default=None, help="held-out chat JSONL (default: builtin held-out, or none)")
     p.add_argument("--builtin_size", type=int, default=50000, help="training examples of the built-in task")
     p.add_argument("--step_fraction", type=float, default=0.4,
@@ -202,23 +205,25 @@ def train(run, args, model, tokenizer, train, evals=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.export_builtin:
-        return export_builtin(args.export_builtin, args.builtin_size, seed=args.seed, step_fraction=args.step_fraction)
+        return export_builtin(args.export_builtin, args.data, args.builtin_size, seed=args.seed,
+                              step_fraction=args.step_fraction)
     run = Run.start(args, "sft")
     config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd, num_hidden_layers=args.n_layer,
                          num_attention_heads=args.n_head, num_key_value_heads=args.n_head, max_position_embeddings=512)
-    builtin = args.data == "builtin"
+    builtin = is_builtin(args.data)
     with user_input():
         model, tokenizer = load_model(run, args.model, config)
-        train_chats = builtin_chats("train", args.builtin_size, args.seed, args.step_fraction) if builtin else load_chats(args.data)
+        train_chats = (builtin_chats(args.data, "train", args.builtin_size, args.seed, args.step_fraction) if builtin
+                       else load_chats(args.data))
         eval_chats = load_chats(args.eval_data) if args.eval_data else (
-            builtin_chats("heldout", 500, args.seed, args.step_fraction) if builtin else None)
+            builtin_chats(args.data, "heldout", 500, args.seed, args.step_fraction) if builtin else None)
         examples, stats = tokenize_dataset(tokenizer, train_chats, args.max_len)
         evals = tokenize_dataset(tokenizer, eval_chats, args.max_len)[0] if eval_chats else None
     if not examples:
         raise SystemExit(f"{args.data}: every example was dropped (no assistant tokens within --max_len {args.max_len})")
     run.print(f"{len(examples)} training examples ({stats['truncated']} truncated to {args.max_len} tokens, "
               f"{stats['dropped']} dropped); model {model.num_params() / 1e6:.2f}M parameters")
-    heldout = builtin_problems("heldout", args.heldout_problems, args.seed) if builtin else None
+    heldout = task_problems(args.data, "heldout", args.heldout_problems, args.seed) if builtin else None
 
     before = eval_loss(run, model, evals, args.micro_batch_tokens, tokenizer.pad_token_id) if evals else None
     steps, tokens = train(run, args, model, tokenizer, examples, evals)

@@ -1,7 +1,8 @@
 """
 Verifiable rewards for RL on reasoning LMs (DeepSeek-R1 recipe): answer extraction, a math
-equivalence checker, format / length / language rewards, a sandbox for code rewards, pass@k and
-majority voting, and the jsonl loaders every script uses. Only stdlib + sympy (imported lazily).
+equivalence checker, format / length / language rewards, a sandbox for code rewards, the Countdown
+task (TinyZero's), pass@k and majority voting, and the jsonl loaders every script uses. Only stdlib +
+sympy (imported lazily).
 
 Rules that decide rewards (tests in tests/test_verify.py pin each one):
 - Numbers are compared exactly as rationals (0.5 == 1/2 == \\frac{2}{4}). If either side was written
@@ -28,13 +29,16 @@ is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 
 Public API, in file order: extract_answer, extract_gsm8k_answer (answer extraction); is_equiv
 (equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
-extract_code, code_reward, safe_reward (rewards); pass_at_k, majority_vote, maj_at_k (evaluation);
-read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in
-task); add_reward_args, compute_rewards (the reward of an RL completion, for grpo.py and ppo.py).
-Everything after the "internals" line is private.
+extract_code, code_reward, safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the
+one reward that grades any problem dict by its fields); pass_at_k, majority_vote, maj_at_k
+(evaluation); read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in task), with
+countdown_problem, countdown_problems, countdown_worked_solution (Countdown), task_problems and
+task_solution (either, by the --data name); add_reward_args, compute_rewards
+(the reward of an RL completion, for grpo.py and ppo.py). Everything after the "internals" line is private.
 """
 
 import atexit
+import collections
 import functools
 import json
 import math
@@ -102,14 +106,14 @@ def is_equiv(pred, gold, timeout=5.0):
 # -----------------------------------------------------------------------------
 # rewards
 
-def math_reward(response, gold):
+def math_reward(response, gold, timeout=5.0):
     """1.0 if the response's final answer equals gold (a plain answer, a \\boxed solution, or a
-    GSM8K '#### x' solution), else 0.0."""
+    GSM8K '#### x' solution), else 0.0. timeout bounds the equivalence check (is_equiv)."""
     pred = extract_answer(response)
     gold = str(gold)
     gold = extract_gsm8k_answer(gold) if "####" in gold else (extract_answer(gold) or gold) if (
         "\\boxed" in gold or "\\fbox" in gold or "<answer>" in gold) else gold
-    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+    return 1.0 if pred is not None and is_equiv(pred, gold, timeout) else 0.0
 
 def format_reward(response, require_open_tag=False):
     """R1 template, lenient: [<think>] reasoning </think> ... answer. Passes iff the text before the
@@ -260,6 +264,53 @@ def safe_reward(fn, *args, default=0.0, **kwargs):
         return default
 
 # -----------------------------------------------------------------------------
+# countdown, and the accuracy of any problem (math, countdown or code, chosen by its fields)
+
+def countdown_reward(completion, numbers, target):
+    """1.0 if the completion's final expression (the last \\boxed{}, else the last <answer></answer>)
+    equals target using each given number at most once, else 0.0. Rules:
+    - numbers are a multiset: a number listed twice may be used twice; not every number need be used;
+    - the expression holds non-negative integer literals (no leading zeros, no decimals), + - * /
+      (also \\times \\cdot \\ast × · and \\div ÷), parentheses and whitespace; anything else scores 0
+      (no unary + or -, no implicit multiplication or digit concatenation, no ^);
+    - it is evaluated exactly with fractions: non-integer intermediate results are allowed
+      (6/(1-3/4) = 24), division by zero scores 0;
+    - "expr = target" or "target = expr" is accepted (one '=' with the bare target literal on one side);
+    - input longer than 300 characters or nested deeper than 50 parentheses scores 0.
+    Nothing is ever executed: the text is parsed by a small recursive-descent parser."""
+    try:
+        expr = extract_answer(completion)
+        if expr is None or len(expr) > 300:
+            return 0.0
+        target = Fraction(str(target).strip())
+        tokens = _countdown_tokens(expr)
+        if tokens.count("=") == 1:  # "expr = target": grade expr (either side may be the bare target)
+            i = tokens.index("=")
+            left, right = tokens[:i], tokens[i + 1:]
+            tokens = left if _is_literal(right, target) else right if _is_literal(left, target) else []
+        used = collections.Counter(int(t) for t in tokens if t.isdigit())
+        if not tokens or used - collections.Counter(int(n) for n in numbers):
+            return 0.0
+        return 1.0 if _CountdownParser(tokens).parse() == target else 0.0
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+
+def accuracy_reward(problem, completion, timeout=5.0):
+    """1.0 / 0.0 (the fraction of tests passed for code) for a completion of a problem dict, as
+    load_problems, countdown_problems and the built-in tasks make them. The task kind is chosen by the
+    record's fields, in this order: "tests" -> code_reward on the assert tests; "inputs" and "outputs"
+    -> code_reward on the stdin/stdout cases; "numbers" and "target" -> countdown_reward; otherwise
+    math_reward against problem["answer"]. timeout bounds each test case (code) or the equivalence
+    check (math)."""
+    if "tests" in problem:
+        return code_reward(completion, problem["tests"], timeout=timeout)
+    if "inputs" in problem and "outputs" in problem:
+        return code_reward(completion, {"inputs": problem["inputs"], "outputs": problem["outputs"]}, timeout=timeout)
+    if "numbers" in problem and "target" in problem:
+        return countdown_reward(completion, problem["numbers"], problem["target"])
+    return math_reward(completion, problem["answer"], timeout=timeout)
+
+# -----------------------------------------------------------------------------
 # evaluation
 
 def pass_at_k(n, c, k):
@@ -310,18 +361,33 @@ def read_jsonl(path):
     return out
 
 def load_problems(path):
-    """[{"prompt", "answer"}] from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"},
-    MATH {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution)."""
+    """Problem dicts, one per record, of every kind accuracy_reward grades (the question may be under
+    "prompt", "question" or "problem"; it is returned as "prompt"):
+    - math: {"prompt", "answer"} from {"prompt","answer"}, GSM8K {"question","answer":"... #### x"}, MATH
+      {"problem","answer"} or {"problem","solution"} (gold = last \\boxed{} of the solution);
+    - code with asserts: {"prompt", "tests": [assert statements, one test each]};
+    - code with stdin/stdout: {"prompt", "inputs": [str], "outputs": [str]} (equal lengths);
+    - countdown: {"prompt", "numbers": [int], "target": int} ("nums", TinyZero's name, is read as
+      numbers; without a prompt one is written from them), keeping an "answer" if there is one.
+    A record with tests / inputs / outputs is code, one with numbers / target is countdown, the rest
+    math. ValueError names path:line for a bad record."""
     problems = []
     for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
         prompt = rec.get("prompt", rec.get("question", rec.get("problem")))
+        if any(k in rec for k in ("tests", "inputs", "outputs")):
+            problems.append(_code_record(rec, prompt, where))
+            continue
+        if any(k in rec for k in ("numbers", "nums", "target")):
+            problems.append(_countdown_record(rec, prompt, where))
+            continue
         answer = rec.get("answer")
         if isinstance(answer, str) and "####" in answer:
             answer = extract_gsm8k_answer(answer)
         elif answer is None and "solution" in rec:
             answer = extract_answer(str(rec["solution"]))
         if not isinstance(prompt, str) or answer is None or str(answer).strip() == "":
-            raise ValueError(f"{path}:{lineno}: expected prompt/question/problem and answer (or a "
+            raise ValueError(f"{where}: expected prompt/question/problem and answer (or a "
                              f"solution with \\boxed{{}}), got keys {sorted(rec)}")
         problems.append({"prompt": prompt, "answer": str(answer).strip()})
     if not problems:
@@ -329,10 +395,12 @@ def load_problems(path):
     return problems
 
 # -----------------------------------------------------------------------------
-# built-in task: multi-step arithmetic, generated on the fly (no downloads), graded by math_reward.
+# built-in tasks, generated on the fly (no downloads), each with disjoint train and held-out splits and
+# worked solutions in the R1 format. The default: multi-step arithmetic, graded by math_reward.
 # "Compute 7+5-3+8." -> "<think>\n7+5=12\n12-3=9\n9+8=17\n</think>\n\boxed{17}". sft.py mixes step-by-step
 # solutions with terse ones that write only the final equation: a small model gets many terse answers wrong,
-# so RL has something real to find (show the work) and response length grows as it does.
+# so RL has something real to find (show the work) and response length grows as it does. Then Countdown
+# (TinyZero's task), graded by countdown_reward.
 
 def arithmetic_problem(rng, min_terms=2, max_terms=6, max_value=9, max_total=19):
     """A random problem: {"prompt", "answer", "steps", "expr"}. Running totals stay within [0, max_total], so each
@@ -370,11 +438,76 @@ def worked_solution(problem, show_steps=True):
     work = "\n".join(problem["steps"]) if show_steps else f"{problem['expr']}={problem['answer']}"
     return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
 
+def countdown_problem(rng, min_numbers=3, max_numbers=4, max_number=25, max_target=100):
+    """A random Countdown problem (TinyZero's task): reach the target with + - * / and parentheses over
+    the given numbers. Returns {"prompt", "answer", "numbers", "target", "steps"}. The target is built
+    from a random expression over all the numbers, so every problem is solvable: "answer" is that
+    expression ("(3+5)*2") and "steps" its intermediate results ("3+5=8", "8*2=16"). Intermediate
+    results are positive integers (divisions are exact) and 1 <= target <= max_target."""
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(rng.randint(min_numbers, max_numbers))]
+        items, steps = [(n, str(n), 3) for n in numbers], []  # (value, text, precedence: 1 + -, 2 * /, 3 atom)
+        while len(items) > 1:
+            (a, ta, pa), (b, tb, pb) = (items.pop(rng.randrange(len(items))) for _ in range(2))
+            if a < b:
+                (a, ta, pa), (b, tb, pb) = (b, tb, pb), (a, ta, pa)
+            ops = "+*" + ("-" if a > b else "") + ("/" if b > 1 and a % b == 0 else "")
+            op = rng.choice(ops)
+            value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            prec = 1 if op in "+-" else 2
+            ta = f"({ta})" if pa < prec else ta
+            tb = f"({tb})" if pb < prec or (pb == prec and op in "-/") else tb  # a-(b+c), a/(b*c)
+            steps.append(f"{a}{op}{b}={value}")
+            items.append((value, ta + op + tb, prec))
+        target, answer = items[0][0], items[0][1]
+        if 1 <= target <= max_target:
+            return {"prompt": _countdown_prompt(numbers, target), "answer": answer, "numbers": numbers,
+                    "target": target, "steps": steps}
+
+def countdown_problems(split, n, seed=0, **difficulty):
+    """n Countdown problems from the "train" or "heldout" split; same seed, same problems. The splits are
+    disjoint by construction: a hash of the question (sorted numbers, target) puts a fixed eighth of
+    all questions in heldout, however they were generated."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng, out = random.Random(f"countdown-{split}-{seed}"), []
+    while len(out) < n:
+        p = countdown_problem(rng, **difficulty)
+        if _countdown_heldout(p["numbers"], p["target"]) == (split == "heldout"):
+            out.append(p)
+    return out
+
+def countdown_worked_solution(problem, show_steps=True):
+    """The R1-format completion for a countdown_problem: the intermediate results in <think>, then
+    the expression boxed (show_steps=False writes only "expr=target" as the reasoning)."""
+    work = "\n".join(problem["steps"]) if show_steps else f"{problem['answer']}={problem['target']}"
+    return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
+
+BUILTIN_TASKS = ("builtin", "builtin:countdown")  # what --data names: the arithmetic task, Countdown
+
+
+def is_builtin(data):
+    return data in BUILTIN_TASKS
+
+
+def task_problems(data, split, n, seed=0):
+    """n problems of the built-in task that --data names: 'builtin' (arithmetic) or 'builtin:countdown'."""
+    if data not in BUILTIN_TASKS:
+        raise ValueError(f"--data {data}: not a built-in task ({', '.join(BUILTIN_TASKS)}) and not a file")
+    return (countdown_problems if data == "builtin:countdown" else builtin_problems)(split, n, seed)
+
+
+def task_solution(problem, show_steps=True):
+    """The worked solution of a built-in problem of either task."""
+    return (countdown_worked_solution if "numbers" in problem else worked_solution)(problem, show_steps)
+
+
 # -----------------------------------------------------------------------------
 # the reward of an RL completion: one builder for grpo.py and ppo.py, with the same flags in both
 
 REWARD_HELP = """Each completion's reward is a sum of components, each logged under one name with one meaning:
-  accuracy      1 if the final answer is right, else 0 (math_reward); logged as "accuracy"
+  accuracy      accuracy_reward: 1 if the final answer is right, else 0 (math_reward, or countdown_reward for a
+                Countdown problem); for a code problem the fraction of its tests passed; logged as "accuracy"
   format        format_reward or, with --strict_format, strict_format_reward (0 or 1)
   length        the --length_reward function's value: cosine, lcpo and lcpo_max score correctness and length
                 together, so they take the accuracy term's place; kimi is added to it
@@ -407,7 +540,7 @@ def compute_rewards(args, problems, completions, lengths, truncated, reward_mode
     """Totals [N] and components {name: [N]} (see REWARD_HELP) for completions (texts) of problems, their lengths in
     tokens and truncated flags (hit max_new_tokens). Groups of args.group_size samples of one prompt are adjacent
     (kimi compares within a group). A verifier that raises gives 0 for that sample with a warning (safe_reward)."""
-    acc = [safe_reward(math_reward, c, p["answer"]) for c, p in zip(completions, problems)]
+    acc = [safe_reward(accuracy_reward, p, c) for c, p in zip(completions, problems)]
     fmt = strict_format_reward if args.strict_format else format_reward
     parts = {"accuracy": acc, "format": [safe_reward(fmt, c) for c in completions]}
     if args.length_reward == "cosine":
@@ -1328,41 +1461,213 @@ def _worker_main():
         out.flush()
 
 # -----------------------------------------------------------------------------
+# data files: code and countdown records (load_problems)
+
+def _code_record(rec, prompt, where):
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: a code task needs a prompt/question/problem string, got keys {sorted(rec)}")
+    if "tests" in rec:
+        tests = rec["tests"]
+        if "inputs" in rec or "outputs" in rec:
+            raise ValueError(f"{where}: a code task has either tests or inputs/outputs, not both")
+        if not (isinstance(tests, list) and tests and all(isinstance(t, str) for t in tests)):
+            raise ValueError(f"{where}: tests must be a non-empty list of assert statement strings")
+        return {"prompt": prompt, "tests": tests}
+    inputs, outputs = rec.get("inputs"), rec.get("outputs")
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)
+            and all(isinstance(s, str) for s in inputs + outputs)):
+        raise ValueError(f"{where}: inputs and outputs must be non-empty lists of strings of equal length")
+    return {"prompt": prompt, "inputs": inputs, "outputs": outputs}
+
+def _countdown_record(rec, prompt, where):
+    numbers, target = rec.get("numbers", rec.get("nums")), rec.get("target")
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not (isinstance(numbers, list) and numbers and all(map(is_int, numbers)) and is_int(target)):
+        raise ValueError(f"{where}: a countdown task needs numbers (a non-empty list of non-negative "
+                         f"integers) and an integer target, got keys {sorted(rec)}")
+    if prompt is None:
+        prompt = _countdown_prompt(numbers, target)
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: prompt must be a string")
+    out = {"prompt": prompt, "numbers": numbers, "target": target}
+    if rec.get("answer") is not None:
+        out["answer"] = str(rec["answer"])
+    return out
+
+# -----------------------------------------------------------------------------
+# countdown: a tokenizer and exact evaluator for + - * / ( ) over integer literals, nothing else
+
+_COUNTDOWN_SUBS = [(re.compile(p), r) for p, r in (
+    (r"\\(?:times|cdot|ast)(?![a-zA-Z])|[×·⋅∗]", "*"), (r"\\div(?![a-zA-Z])|÷", "/"), (r"[−–]", "-"),
+    (r"\\(?:left|right)(?![a-zA-Z])|\$", ""))]
+_COUNTDOWN_TOKEN = re.compile(r"\s*(?:([0-9]+)|([-+*/()=]))")
+
+def _countdown_tokens(s):
+    """Integer literals and operators as strings; ValueError on anything else (names, calls, dots)."""
+    for pat, rep in _COUNTDOWN_SUBS:
+        s = pat.sub(rep, s)
+    s, out, pos = s.strip(), [], 0
+    while pos < len(s):
+        m = _COUNTDOWN_TOKEN.match(s, pos)
+        if not m:
+            raise ValueError(f"unexpected {s[pos:pos + 10]!r}")
+        tok = m.group(1) or m.group(2)
+        if len(tok) > 1 and tok[0] == "0":  # 03 is not the given 3
+            raise ValueError("leading zero")
+        out.append(tok)
+        pos = m.end()
+    return out
+
+def _countdown_prompt(numbers, target):
+    return (f"Using the numbers {', '.join(map(str, numbers))}, write an expression that equals {target}. "
+            f"Use + - * / and parentheses, each number at most once.")
+
+def _is_literal(tokens, target):
+    return len(tokens) == 1 and tokens[0].isdigit() and int(tokens[0]) == target
+
+def _countdown_heldout(numbers, target):
+    key = f"{sorted(int(n) for n in numbers)}:{target}"
+    return zlib.crc32(key.encode()) % 8 == 0  # a fixed eighth of all questions never appears in training
+
+class _CountdownParser:
+    """Recursive descent, evaluating as it goes with Fractions: expr = term (('+'|'-') term)*;
+    term = atom (('*'|'/') atom)*; atom = integer | '(' expr ')'. Depth is capped (no RecursionError)."""
+
+    def __init__(self, tokens):
+        self.t, self.i, self.depth = tokens, 0, 0
+
+    def peek(self):
+        return self.t[self.i] if self.i < len(self.t) else ""
+
+    def take(self):
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def parse(self):
+        v = self.expr()
+        if self.i != len(self.t):
+            raise ValueError("trailing input")
+        return v
+
+    def expr(self):
+        v = self.term()
+        while self.peek() in ("+", "-"):
+            v = v + self.term() if self.take() == "+" else v - self.term()
+        return v
+
+    def term(self):
+        v = self.atom()
+        while self.peek() in ("*", "/"):
+            v = v * self.atom() if self.take() == "*" else v / self.atom()  # x / 0 raises ZeroDivisionError
+        return v
+
+    def atom(self):
+        tok = self.take()
+        if tok.isdigit():
+            return Fraction(int(tok))
+        if tok != "(":
+            raise ValueError(f"unexpected {tok!r}")
+        self.depth += 1
+        if self.depth > 50:
+            raise ValueError("nested too deeply")
+        v = self.expr()
+        if self.take() != ")":
+            raise ValueError("unbalanced parentheses")
+        self.depth -= 1
+        return v
+
+# -----------------------------------------------------------------------------
 # code sandbox. Each test case runs in a fresh `python -I` process that (see _HARNESS):
 #  - is enforced: wall-clock `timeout` (the whole process group / pid namespace is SIGKILLed),
 #    RLIMIT_CPU, RLIMIT_AS (`memory_mb`), RLIMIT_FSIZE (16 MiB), no core dumps, RLIMIT_NPROC (a fork
-#    bomb hits EAGAIN), an empty environment (PATH/LANG only: no secrets), stdin from /dev/null (or
-#    the case input), cwd = a fresh temp dir that is deleted afterwards, and a per-run secret marker
-#    printed only after the asserts pass (sys.exit(0) / os._exit(0) before the tests earns nothing);
+#    bomb hits EAGAIN), an empty environment (PATH/LANG only: no secrets; HOME and TMPDIR point at
+#    the scratch dir), stdin from /dev/null (or the case input), cwd = a fresh scratch dir of its own,
+#    and a per-run secret marker printed only after the asserts pass (sys.exit(0) / os._exit(0)
+#    before the tests earns nothing);
 #  - where `unshare` works (root, or unprivileged user namespaces): no network (empty net namespace)
 #    and a private pid namespace + /proc, so every process the program starts dies with it and the
 #    caller's processes and environ are invisible;
+#  - and, where its mount namespace lets us remount (the "private" mode): every mount of the host is
+#    remounted read-only (and nosuid) inside it -- one that cannot be must be hidden under a read-only
+#    one, else this mode is not used -- then fresh size-capped tmpfs are mounted on /tmp (64 MiB, 8192
+#    inodes; the scratch dir /tmp/sandbox is the cwd), /var/tmp and /dev/shm (16 MiB each). So the
+#    program can write nowhere on the host: not /tmp, /var/tmp, /dev/shm, $HOME, the project,
+#    world-writable dirs, whatever its uid; what it writes is in memory, capped, and gone when the
+#    case ends. All capabilities but CAP_DAC_READ_SEARCH are dropped (bounding set cleared,
+#    no_new_privs), so it cannot unmount or remount its way out, even as root in a user namespace.
+#    Not covered: filesystems the kernel mounts later on demand (autofs automounts), and device nodes
+#    (a read-only mount still lets one write to a device that its uid may open: /dev/null, a tty).
+#    Without private mode the scratch dir is a host temp dir (deleted afterwards) and /tmp etc. are
+#    the host's: the program can write wherever its uid may (as nobody: world-writable dirs).
 #  - as root: the program runs as uid/gid 65534 (nobody) keeping only CAP_DAC_READ_SEARCH (so the
-#    interpreter stays readable wherever it is installed): it cannot write outside its temp dir to
-#    anything nobody can't write (root-owned dirs) and RLIMIT_NPROC is enforced (it is not for root).
-#    If even that cannot run the interpreter here, it runs as root: then RLIMIT_NPROC does not hold
-#    and a fork bomb is only bounded by the timeout (and the pid namespace).
-#    As non-root, RLIMIT_NPROC counts all of the user's tasks (we allow current + 128) and the program
-#    can write wherever the user can. Reading files is never prevented.
+#    interpreter stays readable wherever it is installed) and RLIMIT_NPROC is enforced (it is not for
+#    root). If even that cannot run the interpreter here, it runs as root (capabilities dropped in
+#    private mode): then RLIMIT_NPROC does not hold and a fork bomb is only bounded by the timeout
+#    (and the pid namespace). As non-root, RLIMIT_NPROC counts all of the user's tasks (we allow
+#    current + 128). Reading files is never prevented (the marker file is unlinked before the
+#    program starts; the host scratch dir is hidden under the private /tmp).
 #  - not defended: a program that deliberately introspects the harness's memory for the marker, and,
 #    without unshare, processes that escape the process group with setsid().
 # _sandbox_config() probes once which of these this machine allows and uses the strongest that works.
 
 _HARNESS = r"""
 import os, resource, sys
-tmp, mode, drop, cpu, mem, nproc = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:7])
+tmp, mode, drop, private = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
+cpu, mem, nproc = map(int, sys.argv[5:8])
 for res, lim in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 16 << 20),
                  (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
     resource.setrlimit(res, (lim, lim))
 os.chdir(tmp)
 marker = open("marker").read()
 os.unlink("marker")
-if drop:  # root -> nobody, keeping only CAP_DAC_READ_SEARCH (bit 2) so imports keep working
+if drop or private:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
+if private:  # own mount namespace: the host read-only, fresh tmpfs on /tmp /var/tmp /dev/shm
+    def mount(src, dst, fs, flags, data):
+        if libc.mount(src, os.fsencode(dst), fs, flags, data) != 0:  # dst: str or bytes
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), dst)
+    files = [(n, open(n, "rb").read()) for n in ("main.py", "test.py")]
+    mount(None, "/", None, 1 << 14 | 1 << 18, None)  # MS_REC | MS_PRIVATE: nothing propagates to the host
+    bits = {b"ro": 1, b"nosuid": 2, b"nodev": 4, b"noexec": 8, b"nosymfollow": 256, b"noatime": 1024,
+            b"nodiratime": 2048, b"relatime": 1 << 21}  # kept: a user namespace may not clear them
+    points = {}
+    for line in open("/proc/self/mountinfo", "rb"):  # mount point paths are octal-escaped (\040 = space)
+        f = line.split()
+        flags = sum(bits.get(o, 0) for o in f[5].split(b","))
+        points[f[4].decode("unicode_escape").encode("latin-1")] = flags, f[f.index(b"-") + 1]
+    for path, (flags, fs) in points.items():
+        try:  # MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+            mount(None, path, None, flags | 32 | 4096 | 1 | 2, None)
+        except OSError:  # e.g. a mount hidden under another one: what its path shows must be read-only
+            # (statvfs only here, so a healthy run never waits on a network filesystem; autofs is
+            # skipped: looking at it would trigger the automount)
+            if fs != b"autofs" and os.path.exists(path) and not os.statvfs(path).f_flag & os.ST_RDONLY:
+                raise
+    for path, size in (("/tmp", "64m,nr_inodes=8192"), ("/var/tmp", "16m,nr_inodes=1024"),
+                       ("/dev/shm", "16m,nr_inodes=1024")):
+        if path == "/tmp" or os.path.isdir(path):  # MS_NOSUID | MS_NODEV
+            mount(b"tmpfs", path, b"tmpfs", 2 | 4, f"size={size},mode=1777".encode())
+    os.mkdir("/tmp/sandbox", 0o700)
+    os.chdir("/tmp/sandbox")
+    for name, content in files:
+        with open(name, "wb") as f:
+            f.write(content)
+    if drop:
+        os.chown(".", 65534, 65534)
+if drop or private:  # no capability can come back on exec (bounding set), none gained by setuid binaries
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+if drop:  # root -> nobody
     libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)(4, 4, 0, 0, 0, 0))
+if drop or private:  # keep only CAP_DAC_READ_SEARCH (bit 2) so imports keep working
+    if libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)(4, 4, 0, 0, 0, 0)) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()
 sys.argv = ["main.py"]
 g = {"__name__": "__main__" if mode == "io" else "solution"}
 exec(compile(open("main.py").read(), "main.py", "exec"), g)
@@ -1375,20 +1680,24 @@ os._exit(0)  # done: don't wait for threads or atexit handlers the program left 
 """
 _SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_sandbox = None  # (unshare prefix, drop root) that works on this machine, probed once
+_sandbox = None  # (unshare prefix, drop root, private mounts) that works on this machine, probed once
 
 def _sandbox_config():
-    """The strongest setup that runs a trivial test here: namespaces if `unshare` is permitted,
-    root dropped to nobody if we are root and the interpreter still imports afterwards."""
+    """The strongest setup that runs a trivial test (and writes to its scratch dir) here: namespaces
+    if `unshare` is permitted, with private read-only mounts if they can be set up, root dropped to
+    nobody if we are root and the interpreter still imports afterwards."""
     global _sandbox
     if _sandbox is None:
-        ns = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        ns = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
         if os.geteuid() != 0:  # unprivileged: a user namespace makes the others possible
             ns = ns[:1] + ["--user", "--map-root-user"] + ns[1:]
-        options = [(pre, drop) for pre in ([ns] if shutil.which("unshare") else []) + [[]]
+        options = [(pre, drop, private) for pre in ([ns] if shutil.which("unshare") else []) + [[]]
+                   for private in ([True, False] if pre else [False])
                    for drop in ([True] if os.geteuid() == 0 else []) + [False]]
         nproc = _task_count(65534 if os.geteuid() == 0 else os.getuid()) + 128
-        _sandbox = next((cfg for cfg in options if _run_case("import json, math", "assert math.pi > 3", 30, 512, nproc, cfg)), ([], False))
+        probe = "import json, math\nopen('probe.txt', 'w').close()"
+        _sandbox = next((cfg for cfg in options if _run_case(probe, "assert math.pi > 3", 30, 512, nproc, cfg)),
+                        ([], False, False))
     return _sandbox
 
 def _task_count(uid):
@@ -1403,7 +1712,7 @@ def _task_count(uid):
     return n
 
 def _run_case(code, test, timeout, memory_mb, nproc, config):
-    prefix, drop = config
+    prefix, drop, private = config
     tmp = tempfile.mkdtemp(prefix="verify-sandbox-")
     marker = os.urandom(16).hex()
     try:
@@ -1414,7 +1723,7 @@ def _run_case(code, test, timeout, memory_mb, nproc, config):
         if drop:
             os.chown(tmp, 65534, 65534)
         mode = "assert" if isinstance(test, str) else "io"
-        cmd = prefix + [sys.executable, "-I", "-c", _HARNESS, tmp, mode, "1" if drop else "0",
+        cmd = prefix + [sys.executable, "-I", "-c", _HARNESS, tmp, mode, "1" if drop else "0", "1" if private else "0",
                         str(math.ceil(timeout) + 1), str(memory_mb << 20), str(nproc)]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as inp:
             inp.write(str(test.get("input", "")).encode() if mode == "io" else b"")

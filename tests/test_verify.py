@@ -6,6 +6,8 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -564,3 +566,66 @@ def test_safe_reward_catches_and_warns_once():
     assert len([w for w in caught if "verifier exploded" in str(w.message)]) == 1
     assert safe_reward(math_reward, "\\boxed{2}", "2") == 1.0
     assert safe_reward(lambda: True) == 1.0
+
+# -----------------------------------------------------------------------------
+# code sandbox: writes outside the program's own scratch dir
+
+def _private_mounts():
+    if not verify._sandbox_config()[2]:
+        pytest.skip("no private mount namespace here: the program can write wherever its uid may (documented)")
+
+def test_code_reward_scratch_dir_home_and_tempfile():
+    prog = ("import os, tempfile\nopen('scratch.txt', 'w').write('x' * 1000)\nos.makedirs('a/b')\n"
+            "f = tempfile.NamedTemporaryFile(delete=False)\nf.write(b'x')\nf.close()\n"
+            "open(os.path.expanduser('~/.cache'), 'w').close()")
+    checks = ["assert open('scratch.txt').read() == 'x' * 1000 and os.path.isdir('a/b')",
+              "assert os.path.dirname(f.name) == os.getcwd() == os.path.expanduser('~')"]  # TMPDIR and HOME
+    assert code_reward(prog, checks) == 1.0
+
+def test_code_reward_cannot_write_on_the_host():
+    _private_mounts()
+    name = f"verify-pwned-{os.getpid()}-{time.monotonic_ns()}"
+    project = os.path.dirname(os.path.abspath(verify.__file__))
+    # a dir anyone may write to, outside /tmp (which the program sees as its own tmpfs): only the
+    # read-only remount of the host's mounts stops a write here, whatever the program's uid
+    open_dir = tempfile.mkdtemp(prefix=".verify-test-", dir=project)
+    try:
+        os.chmod(open_dir, 0o1777)
+        private = [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}"]  # these land in private tmpfs
+        refused = [os.path.join(os.path.expanduser("~"), name), os.path.join(project, name), os.path.join(open_dir, name)]
+        prog = ("import errno, os\nwrote, errors = [], []\n"
+                f"for p in {private + refused!r}:\n"
+                "    for make in (lambda p: open(p, 'w').write('x'), lambda p: os.mkdir(p + '.d')):\n"
+                "        try:\n            make(p)\n            wrote.append(p)\n"
+                "        except OSError as e:\n            errors.append(e.errno)\n")
+        assert code_reward(prog, [f"assert not set(wrote) & set({refused!r}), wrote",
+                                  "assert errors[-2:] == [errno.EROFS] * 2, errors",  # the world-writable dir
+                                  f"assert open({private[0]!r}).read() == 'x'"]) == 1.0
+        for p in private + refused:
+            assert not os.path.exists(p) and not os.path.exists(p + ".d"), p  # the host never sees any of them
+        assert os.listdir(open_dir) == []
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
+
+def test_code_reward_cannot_undo_the_private_mounts():
+    _private_mounts()
+    name = f"/tmp/verify-pwned-{os.getpid()}-{time.monotonic_ns()}"
+    prog = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "results = [os.system('umount -l /tmp 2>/dev/null'), os.system('mount -o remount,rw / 2>/dev/null'),\n"
+            "           libc.umount2(b'/tmp', 2), libc.mount(None, b'/', None, 32 | 4096, None),\n"
+            "           libc.mount(b'none', b'/mnt', b'tmpfs', 0, None), libc.unshare(0x20000)]\n"
+            "status = open('/proc/self/status').read()\n"
+            "libc.unshare(0x10000000 | 0x20000)\n"  # a user namespace of its own (where allowed): root in it, but
+            "results += [libc.umount2(b'/tmp', 2), libc.mount(None, b'/', None, 32 | 4096, None)]\n"  # mounts stay locked
+            f"open({name!r}, 'w').write('x')\n")
+    assert code_reward(prog, ["assert all(r != 0 for r in results), results",
+                              "assert 'CapEff:\\t0000000000000004' in status"]) == 1.0
+    assert not os.path.exists(name)
+
+def test_code_reward_scratch_space_is_capped():
+    _private_mounts()
+    prog = ("import os\nwritten = 0\nchunk = b'x' * (1 << 20)\n"
+            "try:\n    for i in range(20):\n        with open(f'f{i}', 'wb') as f:\n            for _ in range(10):\n"
+            "                f.write(chunk)\n                f.flush()\n                written += len(chunk)\n"
+            "except OSError:\n    pass")
+    assert code_reward(prog, ["assert 32 << 20 <= written <= 64 << 20, written"]) == 1.0  # /tmp: 64 MiB of tmpfs
