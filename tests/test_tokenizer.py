@@ -517,15 +517,9 @@ def synthetic(tmp_path_factory):
     return get
 
 
-SMOLLM2_DIR = os.path.expanduser(os.environ.get("SMOLLM2_DIR", "~/.cache/smollm2-135m-instruct"))
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    if not os.path.isfile(os.path.join(SMOLLM2_DIR, "tokenizer.json")):
-        pytest.skip(f"SmolLM2-135M-Instruct not found at {SMOLLM2_DIR}: set SMOLLM2_DIR or build it with "
-                    "shared/tools/make_smollm2.sh DIR")
-    return Tokenizer.from_pretrained(SMOLLM2_DIR), AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+def smollm2(smollm2_dir):
+    return Tokenizer.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 # -----------------------------------------------------------------------------
