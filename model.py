@@ -598,18 +598,31 @@ def _python_regex(pattern):
     return re.compile("".join(out))
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %} (SmolLM3 marks assistant text with it): renders its body as is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
 @functools.lru_cache(maxsize=None)
 def _compile_chat_template(source):
     """A chat template compiled as transformers compiles it (utils/chat_template_utils.py), so that it renders the
-    same text: sandboxed and immutable, trim_blocks + lstrip_blocks, {% break %}/{% continue %}, the globals
-    raise_exception and strftime_now, and a tojson that keeps non-ASCII and HTML characters as they are."""
+    same text: sandboxed and immutable, trim_blocks + lstrip_blocks, {% break %}/{% continue %}, {% generation %},
+    the globals raise_exception and strftime_now, and a tojson that keeps non-ASCII and HTML characters as is."""
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+                                                       extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(source)
