@@ -681,14 +681,14 @@ class Tokenizer:
         self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
 
         # special tokens by name, as strings: what every chat template sees (older configs spell a token as an
-        # AddedToken dict {"__type": "AddedToken", "content": ...})
+        # AddedToken dict {"__type": "AddedToken", "content": ...}; extra_special_tokens is a dict or a list)
         token = lambda t: t.get("content") if isinstance(t, dict) else t
-        extra = config.get("extra_special_tokens") or {}
-        self._template_tokens = {k: token(config[k]) for k in _TEMPLATE_TOKENS if token(config.get(k)) is not None}
-        self._template_tokens.update({k: token(v) for k, v in extra.items()} if isinstance(extra, dict) else {})
-        additional = config.get("additional_special_tokens") or (extra if isinstance(extra, list) else [])
-        if additional:
-            self._template_tokens["additional_special_tokens"] = [token(t) for t in additional]
+        extra, named = config.get("extra_special_tokens") or {}, {k: config.get(k) for k in _TEMPLATE_TOKENS}
+        named.update(extra if isinstance(extra, dict) else {"additional_special_tokens": extra})
+        named["additional_special_tokens"] = (config.get("additional_special_tokens")
+                                              or named.get("additional_special_tokens"))
+        self._template_tokens = {k: [token(t) for t in v] if isinstance(v, list) else token(v)
+                                 for k, v in named.items() if v}
         self.bos_token_id = self.token_to_id(self._template_tokens.get("bos_token"))
         self.eos_token_id = self.token_to_id(self._template_tokens.get("eos_token"))
         pad = self.token_to_id(self._template_tokens.get("pad_token"))
