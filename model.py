@@ -22,11 +22,14 @@ import pathlib
 import re
 import shutil
 import tempfile
-import time
 import unicodedata
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import tiktoken
 import torch
 import torch.nn as nn
@@ -508,9 +511,9 @@ def token_entropy(logits, chunk_rows=4096):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer: Hugging Face byte-level BPE checkpoints (GPT-2, SmolLM2, Qwen2/2.5/3, Llama 3) run by tiktoken,
-# plus a from-scratch 256-byte tokenizer for tiny models. No transformers/tokenizers/jinja at run time.
-
+# Tokenizer: Hugging Face byte-level BPE checkpoints (GPT-2, SmolLM2, Qwen2/2.5/3, Llama 3, DeepSeek-V3/R1 and the
+# R1-Distill models) run by tiktoken, their jinja chat templates rendered the way transformers renders them, plus a
+# from-scratch 256-byte tokenizer for tiny models. No transformers/tokenizers at run time.
 
 def _bytes_to_unicode():
     """GPT-2's reversible map byte -> printable char: HF byte-level vocabs spell their tokens in this alphabet."""
@@ -525,43 +528,63 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 # Unicode White_Space: what \s means to HF's (Oniguruma) and tiktoken's (Rust) regexes. Python's \s also matches
 # \x1c-\x1f, so the Python fallback (_python_regex) spells it out.
 _WHITE_SPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# the template of Tokenizer.byte_level() (ChatML, as SmolLM2 and Qwen write it)
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
                    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
-# one conversation turn as it reads in a template after _fingerprint(): this is how a format is recognised
-_CHATML_TURN = r"'<|im_start|>'+message['role']+'\n'+message['content']+'<|im_end|>\n'"
-_LLAMA3_TURN = r"'<|start_header_id|>'+message['role']+'<|end_header_id|>\n\n'+message['content']|trim+'<|eot_id|>'"
+# the named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES)
+_TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _fingerprint(template):
-    """Template text without spelling variants (spaces, quote style, message.role vs message['role'])."""
-    t = re.sub(r"[ \t]+", "", template.replace("\n", "\\n")).replace('"', "'")  # a real newline == '\n'
-    t = t.replace("message.role", "message['role']").replace("message.content", "message['content']")
-    return t.replace("'<|im_end|>'+'\\n'", "'<|im_end|>\\n'")
+def chat_messages(prompt, system=None):
+    """The messages of a one-turn prompt: the user's text, after a system message when `system` is given."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
-def _pre_tokenizer_pattern(pre, where):
-    """The one regex whose matches are the pieces tokenizer.json's pre_tokenizer cuts the text into."""
+def _is_nfc(normalizer, where):
+    """tokenizer.json's normalizer: none, NFC, or a Sequence of those (DeepSeek-V3/R1 ship an empty Sequence)."""
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    kinds = {s.get("type") for s in steps if s}
+    if not kinds <= {"NFC"}:
+        raise ValueError(f"{where}: unsupported normalizer {json.dumps(normalizer)[:300]} (supported: none, NFC)")
+    return bool(kinds)
+
+
+def _pre_tokenizer_patterns(pre, where):
+    """tokenizer.json's pre_tokenizer as regexes applied in turn: each cuts every piece the one before made into its
+    matches and the gaps between them (HF's Split(behavior="Isolated")). BPE then merges within a piece."""
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    level = steps[-1] if kinds[-1:] == ["ByteLevel"] else {}
-    regex, split = level.get("use_regex", True), (steps or [{}])[0]
-    if kinds == ["ByteLevel"]:  # GPT-2; without the regex (our byte tokenizer) a whole segment is one piece
-        pattern = _GPT2_PATTERN if regex else r"[\s\S]+"
-    elif (kinds == ["Split", "ByteLevel"] and not regex and "Regex" in split.get("pattern", {})
-          and split.get("behavior") == "Isolated" and not split.get("invert")):
-        pattern = split["pattern"]["Regex"]  # Qwen2/2.5/3, Llama 3: the Split regex is all there is
-    elif kinds == ["Digits", "ByteLevel"] and regex:  # SmolLM2: digits are cut out first, then GPT-2's regex
-        # so digits are pieces of their own, and a whitespace run before a digit ends there (it used to end a
-        # segment): "(?!\S)" must treat a following digit as a boundary
-        digits = r"\p{N}" if split.get("individual_digits") else r"\p{N}+"
-        pattern = rf"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+|\s+(?![^\s\p{{N}}])|\s+"""
-    else:
-        raise ValueError(f"{where}: unsupported pre_tokenizer {json.dumps(pre)[:300]} (supported: ByteLevel, "
-                         "Sequence[Split(Regex), ByteLevel(use_regex=false)], Sequence[Digits, ByteLevel])")
+    *splits, level = steps or [{}]
+    unsupported = (f"{where}: unsupported pre_tokenizer {json.dumps(pre)[:300]} (supported: ByteLevel after any "
+                   "number of Split(Regex, Isolated) or Digits)")
+    if level.get("type") != "ByteLevel":
+        raise ValueError(unsupported)
+    patterns = []
+    for s in splits:
+        if s.get("type") == "Digits":  # SmolLM2
+            patterns.append(r"\p{N}" if s.get("individual_digits") else r"\p{N}+")
+        elif (s.get("type") == "Split" and "Regex" in s.get("pattern", {}) and s.get("behavior") == "Isolated"
+              and not s.get("invert")):  # Qwen2/2.5/3, Llama 3: one; DeepSeek-V3/R1: three
+            patterns.append(s["pattern"]["Regex"])
+        else:
+            raise ValueError(unsupported)
     if level.get("add_prefix_space"):
         raise ValueError(f"{where}: ByteLevel pre-tokenizer with add_prefix_space=true is not supported")
-    return pattern
+    if level.get("use_regex", True):
+        patterns.append(_GPT2_PATTERN)
+    if len(patterns) == 2 and patterns[0] in (r"\p{N}", r"\p{N}+") and patterns[1] == _GPT2_PATTERN:
+        # SmolLM2: digits, then GPT-2's regex, fuse into one regex (all of it then runs in tiktoken). Digits are
+        # pieces of their own, and a whitespace run before a digit ends there (the piece ended): "(?!\S)" must
+        # treat a following digit as a boundary
+        d = patterns[0]
+        patterns = [rf"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+|{d}| ?[^\s\p{{L}}\p{{N}}]+|\s+(?![^\s\p{{N}}])|\s+"""]
+    return patterns or [r"(?s:.)+"]  # no regex (our byte tokenizer): a whole segment is one piece
+
+
+def _split_isolated(regex, text):
+    """HF's Split(behavior="Isolated"): the matches of `regex` in `text` and the gaps between them, in order."""
+    cuts = sorted({0, len(text), *(i for m in regex.finditer(text) for i in m.span())})
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 @functools.lru_cache(maxsize=None)
@@ -590,11 +613,41 @@ def _python_regex(pattern):
     return re.compile("".join(out))
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %} (SmolLM3 marks assistant text with it): renders its body as is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_chat_template(source):
+    """A chat template compiled as transformers compiles it (utils/chat_template_utils.py), so that it renders the
+    same text: sandboxed and immutable, trim_blocks + lstrip_blocks, {% break %}/{% continue %}, {% generation %},
+    the globals raise_exception and strftime_now, and a tojson that keeps non-ASCII and HTML characters as is."""
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer giving the same ids as the checkpoint's Hugging Face tokenizer (encoding runs in
-    tiktoken), plus the checkpoint's chat template rendered in plain Python."""
+    tiktoken), and its chat template giving the same text as in transformers (rendered by jinja2)."""
 
-    def __init__(self, tokenizer_json, config, name_or_path=""):
+    def __init__(self, tokenizer_json, config, name_or_path="", chat_template_kwargs=None):
         where = os.path.join(name_or_path, "tokenizer.json")
         self._tokenizer_json, self._config, self.name_or_path = tokenizer_json, config, name_or_path
         model = tokenizer_json.get("model") or {}
@@ -603,13 +656,13 @@ class Tokenizer:
                 or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
             raise ValueError(f"{where}: only byte-level BPE tokenizers are supported (GPT-2 / Llama 3 / Qwen style); "
                              f"this one has model {model.get('type')} with decoder {decoder}")
-        normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
-        if normalizer not in (None, "NFC"):
-            raise ValueError(f"{where}: unsupported normalizer {normalizer} (supported: none, NFC)")
-        self._nfc = normalizer == "NFC"
-        self._pattern = _pre_tokenizer_pattern(tokenizer_json.get("pre_tokenizer") or {}, where)
+        self._nfc = _is_nfc(tokenizer_json.get("normalizer") or {}, where)
+        *splits, final = _pre_tokenizer_patterns(tokenizer_json.get("pre_tokenizer") or {}, where)
+        self._splits = [_python_regex(p) for p in splits]  # all but the last regex cut here, the last in tiktoken,
+        self._pattern = rf"{final}|(?:(?!{final})(?s:.))+"  # which drops what it doesn't match: HF keeps those gaps
 
-        # Added tokens (special or not) are cut out of the text before anything else, as HF does.
+        # Added tokens (special or not) are cut out of the text before anything else and decode to their own text,
+        # as in HF; `special` only matters to skip_special_tokens, which has no counterpart here.
         added = tokenizer_json.get("added_tokens", [])
         for t in added:
             if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
@@ -642,18 +695,29 @@ class Tokenizer:
         by_length = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
 
-        token = lambda key: config[key].get("content") if isinstance(config.get(key), dict) else config.get(key)
-        self._bos_token = token("bos_token")  # (older configs spell a token as {"content": ...})
-        self.bos_token_id, self.eos_token_id = self.token_to_id(self._bos_token), self.token_to_id(token("eos_token"))
-        pad = self.token_to_id(token("pad_token"))
+        # special tokens by name, as strings: what every chat template sees (older configs spell a token as an
+        # AddedToken dict {"__type": "AddedToken", "content": ...}; extra_special_tokens is a dict or a list)
+        token = lambda t: t.get("content") if isinstance(t, dict) else t
+        extra, named = config.get("extra_special_tokens") or {}, {k: config.get(k) for k in _TEMPLATE_TOKENS}
+        named.update(extra if isinstance(extra, dict) else {"additional_special_tokens": extra})
+        named["additional_special_tokens"] = (config.get("additional_special_tokens")
+                                              or named.get("additional_special_tokens"))
+        self._template_tokens = {k: [token(t) for t in v] if isinstance(v, list) else token(v)
+                                 for k, v in named.items() if v}
+        self.bos_token_id = self.token_to_id(self._template_tokens.get("bos_token"))
+        self.eos_token_id = self.token_to_id(self._template_tokens.get("eos_token"))
+        pad = self.token_to_id(self._template_tokens.get("pad_token"))
         self.pad_token_id = pad if pad is not None else self.eos_token_id
         self.chat_template = config.get("chat_template")
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # template variables of every rendering
 
     @classmethod
-    def from_pretrained(cls, path):
-        """Load tokenizer.json (+ tokenizer_config.json, chat_template.jinja if present) from a checkpoint folder."""
+    def from_pretrained(cls, path, chat_template=None, chat_template_kwargs=None):
+        """Load tokenizer.json, tokenizer_config.json and chat_template.jinja (if present) from a checkpoint folder.
+        chat_template: a template string replacing the checkpoint's (it is also what save_pretrained writes);
+        chat_template_kwargs: template variables for every apply_chat_template, e.g. {"enable_thinking": False}."""
         path = os.path.expanduser(str(path))
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"no tokenizer.json in {path!r} (missing folder or not a HF checkpoint)")
@@ -662,9 +726,10 @@ class Tokenizer:
             file = pathlib.Path(path, name)
             return file.read_text(encoding="utf-8") if file.is_file() else default
         config = json.loads(read("tokenizer_config.json", "{}"))
-        if not config.get("chat_template") and read("chat_template.jinja"):  # where newer transformers put it
-            config["chat_template"] = read("chat_template.jinja")
-        return cls(json.loads(read("tokenizer.json")), config, path)
+        # chat_template.jinja (where newer transformers save it) wins over tokenizer_config.json, as in transformers
+        if chat_template or read("chat_template.jinja"):
+            config["chat_template"] = chat_template or read("chat_template.jinja")
+        return cls(json.loads(read("tokenizer.json")), config, path, chat_template_kwargs)
 
     @classmethod
     def byte_level(cls, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), chat_template=CHATML_TEMPLATE):
@@ -696,7 +761,7 @@ class Tokenizer:
         return i if i is not None and i < self.vocab_size else None
 
     def encode(self, text):
-        """Text -> ids, like HF tokenizer(text, add_special_tokens=False): special tokens in the text are recognised."""
+        """Text -> ids, like HF tokenizer(text, add_special_tokens=False): added tokens in the text are recognised."""
         ids, start = [], 0
         for m in self._special_re.finditer(text) if self._special_re else ():
             ids += self._encode_ordinary(text[start:m.start()])
@@ -707,9 +772,12 @@ class Tokenizer:
     def _encode_ordinary(self, text):
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
+        pieces = [text]
+        for regex in self._splits:
+            pieces = [q for p in pieces for q in _split_isolated(regex, p)]
         if self._missing_bytes and not self._missing_bytes.isdisjoint(text.encode("utf-8", "surrogatepass")):
-            return self._encode_dropping_missing_bytes(text)
-        return self._enc.encode_ordinary(text)
+            return [i for p in pieces for i in self._encode_dropping_missing_bytes(p)]
+        return [i for p in pieces for i in self._enc.encode_ordinary(p)]
 
     def _encode_dropping_missing_bytes(self, text):
         # HF cuts the text into pieces first and drops the bytes without a token inside each piece, so the rest of
@@ -730,63 +798,23 @@ class Tokenizer:
         """Ids -> text (special tokens kept); bytes that are not valid UTF-8 become U+FFFD."""
         return self._enc.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Render [{"role": ..., "content": ...}, ...] to the exact string the checkpoint's jinja template gives.
-        Recognised: ChatML (SmolLM2, Qwen2/2.5, Qwen3 with its <think> handling; a default system prompt is taken
-        from the template) and Llama 3 / 3.1+. Roles system/user/assistant; tool calls, tool messages, non-text
-        content and template options like Qwen3's enable_thinking are out of scope."""
-        where = os.path.join(self.name_or_path, "tokenizer_config.json")
-        hint = "pass plain text instead (disable the chat template)"
+    def apply_chat_template(self, messages, add_generation_prompt=True, **template_kwargs):
+        """[{"role": ..., "content": ...}, ...] -> the text transformers' apply_chat_template(messages,
+        tokenize=False, add_generation_prompt=...) gives: the checkpoint's jinja template, given the messages, the
+        special tokens by name (bos_token, eos_token, ...), chat_template_kwargs and template_kwargs (e.g.
+        enable_thinking=False for Qwen3). A template that raises (e.g. a role-alternation check) raises ValueError
+        with its message."""
         if not self.chat_template:
-            raise ValueError(f"{where} has no chat_template; {hint}")
+            where = os.path.join(self.name_or_path, "tokenizer_config.json")
+            raise ValueError(f"{where} has no chat_template; pass plain text instead (disable the chat template)")
+        chat = []  # as transformers: a field set to None is left out, and reasoning goes by all of its names
         for m in messages:
-            if m.get("tool_calls") or m["role"] in ("tool", "ipython") or not isinstance(m["content"], str):
-                raise ValueError(f"chat message {m!r}: tool calls, tool messages and non-text content are unsupported")
-        fingerprint = _fingerprint(self.chat_template)
-        if _CHATML_TURN in fingerprint and "bos_token" not in fingerprint and "eos_token" not in fingerprint:
-            return self._render_chatml(messages, add_generation_prompt)
-        if _LLAMA3_TURN in fingerprint:
-            return self._render_llama3(messages, add_generation_prompt)
-        raise ValueError(f"{where}: unrecognised chat_template (known: ChatML, Llama 3); {hint}")
-
-    def _render_chatml(self, messages, add_generation_prompt):
-        t, out = self.chat_template, ""
-        # the default system prompt is the literal text of a system turn written into the template itself
-        found = re.search(r"<\|im_start\|>system(?:\\n|\n)((?:[^'\"{}<\\]|\\.)*?)<\|im_end\|>", t)
-        if found and messages and messages[0]["role"] != "system":
-            default = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), found.group(1))
-            out += f"<|im_start|>system\n{default}<|im_end|>\n"
-        # Qwen3: assistant turns after the last user query show their reasoning as <think>...</think>, earlier
-        # ones lose it (the template's own logic, in Python)
-        last_query = max([i for i, m in enumerate(messages) if m["role"] == "user" and not (
-            m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))],
-            default=len(messages) - 1)
-        for i, m in enumerate(messages):
-            content = m["content"]
-            if "</think>" in t and m["role"] == "assistant":
-                reasoning = m.get("reasoning_content")
-                if reasoning is None:
-                    reasoning = ""
-                    if "</think>" in content:
-                        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-                        content = content.split("</think>")[-1].lstrip("\n")
-                if i > last_query and (i == len(messages) - 1 or reasoning):
-                    content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
-            out += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
-        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-    def _render_llama3(self, messages, add_generation_prompt):
-        t, head = self.chat_template, lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-        bos = self._bos_token or ""
-        if "Cutting Knowledge Date" in t:  # 3.1+: there is always a system turn, opening with a date preamble
-            system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
-            messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
-            knowledge = re.search(r"Cutting Knowledge Date: [^\"'\\]*", t).group()
-            # 3.2+ state today's date (transformers provides strftime_now), 3.1 a fixed date_string
-            date = (time.strftime("%d %b %Y") if "strftime_now" in t
-                    else re.search(r"date_string = [\"']([^\"']*)", t).group(1))
-            out = f"{bos}{head('system')}{knowledge}\nToday Date: {date}\n\n{system}<|eot_id|>"
-        else:  # 3.0: bos before the first turn, and a system message is an ordinary turn
-            out = bos if messages else ""
-        out += "".join(f"{head(m['role'])}{m['content'].strip()}<|eot_id|>" for m in messages)
-        return out + (head("assistant") if add_generation_prompt else "")
+            m = {k: v for k, v in m.items() if v is not None}
+            reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+            chat.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+        variables = {**self._template_tokens, **self.chat_template_kwargs, **template_kwargs}
+        try:
+            return _compile_chat_template(self.chat_template).render(
+                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template of {self.name_or_path or 'this tokenizer'} failed: {e}") from e

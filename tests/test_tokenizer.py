@@ -517,15 +517,9 @@ def synthetic(tmp_path_factory):
     return get
 
 
-SMOLLM2_DIR = os.path.expanduser(os.environ.get("SMOLLM2_DIR", "~/.cache/smollm2-135m-instruct"))
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    if not os.path.isfile(os.path.join(SMOLLM2_DIR, "tokenizer.json")):
-        pytest.skip(f"SmolLM2-135M-Instruct not found at {SMOLLM2_DIR}: set SMOLLM2_DIR or build it with "
-                    "shared/tools/make_smollm2.sh DIR")
-    return Tokenizer.from_pretrained(SMOLLM2_DIR), AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+def smollm2(smollm2_dir):
+    return Tokenizer.from_pretrained(smollm2_dir), AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +618,7 @@ def test_overlapping_added_tokens_longest_match_wins(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# chat templates of real checkpoints, rendered by transformers (jinja2) vs by us (plain Python)
+# chat templates of real checkpoints, rendered by transformers vs by us
 
 @pytest.fixture(scope="module")
 def templated(tmp_path_factory):
@@ -650,12 +644,15 @@ def test_chat_template_matches_transformers(templated, template, conversation, a
     assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
-def test_unrecognised_chat_template_raises(tmp_path):
-    gemma = ("{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim + "
-             "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
-    ours = Tokenizer.from_pretrained(write_checkpoint(tmp_path, build_hf_tokenizer("gpt2", 300), gemma))
-    with pytest.raises(ValueError, match=r"tokenizer_config\.json.*plain text"):
-        ours.apply_chat_template(CONVERSATIONS["user only"])
+def test_chat_template_that_raises_gives_its_message_and_the_checkpoint(tmp_path):
+    # Gemma's templates refuse conversations whose roles do not alternate, with raise_exception
+    strict = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+              "{{ message['content'] }}{% endfor %}")
+    ours = Tokenizer.from_pretrained(write_checkpoint(tmp_path, build_hf_tokenizer("gpt2", 300), strict))
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*roles must alternate"):
+        ours.apply_chat_template(CONVERSATIONS["system + user"])
+    assert ours.apply_chat_template(CONVERSATIONS["multi-turn"]) == "Hi!Hello. How can I help?Count to 3."
 
 
 def test_missing_chat_template_raises(tmp_path):
