@@ -14,6 +14,7 @@
 
 Imports only model.py and verify.py (for the built-in task's problems).
 """
+import argparse
 import json
 import math
 import os
@@ -217,8 +218,39 @@ def user_input():
         raise SystemExit(f"error: {e}") from None
 
 
+def json_object(text):
+    """argparse type: a JSON object ('{"enable_thinking": false}')."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text}")
+    return value
+
+
+def add_prompt_args(p):
+    """How every script that builds prompts renders them: the checkpoint's own chat template, unless told."""
+    p.add_argument("--system", default=None, help="a system message before every chat that has none")
+    p.add_argument("--chat_template", default=None, metavar="FILE", help="a jinja chat template replacing the "
+                   "checkpoint's, e.g. one that keeps DeepSeek-R1-Distill's reasoning in past turns for SFT")
+    p.add_argument("--chat_template_kwargs", type=json_object, default={}, metavar="JSON",
+                   help='variables for the chat template, e.g. \'{"enable_thinking": false}\' (Qwen3)')
+    return p
+
+
+def load_tokenizer(args, path):
+    """path's tokenizer (None: the byte-level one of fresh models) with --chat_template, --chat_template_kwargs and
+    --system applied."""
+    tokenizer = Tokenizer.from_pretrained(path) if path is not None else Tokenizer.byte_level(
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"))  # as Qwen3, R1
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    return tokenizer.set_prompt_options(template, args.chat_template_kwargs, args.system)
+
+
 def add_training_args(p, script, lr, max_steps, batch_size):
-    """The flags every training script shares."""
+    """The flags every training script shares (the prompt flags among them)."""
+    add_prompt_args(p)
     p.add_argument("--out", default=f"out/{script}", help="output folder: checkpoints, metrics.jsonl, summary.json")
     p.add_argument("--seed", type=int, default=0, help="random seed (each rank derives its own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -251,15 +283,13 @@ def add_training_args(p, script, lr, max_steps, batch_size):
 def load_model(run, path, config=None):
     """A checkpoint folder (model + tokenizer), or with path None a fresh model of `config` with a byte-level
     tokenizer. Ranks start from identical weights: the fresh init is seeded identically everywhere."""
-    if path is None:  # <think> and </think> as single tokens, as in Qwen3 and DeepSeek-R1 vocabularies
-        tokenizer = Tokenizer.byte_level(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
-                                                         "</think>"))
+    tokenizer = load_tokenizer(run.args, path)
+    if path is None:
         torch.manual_seed(run.args.seed)
         config.vocab_size, config.eos_token_id = tokenizer.vocab_size, tokenizer.eos_token_id
         model = Transformer(config).to(run.device, run.dtype)
         torch.manual_seed(run.args.seed + run.rank)
     else:
-        tokenizer = Tokenizer.from_pretrained(path)
         model = Transformer.from_pretrained(path, dtype=run.dtype, device=run.device)
     model.grad_checkpointing = run.args.grad_checkpointing
     return model, tokenizer

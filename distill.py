@@ -54,9 +54,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verify
-from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_frozen, load_model, lr_at,
-                    make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint, step_problems, user_input)
-from model import ModelConfig, Tokenizer
+from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_frozen, load_model,
+                    load_tokenizer, lr_at, make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint,
+                    step_problems, user_input)
+from model import ModelConfig
 from sample import PROMPT_TEMPLATE, heldout_accuracy, prompt_ids, rl_problems, rollout
 from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
@@ -387,7 +388,7 @@ def main(argv=None):
     with user_input():
         # The teacher only runs forward: no gradient, bf16 on GPU (it may be much larger than the student)
         teacher = load_frozen(run, args.teacher)
-        teacher_tok = Tokenizer.from_pretrained(args.teacher)
+        teacher_tok = load_tokenizer(args, args.teacher)
         student = student_tok = None
         if not args.traces_only:
             config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd,

@@ -712,6 +712,16 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
         self.chat_template_kwargs = dict(chat_template_kwargs or {})  # template variables of every rendering
+        self.system = None  # a system message for chats without one (sample.render puts it first)
+
+    def set_prompt_options(self, chat_template=None, chat_template_kwargs=None, system=None):
+        """The scripts' --chat_template (a template string replacing the checkpoint's, saved with the tokenizer),
+        --chat_template_kwargs (variables of every rendering) and --system. Returns the tokenizer."""
+        if chat_template:
+            self.chat_template = self._config["chat_template"] = chat_template
+        self.chat_template_kwargs.update(chat_template_kwargs or {})
+        self.system = system
+        return self
 
     @classmethod
     def from_pretrained(cls, path, chat_template=None, chat_template_kwargs=None):

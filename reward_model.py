@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Run, add_training_args, checkpoint_or_stop, length_buckets, lr_at, make_optimizer,
-                    optimizer_step, pad_right, resume, save_checkpoint, step_indices, user_input)
+from common import (Run, add_training_args, checkpoint_or_stop, length_buckets, load_tokenizer, lr_at,
+                    make_optimizer, optimizer_step, pad_right, resume, save_checkpoint, step_indices, user_input)
 from model import ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_safetensors, rope_inv_freq, save_folder
 from sample import render
 from verify import builtin_problems, read_jsonl, worked_solution
@@ -398,7 +398,7 @@ def main(argv=None):
     builtin = args.data == "builtin"
     kinds = args.builtin_kinds
     with user_input():
-        tokenizer = Tokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args, args.model)
         model = RewardModel.from_pretrained(args.model, dtype=run.dtype, device=run.device)
         model.backbone.grad_checkpointing = args.grad_checkpointing
         train_pairs = builtin_pairs("train", args.builtin_size, args.seed, kinds) if builtin else load_pairs(args.data)

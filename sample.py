@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 import verify
-from common import Run, save_checkpoint, unwrap, user_input
-from model import KVCache, Tokenizer, Transformer, padding_inputs
+from common import Run, add_prompt_args, load_tokenizer, save_checkpoint, unwrap, user_input
+from model import KVCache, Transformer, padding_inputs
 
 
 # How a math problem from a data file becomes the user turn (R1 style: think first, then a boxed answer).
@@ -123,18 +123,20 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
 
 
 def render(tokenizer, messages, add_generation_prompt):
-    """The chat as text, with the checkpoint's chat template; a base model without one gets the turns' contents
-    run together, each assistant turn closed by eos."""
+    """The chat as text, with the checkpoint's chat template (after --system's message, when the chat has no system
+    message of its own); a base model without one gets the turns' contents run together, each assistant turn closed
+    by eos."""
+    if tokenizer.system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": tokenizer.system}, *messages]
     if tokenizer.chat_template is None:
         eos = tokenizer.decode([tokenizer.eos_token_id])
         return "".join(m["content"] + ("" if m["role"] == "user" else eos) for m in messages)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
 
-def prompt_ids(tokenizer, text, system=None):
-    """Token ids of one user turn (after an optional system message), ready for the assistant's reply."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return tokenizer.encode(render(tokenizer, messages, add_generation_prompt=True))
+def prompt_ids(tokenizer, text):
+    """Token ids of one user turn, ready for the assistant's reply."""
+    return tokenizer.encode(render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True))
 
 
 def stop_token_ids(model, tokenizer):
@@ -310,7 +312,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="Hugging Face model folder")
     p.add_argument("--prompt", default="Compute 7+5-3+8.", help="user message (or raw text with --no_chat_template)")
-    p.add_argument("--system", default=None, help="optional system message")
     p.add_argument("--no_chat_template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0, or 0.6 with --eval)")
@@ -329,6 +330,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="--eval: how a file's question becomes the "
                    "user turn ({question} is replaced)")
     p.add_argument("--out", default="out/eval", help="--eval: folder for samples.jsonl and summary.json")
+    add_prompt_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR", help="--eval: several checkpoints, one "
                    "table (same data, same seeds)")
     args = p.parse_args(argv)
@@ -344,7 +346,7 @@ def run_eval(args):
     results = {}
     for path in args.compare or [args.model]:
         with user_input():
-            tokenizer = Tokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(args, path)
             model = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device)
         name = str(path)
         out = Path(args.out) / (name.strip("/").replace("/", "_") if args.compare else "")  # out/grpo/final -> out_grpo_final
@@ -369,9 +371,9 @@ def main(argv=None):
             raise SystemExit("--compare needs --eval DATA (the problems to compare the checkpoints on)")
         return run_eval(args)
     with user_input():
-        tokenizer = Tokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args, args.model)
         model = Transformer.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    prompt = tokenizer.encode(args.prompt) if args.no_chat_template else prompt_ids(tokenizer, args.prompt, args.system)
+    prompt = tokenizer.encode(args.prompt) if args.no_chat_template else prompt_ids(tokenizer, args.prompt)
     generated = []
     printed = ""
 

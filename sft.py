@@ -96,8 +96,10 @@ def tokenize_chat(tokenizer, messages):
             continue
         prefix, full = render(tokenizer, messages[:i], True), render(tokenizer, messages[: i + 1], False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise ValueError("the chat template renders earlier turns differently once later ones are added; "
-                             "train on single-turn examples instead")
+            raise ValueError(f"the chat template of {tokenizer.name_or_path} renders an assistant turn differently from "
+                             "what its generation prompt starts (DeepSeek-R1-Distill's drops the <think> part of past "
+                             "turns), or earlier turns differently once later ones follow: pass --chat_template FILE "
+                             "with a template that keeps each turn as the model writes it")
         for text, label in ((prefix[len(done):], 0), (full[len(prefix):], 1)):
             piece = tokenizer.encode(text)
             ids += piece

@@ -25,8 +25,7 @@ class FetchError(RuntimeError):
 
 
 def smollm2_dir():
-    sys.path.insert(0, str(Path(__file__).parent))
-    import make_smollm2
+    import make_smollm2  # tests/ is on sys.path: under pytest (conftest's folder) and as `python tests/real_data.py`
     if not make_smollm2.is_built(SMOLLM2_DIR):
         try:
             make_smollm2.build(SMOLLM2_DIR, log=lambda s: print(s, file=sys.stderr))

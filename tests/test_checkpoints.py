@@ -230,14 +230,21 @@ def test_distill_sample_stops_at_end_of_sentence(distill_dir):
     assert proc.stdout.strip() == "<｜end▁of▁sentence｜>" and "[1 tokens" in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="sft.tokenize_chat needs the prompt (add_generation_prompt=True) to be a "
-                   "prefix of the rendered chat; R1-Distill's generation prompt '<｜Assistant｜><think>\\n' is not "
-                   "(the template drops the reasoning of assistant turns): sft.py must handle it")
 def test_distill_one_sft_step(distill_dir, tmp_path):
+    """R1-Distill's own template drops the reasoning of past assistant turns, so SFT refuses it with a line naming
+    --chat_template; with the template minus that one rule (what open-r1 and TRL users pass) one step trains."""
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in MESSAGES.values() if m[-1]["role"] == "assistant"))
-    run("sft.py", "--model", str(distill_dir), "--data", str(data), "--max_steps", "1", "--batch_size", "1",
-        "--eval_every", "0", "--device", "cpu", "--out", str(tmp_path / "out"))
+    cmd = ["sft.py", "--model", str(distill_dir), "--data", str(data), "--max_steps", "1", "--batch_size", "1",
+           "--eval_every", "0", "--device", "cpu"]
+    refused = subprocess.run([sys.executable, *cmd, "--out", str(tmp_path / "refused")], cwd=Path(__file__).parent.parent, capture_output=True,
+                             text=True)
+    assert refused.returncode == 1 and "--chat_template FILE" in refused.stderr.splitlines()[-1]
+    template = json.loads((FIXTURES / "DeepSeek-R1-Distill.json").read_text())["chat_template"]
+    drop = "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    assert drop in template
+    (tmp_path / "keep_reasoning.jinja").write_text(template.replace(drop, ""))
+    run(*cmd, "--out", str(tmp_path / "out"), "--chat_template", str(tmp_path / "keep_reasoning.jinja"))
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 

@@ -206,10 +206,10 @@ def test_a_verifier_that_raises_gives_zero_reward_and_a_warning(monkeypatch):
     import verify
     real = verify.math_reward
 
-    def flaky(response, gold):
+    def flaky(response, gold, timeout=5.0):
         if "boom" in response:
             raise RuntimeError("verifier bug")
-        return real(response, gold)
+        return real(response, gold, timeout)
 
     monkeypatch.setattr(verify, "math_reward", flaky)
     args = grpo.parse_args([])

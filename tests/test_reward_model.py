@@ -13,7 +13,7 @@ import reward_model
 from model import ModelConfig, Tokenizer, Transformer
 from reward_model import (RewardModel, bt_loss, builtin_pairs, last_token_values, load_pairs, load_reward_model,
                           pad_pairs, pair_ids, pair_stats)
-from verify import format_reward, math_reward
+from verify import builtin_problems, format_reward, math_reward
 
 PROMPTS = ["Compute 1+2.", "Compute 7+5-3+8.", "Compute 9-4."]
 RESPONSES = ["<think>\n1+2=3\n</think>\n\\boxed{3}", "<think>\n7+5-3+8=17\n</think>\n\\boxed{17}", "5"]
@@ -130,7 +130,7 @@ def test_mismatched_tokenizer_is_refused_naming_both_folders(tmp_path):
 def test_builtin_pairs_chosen_is_right_and_rejected_is_wrong():
     pairs = builtin_pairs("train", 600, kinds=",".join(reward_model.KINDS))
     assert len(pairs) == 600 and {p["kind"] for p in pairs} == set(reward_model.KINDS)
-    answers = {p["prompt"]: p["answer"] for p in __import__("sft").builtin_problems("train", 1200)}
+    answers = {p["prompt"]: p["answer"] for p in builtin_problems("train", 1200)}
     for p in pairs:
         gold = answers[p["prompt"]]
         assert math_reward(p["chosen"], gold) == 1.0 and format_reward(p["chosen"]) == 1.0

@@ -162,3 +162,33 @@ def test_compiled_decode_step_generates_what_eager_does():
     eager = sample.generate(model, prompts, 40, temperature=0, stop_token_ids=stop)
     assert sample.generate(model, prompts, 40, temperature=0, stop_token_ids=stop, compile=True) == eager
     assert sum(map(len, eager)) > 4 * 10  # real completions, not immediate stops
+
+
+def test_prompt_flags_reach_the_rendered_prompt(tiny_dir, tmp_path):
+    """--system, --chat_template FILE and --chat_template_kwargs JSON, as every prompt-building script parses them."""
+    import common
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'think' if thinking else 'answer' }}:{% endif %}")
+    args = sample.parse_args(["--system", "Be brief.", "--chat_template", str(template),
+                              "--chat_template_kwargs", '{"thinking": true}'])
+    tok = common.load_tokenizer(args, tiny_dir)
+    assert sample.render(tok, [{"role": "user", "content": "2+2?"}], True) == "[system:Be brief.][user:2+2?]think:"
+    own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "q"}]
+    assert sample.render(tok, own, False) == "[system:Mine.][user:q]"  # a chat's own system message stays
+    assert tok.decode(sample.prompt_ids(tok, "2+2?")) == "[system:Be brief.][user:2+2?]think:"
+    tok.save_pretrained(tmp_path / "saved")  # the replacing template is what a checkpoint keeps
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"] == template.read_text()
+
+
+@pytest.mark.parametrize("script", ["sample", "sft", "grpo", "ppo", "reward_model", "distill"])
+def test_every_prompt_building_script_takes_the_prompt_flags(script, capsys):
+    import importlib
+    module = importlib.import_module(script)
+    argv = ["--system", "S", "--chat_template_kwargs", '{"enable_thinking": false}']
+    args = (module.parse_args(argv) if hasattr(module, "parse_args") else module.build_parser().parse_args(argv))
+    assert args.system == "S" and args.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(SystemExit):
+        module.parse_args(["--chat_template_kwargs", "[1]"]) if hasattr(module, "parse_args") else \
+            module.build_parser().parse_args(["--chat_template_kwargs", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err
