@@ -309,10 +309,17 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None, logits_from=0):
+    def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None, logits_from=0,
+                targets=None):
         """idx [B, T] -> logits [B, T - logits_from, V] of positions logits_from.. (training skips the prompt,
-        whose logits carry no loss: the lm_head is a fifth of a small model's compute); the rest as hidden()."""
-        return self.lm_head(self.hidden(idx, attention_mask, positions, cache, cache_pos)[:, logits_from:])
+        whose logits carry no loss: the lm_head is a fifth of a small model's compute); the rest as hidden().
+        With targets [B, T - logits_from]: (log-probs of the targets, entropy), each [B, T - logits_from] float32,
+        the logits never held whole (logprobs_from_hidden). A mode of forward() so that DDP, FSDP and
+        torch.compile wrappers see the call."""
+        h = self.hidden(idx, attention_mask, positions, cache, cache_pos)[:, logits_from:]
+        if targets is not None:
+            return logprobs_from_hidden(h, self.lm_head.weight, targets)
+        return self.lm_head(h)
 
     def hidden(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None):
         """idx [B, T] -> final hidden states [B, T, C] (after the last norm; reward and value heads read these).
@@ -490,7 +497,7 @@ def replace_dir(src, dst):
 def token_logprobs(logits, targets, chunk_rows=4096):
     """log pi(y_t | y_<t) of the chosen tokens: logits [B, T, V], targets [B, T] -> [B, T] float32.
     log_softmax(z)_y = z_y - logsumexp(z), in float32 a chunk of rows at a time, so no full float32
-    [B, T, V] log-softmax is ever held."""
+    [B, T, V] log-softmax is ever held. Training takes logprobs_from_hidden, which never holds the logits."""
     flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     out = [z.float().gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z.float(), dim=-1)
            for z, y in zip(flat.split(chunk_rows), tgt.split(chunk_rows))]
@@ -505,6 +512,72 @@ def token_entropy(logits, chunk_rows=4096):
         z = z.float()
         out.append(torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1))
     return torch.cat(out).view(logits.shape[:-1])
+
+
+def logprob_chunk_rows(vocab_size, elements=2**25):
+    """Rows per chunk of logprobs_from_hidden: about 2^25 float32 logits (128 MiB) live at a time."""
+    return max(1, elements // vocab_size)
+
+
+class _LogprobsFromHidden(torch.autograd.Function):
+    """Log-probs of the chosen tokens and the entropy from final hidden states, the lm_head applied a chunk of rows
+    at a time. Backward recomputes each chunk's logits, so only h, W and two floats per row are saved: never the
+    [N, V] logits, in any dtype. With p = softmax(z), the gradients per row are
+        d logp_y / dz = onehot(y) - p        dH / dz = -p (log p + H)"""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype):
+        # h [N, C], weight [V, C], targets [N] -> logp [N], entropy [N] (float32)
+        w = weight.to(compute_dtype)  # the matmul dtype (bf16 under autocast): one copy of W, not saved
+        logp, entropy, lse = (torch.empty(h.shape[0], device=h.device) for _ in range(3))
+        for i in range(0, h.shape[0], chunk_rows):
+            z = F.linear(h[i:i + chunk_rows].to(compute_dtype), w).float()  # [n, V]
+            rows = slice(i, i + z.shape[0])
+            lse[rows] = torch.logsumexp(z, -1)
+            logp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            entropy[rows] = lse[rows] - (torch.softmax(z, -1) * z).sum(-1)  # H = lse - sum_v p_v z_v
+        ctx.save_for_backward(h, weight, targets, lse, entropy)
+        ctx.chunk_rows, ctx.compute_dtype = chunk_rows, compute_dtype
+        ctx.set_materialize_grads(False)  # an unused entropy gets no gradient work
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, targets, lse, entropy = ctx.saved_tensors
+        w = weight.to(ctx.compute_dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        for i in range(0, h.shape[0], ctx.chunk_rows):
+            rows = slice(i, i + ctx.chunk_rows)
+            hc = h[rows].to(ctx.compute_dtype)
+            logp_all = F.linear(hc, w).float() - lse[rows, None]  # log p [n, V], recomputed
+            p = logp_all.exp()
+            g = torch.zeros_like(p)  # dL/dz [n, V]
+            if grad_logp is not None:
+                g.scatter_(-1, targets[rows, None], grad_logp[rows, None])
+                g -= grad_logp[rows, None] * p
+            if grad_entropy is not None:
+                g -= grad_entropy[rows, None] * p * (logp_all + entropy[rows, None])
+            g = g.to(ctx.compute_dtype)
+            if grad_h is not None:
+                grad_h[rows] = g @ w  # [n, C]
+            if ctx.needs_input_grad[1]:
+                gw = g.T @ hc  # [V, C]
+                grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def logprobs_from_hidden(h, weight, targets, chunk_rows=None):
+    """(log pi(y_t | y_<t), entropy H(pi(. | y_<t))), each [B, T] float32, from final hidden states h [B, T, C] and
+    the lm_head weight [V, C], the logits made and dropped a chunk at a time (also in backward): the memory-lean
+    twin of token_logprobs(lm_head(h), targets) and token_entropy(...). Matmuls run in the autocast dtype when
+    autocast is on (as the lm_head would), else in h's dtype."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    chunk_rows = chunk_rows or logprob_chunk_rows(weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        logp, entropy = _LogprobsFromHidden.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
+                                                  chunk_rows, dtype)
+    return logp.view(targets.shape), entropy.view(targets.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
