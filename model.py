@@ -219,9 +219,24 @@ class Attention(nn.Module):
         if cache is not None:
             # [B, H_kv, S, D]: the first S slots of the cache, S = the mask's last dim (all of them when compiled)
             k, v = cache.update(self.layer_idx, cache_pos, k, v, mask.shape[-1])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if cache is not None and T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row against the cache, the query heads grouped by the key/value head they share, so each row's
+    keys and values are read once, in place (no repeat of K/V, no float32 copy of them, no SDPA math fallback).
+    q [B, H, 1, D]; k, v [B, H_kv, S, D]; mask [B, 1, 1, S], additive (0 / -inf) or boolean (True = may attend)."""
+    B, H, _, D = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # [B, H_kv, G, D]: head h reads kv head h // G
+    scores = q @ k.transpose(-1, -2)  # [B, H_kv, G, S]
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    p = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)  # scores are [G, S] per row: float32 is cheap
+    return (p @ v).reshape(B, H, 1, D)  # [B, H_kv, G, D] -> [B, H, 1, D]
 
 
 class MLP(nn.Module):
@@ -250,13 +265,26 @@ class Block(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated once: [L, B, H_kv, S, D]. Writes go in place at the slots
-    `cache_pos`, so tensor shapes never change during decoding and a decode step can be captured by
-    torch.compile / CUDA graphs."""
+    `cache_pos`, so tensor shapes never change between row selections and a decode step can be captured by
+    torch.compile / CUDA graphs. select_rows keeps, reorders or repeats rows in the same buffers (prefix sharing,
+    finished rows leaving the batch); self.k / self.v are the current rows, the first rows of the buffers."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.buf_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.buf_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.select_rows(batch_size)
+
+    def select_rows(self, rows, length=0):
+        """rows: an int n, the first n rows of the buffers (nothing copied), or an index [n] into the current rows
+        (any order, repeats allowed, n <= the allocated batch): row i becomes a copy of the first `length` slots of
+        row rows[i]."""
+        if torch.is_tensor(rows):
+            for buf in (self.buf_k, self.buf_v):
+                for layer in buf:  # one layer's rows at a time: the temporary is 1/L of the cache
+                    layer[:len(rows), :, :length] = layer[rows, :, :length]
+        n = len(rows) if torch.is_tensor(rows) else rows
+        self.k, self.v = self.buf_k[:, :n], self.buf_v[:, :n]
         if self.k.is_cuda:  # tell CUDA graphs these buffers keep their address across calls
             torch._dynamo.mark_static_address(self.k)
             torch._dynamo.mark_static_address(self.v)
@@ -323,13 +351,13 @@ class Transformer(nn.Module):
 
     def hidden(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None):
         """idx [B, T] -> final hidden states [B, T, C] (after the last norm; reward and value heads read these).
-        attention_mask: None (plain causal), [B, T] with 0 for padding, or a ready boolean [B, 1, T, S]
-        (True = may attend; S = cache length when decoding). positions: rope positions [B, T]
-        (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
-        that these tokens are written to; with a cache the mask must be the boolean [B, 1, T, S], and attention
-        reads the first S slots."""
+        attention_mask: None (plain causal), [B, T] with 0 for padding, or a ready [B, 1, T, S], boolean
+        (True = may attend) or additive (0 / -inf; S = cache length when decoding). positions: rope positions
+        [B, T] (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
+        that these tokens are written to; with a cache the mask must be the [B, 1, T, S] one, and attention
+        reads the first S slots (one query per row: decode_attention)."""
         if cache is not None and (attention_mask is None or attention_mask.dim() != 4):
-            raise ValueError("hidden(): decoding with a KVCache needs a boolean attention_mask [B, 1, T, S]")
+            raise ValueError("hidden(): decoding with a KVCache needs an attention_mask [B, 1, T, S]")
         if attention_mask is not None and attention_mask.dim() == 2:
             derived_positions, attention_mask = padding_inputs(attention_mask)
             positions = derived_positions if positions is None else positions

@@ -97,3 +97,116 @@ def test_model_log_prob_path_saves_no_logits():
         got[V], _ = saved_bytes(lambda: m(x, targets=x[:, 1:], logits_from=1))
     assert got[16384] - got[8192] <= 2 * 8192 * 64 * 4 + 8192 * 8  # two weights' growth (+ the embedding lookup)
     assert got[16384] - got[8192] < B * (T - 1) * 8192 * 4
+
+
+# ------------------------------------------------------------------ generate: prefill, sharing, decode, compaction
+
+import sample  # noqa: E402
+from sample import generate  # noqa: E402
+
+
+def count_calls(m):
+    """Counts of what generate runs through the model: prompt positions prefilled, rows of every decode step."""
+    counts = {"prefill_tokens": 0, "decode_row_steps": 0, "decode_steps": 0}
+
+    def hook(_, args):
+        idx = args[0]
+        if idx.shape[1] > 1:
+            counts["prefill_tokens"] += idx.numel()
+        else:
+            counts["decode_row_steps"] += idx.shape[0]
+            counts["decode_steps"] += 1
+    return counts, m.register_forward_pre_hook(hook)
+
+
+def test_repeated_prompts_are_prefilled_once_and_decode_as_before():
+    m = tiny()
+    torch.manual_seed(1)
+    distinct = [torch.randint(3, 300, (6,)).tolist() for _ in range(3)]
+    prompts = [p for p in distinct for _ in range(4)]  # an RL batch: 3 prompts x 4 samples, adjacent
+    counts, handle = count_calls(m)
+    greedy = generate(m, prompts, 10, temperature=0)
+    handle.remove()
+    assert counts["prefill_tokens"] == sum(map(len, distinct)) == 18  # not 12 x 6
+    assert greedy == [o for o in generate(m, distinct, 10, temperature=0) for _ in range(4)]
+    a = generate(m, prompts, 10, temperature=1.0, seed=5)
+    assert a == generate(m, prompts, 10, temperature=1.0, seed=5)  # a fixed seed reproduces the samples
+    assert len({tuple(o) for o in a}) > 3  # and the samples of one prompt differ
+
+
+def test_prefill_runs_the_lm_head_at_the_last_prompt_position_only():
+    m = tiny()
+    shapes = []
+    handle = m.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
+    generate(m, [[5, 6, 7, 8], [9, 10]], 3, temperature=0)
+    handle.remove()
+    assert shapes[0] == (2, 1, 64)
+
+
+def test_decode_step_reads_keys_and_values_once_without_repeat_or_sdpa_math():
+    """Ops of one decode step (TorchDispatchMode): no repeat_interleave or copy of K/V (nothing the size of a
+    layer's keys is produced but the in-place cache write), and no SDPA (whose CPU/math path repeats K/V for GQA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from model import KVCache
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            # a fresh tensor counts; views and in-place writes (storage of an input) read in place
+            fresh = isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs
+            self.ops.append((str(func.overloadpacket), out.numel() if fresh else 0))
+            return out
+
+    m = tiny(num_attention_heads=8, num_key_value_heads=2)  # 4 query heads per kv head
+    B, S = 3, 200
+    cache = KVCache(m.config, B, S, "cpu", torch.float32)
+    with torch.inference_mode():
+        m(torch.randint(0, 300, (B, 150)), torch.ones(B, 1, 150, 150, dtype=torch.bool).tril(),
+          None, cache, torch.arange(150))
+        bias = torch.zeros(B, 1, 1, 151)
+        with Ops() as mode:
+            sample.decode_step(m, torch.randint(0, 300, (B, 1)), torch.full((B, 1), 150), bias, cache,
+                               torch.tensor([150]))
+    names = [n for n, _ in mode.ops]
+    layer_kv = B * m.config.num_key_value_heads * 151 * m.config.head_dim
+    assert not [n for n in names if "repeat" in n or "scaled_dot_product" in n or n.endswith("expand_copy")]
+    assert not [(n, k) for n, k in mode.ops if k >= layer_kv]  # no K/V-sized results: no copies of them
+
+
+def long_tailed_model(lengths, stop=2):
+    """A tiny model whose greedy tokens are forced: row i (prompt [3, 10 + i]) repeats token 10 + i and emits the
+    stop token as its lengths[i]-th token, so rows finish at chosen steps."""
+    m = tiny()
+
+    def hook(_, args, out):
+        idx, positions = args[0], args[2]
+        forced = torch.full_like(out, -1e9)
+        row, produced = idx[:, -1] - 10, positions[:, -1]  # the logits at position j give token number j
+        target = torch.where(produced >= lengths.clamp(min=1)[row.clamp(0, len(lengths) - 1)], stop, idx[:, -1])
+        return forced.scatter(-1, target[:, None, None].expand(-1, out.shape[1], 1), 0.0)
+    m.register_forward_hook(hook)
+    return m
+
+
+def test_finished_rows_leave_the_batch():
+    """A long-tailed length workload (64 rows, median ~21 tokens, max ~240): decoded row-steps stay within 1.15x of
+    the tokens generated, and the tokens are the ones the full-batch loop gives."""
+    lengths = torch.tensor([5 + int(2 ** (i / 8)) for i in range(64)])
+    m = long_tailed_model(lengths)
+    prompts = [[3, 10 + i] for i in range(64)]
+    counts, handle = count_calls(m)
+    outs = generate(m, prompts, 300, temperature=0, stop_token_ids=[2])
+    handle.remove()
+    assert [len(o) for o in outs] == lengths.tolist() and all(o[-1] == 2 for o in outs)
+    generated = sum(map(len, outs))
+    assert counts["decode_row_steps"] <= 1.15 * generated
+    assert counts["decode_steps"] == lengths.max() - 1
+    # the same rows without compaction (every row every step) give the same tokens
+    full = generate(m, prompts, 300, temperature=0, stop_token_ids=[2], check_every=10**9)
+    assert full == outs
