@@ -191,6 +191,21 @@ def stop_token_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
+def cast_weights(model, dtype):
+    """The model with its weights in dtype: itself if they are, else a copy for inference (tied weights stay tied,
+    rope frequencies stay float32). Rollouts on a GPU decode from a bf16 copy of float32 training weights: every
+    step then reads 2-byte weights and casts nothing, also inside a compiled graph."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    copy.load_state_dict({n: p.detach().to(dtype) for n, p in model.named_parameters()}, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        copy.lm_head.weight = copy.embed_tokens.weight
+    copy.inv_freq, copy.generation_config = model.inv_freq, model.generation_config
+    return copy.eval()
+
+
 @torch.no_grad()
 def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=None, top_k=None, seed=0,
             batch_size=None, compile=False, desc=None):
@@ -201,10 +216,11 @@ def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top
     batch_size = batch_size or max(1, len(prompts))
     outs = []
     with run.full_params(model) as plain:  # FSDP: gathered once for the whole rollout
+        # GPU: float32 master weights are cast to bf16 once per rollout (a copy), not by autocast in every step
+        plain = cast_weights(plain, torch.bfloat16) if run.amp else plain
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None or not run.is_main, leave=False):
-            with run.autocast():
-                outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)
+            outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)
     truncated = [not (o and o[-1] in stop) for o in outs]
     texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
     return outs, texts, truncated
@@ -362,7 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on "
+                   "a GPU, whatever the checkpoint stores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
                    "MATH format) or 'builtin' (the built-in task's 500 held-out problems)")
@@ -377,6 +394,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.temperature is None:
         args.temperature = 0.6 if args.eval else 0.0
+    if args.dtype is None:  # float32 on a CPU (bf16 matmuls are slow there), bf16 on a GPU
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     return args
 
 

@@ -210,3 +210,24 @@ def test_finished_rows_leave_the_batch():
     # the same rows without compaction (every row every step) give the same tokens
     full = generate(m, prompts, 300, temperature=0, stop_token_ids=[2], check_every=10**9)
     assert full == outs
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+def test_rollout_weight_copy_equals_a_bf16_checkpoint(tmp_path):
+    m = tiny(tie_word_embeddings=True)
+    m.save_pretrained(tmp_path / "m")
+    copy = sample.cast_weights(m, torch.bfloat16)
+    assert copy is not m and all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert copy.lm_head.weight is copy.embed_tokens.weight and m.embed_tokens.weight.dtype == torch.float32
+    stored = Transformer.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    prompts = [[5, 6, 7], [8, 9]]
+    assert generate(copy, prompts, 8, temperature=0) == generate(stored, prompts, 8, temperature=0)
+    assert sample.cast_weights(m, torch.float32) is m  # nothing to cast: no copy
+
+
+def test_sample_cli_dtype_defaults_to_float32_on_cpu_bf16_on_gpu():
+    assert sample.parse_args(["--device", "cpu"]).dtype == "float32"
+    assert sample.parse_args(["--device", "cuda"]).dtype == "bfloat16"
+    assert sample.parse_args(["--device", "cpu", "--dtype", "bf16"]).dtype == "bf16"
