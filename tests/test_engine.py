@@ -231,3 +231,14 @@ def test_sample_cli_dtype_defaults_to_float32_on_cpu_bf16_on_gpu():
     assert sample.parse_args(["--device", "cpu"]).dtype == "float32"
     assert sample.parse_args(["--device", "cuda"]).dtype == "bfloat16"
     assert sample.parse_args(["--device", "cpu", "--dtype", "bf16"]).dtype == "bf16"
+
+
+def test_gpu_check_runs_tiny_on_cpu():
+    """tests/gpu_check.py cannot rot: its --tiny CPU run prints the whole table."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "tests.gpu_check", "--device", "cpu", "--tiny"],
+                          capture_output=True, text=True, check=True)
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 11 and all(line.count("|") == 3 for line in table)
+    assert any(line.startswith("| rollout 4 x 2") for line in table)
