@@ -38,7 +38,6 @@ from tqdm import tqdm
 from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_policy, lr_at,
                     make_optimizer, micro_batches, optimizer_step, resume, step_problems, user_input,
                     world_size)
-from model import token_entropy, token_logprobs
 from reward_model import load_reward_model
 from sample import (PROMPT_TEMPLATE, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
                     sample_groups)
@@ -190,14 +189,13 @@ def policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr):
     with torch.no_grad(), run.autocast(), run.full_params(train_model):  # FSDP: gathered once, not per chunk
         for rows, x, y, w, start in chunks:
             x, y = x.to(run.device), y.to(run.device)
-            old.append(token_logprobs(train_model(x, logits_from=start), y) if args.mu > 1 else None)
-            ref.append(token_logprobs(ref_model(x, logits_from=start), y) if ref_model is not None else None)
+            old.append(train_model(x, targets=y, logits_from=start)[0] if args.mu > 1 else None)
+            ref.append(ref_model(x, targets=y, logits_from=start)[0] if ref_model is not None else None)
     for it in range(args.mu):
         for i, ((rows, x, y, w, start), sync) in enumerate(run.lockstep(chunks, train_model)):
             x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
             with run.no_sync(train_model, sync), run.autocast():
-                logits = train_model(x, logits_from=start)  # [B, T - start, V]
-                logp = token_logprobs(logits, y)  # [B, T]
+                logp, entropy = train_model(x, targets=y, logits_from=start)  # [B, T - start]: no [B, T, V] kept
                 old_logp = old[i] if old[i] is not None else logp.detach()
                 per_token, clipped = clipped_surrogate(logp, old_logp, adv[rows, None], args.epsilon, args.epsilon_high)
                 if ref[i] is not None:
@@ -209,7 +207,7 @@ def policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr):
             stats["clip_frac"] += ((clipped * w).sum() / n_tokens).item() / args.mu
             if it == 0:
                 with torch.no_grad():
-                    stats["entropy"] += ((token_entropy(logits.detach()) * w).sum() / n_tokens).item()
+                    stats["entropy"] += ((entropy.detach() * w).sum() / n_tokens).item()
         grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr)
     stats = {k: run.all_sum(v) for k, v in stats.items()}
     return {**stats, "grad_norm": grad_norm, "skipped": skipped}

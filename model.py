@@ -222,9 +222,24 @@ class Attention(nn.Module):
         if cache is not None:
             # [B, H_kv, S, D]: the first S slots of the cache, S = the mask's last dim (all of them when compiled)
             k, v = cache.update(self.layer_idx, cache_pos, k, v, mask.shape[-1])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if cache is not None and T == 1:
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row against the cache, the query heads grouped by the key/value head they share, so each row's
+    keys and values are read once, in place (no repeat of K/V, no float32 copy of them, no SDPA math fallback).
+    q [B, H, 1, D]; k, v [B, H_kv, S, D]; mask [B, 1, 1, S], additive (0 / -inf) or boolean (True = may attend)."""
+    B, H, _, D = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1], D) * D ** -0.5  # [B, H_kv, G, D]: head h reads kv head h // G
+    scores = q @ k.transpose(-1, -2)  # [B, H_kv, G, S]
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    p = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)  # scores are [G, S] per row: float32 is cheap
+    return (p @ v).reshape(B, H, 1, D)  # [B, H_kv, G, D] -> [B, H, 1, D]
 
 
 class MLP(nn.Module):
@@ -253,13 +268,26 @@ class Block(nn.Module):
 
 class KVCache:
     """Keys and values of every layer, preallocated once: [L, B, H_kv, S, D]. Writes go in place at the slots
-    `cache_pos`, so tensor shapes never change during decoding and a decode step can be captured by
-    torch.compile / CUDA graphs."""
+    `cache_pos`, so tensor shapes never change between row selections and a decode step can be captured by
+    torch.compile / CUDA graphs. select_rows keeps, reorders or repeats rows in the same buffers (prefix sharing,
+    finished rows leaving the batch); self.k / self.v are the current rows, the first rows of the buffers."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.buf_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.buf_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.select_rows(batch_size)
+
+    def select_rows(self, rows, length=0):
+        """rows: an int n, the first n rows of the buffers (nothing copied), or an index [n] into the current rows
+        (any order, repeats allowed, n <= the allocated batch): row i becomes a copy of the first `length` slots of
+        row rows[i]."""
+        if torch.is_tensor(rows):
+            for buf in (self.buf_k, self.buf_v):
+                for layer in buf:  # one layer's rows at a time: the temporary is 1/L of the cache
+                    layer[:len(rows), :, :length] = layer[rows, :, :length]
+        n = len(rows) if torch.is_tensor(rows) else rows
+        self.k, self.v = self.buf_k[:, :n], self.buf_v[:, :n]
         if self.k.is_cuda:  # tell CUDA graphs these buffers keep their address across calls
             torch._dynamo.mark_static_address(self.k)
             torch._dynamo.mark_static_address(self.v)
@@ -312,20 +340,27 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None, logits_from=0):
+    def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None, logits_from=0,
+                targets=None):
         """idx [B, T] -> logits [B, T - logits_from, V] of positions logits_from.. (training skips the prompt,
-        whose logits carry no loss: the lm_head is a fifth of a small model's compute); the rest as hidden()."""
-        return self.lm_head(self.hidden(idx, attention_mask, positions, cache, cache_pos)[:, logits_from:])
+        whose logits carry no loss: the lm_head is a fifth of a small model's compute); the rest as hidden().
+        With targets [B, T - logits_from]: (log-probs of the targets, entropy), each [B, T - logits_from] float32,
+        the logits never held whole (logprobs_from_hidden). A mode of forward() so that DDP, FSDP and
+        torch.compile wrappers see the call."""
+        h = self.hidden(idx, attention_mask, positions, cache, cache_pos)[:, logits_from:]
+        if targets is not None:
+            return logprobs_from_hidden(h, self.lm_head.weight, targets)
+        return self.lm_head(h)
 
     def hidden(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None):
         """idx [B, T] -> final hidden states [B, T, C] (after the last norm; reward and value heads read these).
-        attention_mask: None (plain causal), [B, T] with 0 for padding, or a ready boolean [B, 1, T, S]
-        (True = may attend; S = cache length when decoding). positions: rope positions [B, T]
-        (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
-        that these tokens are written to; with a cache the mask must be the boolean [B, 1, T, S], and attention
-        reads the first S slots."""
+        attention_mask: None (plain causal), [B, T] with 0 for padding, or a ready [B, 1, T, S], boolean
+        (True = may attend) or additive (0 / -inf; S = cache length when decoding). positions: rope positions
+        [B, T] (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
+        that these tokens are written to; with a cache the mask must be the [B, 1, T, S] one, and attention
+        reads the first S slots (one query per row: decode_attention)."""
         if cache is not None and (attention_mask is None or attention_mask.dim() != 4):
-            raise ValueError("hidden(): decoding with a KVCache needs a boolean attention_mask [B, 1, T, S]")
+            raise ValueError("hidden(): decoding with a KVCache needs an attention_mask [B, 1, T, S]")
         if attention_mask is not None and attention_mask.dim() == 2:
             derived_positions, attention_mask = padding_inputs(attention_mask)
             positions = derived_positions if positions is None else positions
@@ -493,7 +528,7 @@ def replace_dir(src, dst):
 def token_logprobs(logits, targets, chunk_rows=4096):
     """log pi(y_t | y_<t) of the chosen tokens: logits [B, T, V], targets [B, T] -> [B, T] float32.
     log_softmax(z)_y = z_y - logsumexp(z), in float32 a chunk of rows at a time, so no full float32
-    [B, T, V] log-softmax is ever held."""
+    [B, T, V] log-softmax is ever held. Training takes logprobs_from_hidden, which never holds the logits."""
     flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     out = [z.float().gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z.float(), dim=-1)
            for z, y in zip(flat.split(chunk_rows), tgt.split(chunk_rows))]
@@ -508,6 +543,72 @@ def token_entropy(logits, chunk_rows=4096):
         z = z.float()
         out.append(torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1))
     return torch.cat(out).view(logits.shape[:-1])
+
+
+def logprob_chunk_rows(vocab_size, elements=2**25):
+    """Rows per chunk of logprobs_from_hidden: about 2^25 float32 logits (128 MiB) live at a time."""
+    return max(1, elements // vocab_size)
+
+
+class _LogprobsFromHidden(torch.autograd.Function):
+    """Log-probs of the chosen tokens and the entropy from final hidden states, the lm_head applied a chunk of rows
+    at a time. Backward recomputes each chunk's logits, so only h, W and two floats per row are saved: never the
+    [N, V] logits, in any dtype. With p = softmax(z), the gradients per row are
+        d logp_y / dz = onehot(y) - p        dH / dz = -p (log p + H)"""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, compute_dtype):
+        # h [N, C], weight [V, C], targets [N] -> logp [N], entropy [N] (float32)
+        w = weight.to(compute_dtype)  # the matmul dtype (bf16 under autocast): one copy of W, not saved
+        logp, entropy, lse = (torch.empty(h.shape[0], device=h.device) for _ in range(3))
+        for i in range(0, h.shape[0], chunk_rows):
+            z = F.linear(h[i:i + chunk_rows].to(compute_dtype), w).float()  # [n, V]
+            rows = slice(i, i + z.shape[0])
+            lse[rows] = torch.logsumexp(z, -1)
+            logp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+            entropy[rows] = lse[rows] - (torch.softmax(z, -1) * z).sum(-1)  # H = lse - sum_v p_v z_v
+        ctx.save_for_backward(h, weight, targets, lse, entropy)
+        ctx.chunk_rows, ctx.compute_dtype = chunk_rows, compute_dtype
+        ctx.set_materialize_grads(False)  # an unused entropy gets no gradient work
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, targets, lse, entropy = ctx.saved_tensors
+        w = weight.to(ctx.compute_dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        for i in range(0, h.shape[0], ctx.chunk_rows):
+            rows = slice(i, i + ctx.chunk_rows)
+            hc = h[rows].to(ctx.compute_dtype)
+            logp_all = F.linear(hc, w).float() - lse[rows, None]  # log p [n, V], recomputed
+            p = logp_all.exp()
+            g = torch.zeros_like(p)  # dL/dz [n, V]
+            if grad_logp is not None:
+                g.scatter_(-1, targets[rows, None], grad_logp[rows, None])
+                g -= grad_logp[rows, None] * p
+            if grad_entropy is not None:
+                g -= grad_entropy[rows, None] * p * (logp_all + entropy[rows, None])
+            g = g.to(ctx.compute_dtype)
+            if grad_h is not None:
+                grad_h[rows] = g @ w  # [n, C]
+            if ctx.needs_input_grad[1]:
+                gw = g.T @ hc  # [V, C]
+                grad_w = gw.float() if grad_w is None else grad_w.add_(gw)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def logprobs_from_hidden(h, weight, targets, chunk_rows=None):
+    """(log pi(y_t | y_<t), entropy H(pi(. | y_<t))), each [B, T] float32, from final hidden states h [B, T, C] and
+    the lm_head weight [V, C], the logits made and dropped a chunk at a time (also in backward): the memory-lean
+    twin of token_logprobs(lm_head(h), targets) and token_entropy(...). Matmuls run in the autocast dtype when
+    autocast is on (as the lm_head would), else in h's dtype."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    chunk_rows = chunk_rows or logprob_chunk_rows(weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        logp, entropy = _LogprobsFromHidden.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
+                                                  chunk_rows, dtype)
+    return logp.view(targets.shape), entropy.view(targets.shape)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from common import (Run, add_training_args, checkpoint_or_stop, first_loss_posit
                     lr_at, make_optimizer, micro_batches, optimizer_step, resume, step_problems,
                     user_input, world_size)
 from grpo import clipped_surrogate
-from model import Tokenizer, token_entropy, token_logprobs
+from model import Tokenizer
 from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
 from sample import (PROMPT_TEMPLATE, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
                     sample_groups)
@@ -179,8 +179,8 @@ def prepare_batch(run, args, policy, ref_model, critic, batch, kl_coef, pad_id):
         for idx, T in row_chunks(lengths, range(len(rows)), args.micro_batch_tokens):
             s = first_loss_position(mask[idx, :T])  # log-probs only from the first completion token on
             with run.autocast():
-                logp[idx, s:T] = token_logprobs(policy(x[idx, :T], logits_from=s), y[idx, s:T])
-                ref_logp[idx, s:T] = (token_logprobs(ref_model(x[idx, :T], logits_from=s), y[idx, s:T]) if ref_model
+                logp[idx, s:T] = policy(x[idx, :T], targets=y[idx, s:T], logits_from=s)[0]
+                ref_logp[idx, s:T] = (ref_model(x[idx, :T], targets=y[idx, s:T], logits_from=s)[0] if ref_model
                                       else logp[idx, s:T])
                 values[idx, :T] = critic(x[idx, :T])
     rewards, kl = token_rewards(scores, logp, ref_logp, mask, kl_coef)
@@ -212,11 +212,10 @@ def ppo_update(run, args, step, train_policy, train_critic, opt_policy, opt_crit
                 s = first_loss_position(data["mask"][idx, :T])  # positions s..T-1 carry the loss
                 x, y, w = data["x"][idx, :T], data["y"][idx, s:T], data["mask"][idx, s:T]
                 with run.no_sync(train_policy, sync), run.no_sync(train_critic, sync), run.autocast():
-                    logits = train_policy(x, logits_from=s)  # [b, T - s, V]
-                    logp = token_logprobs(logits, y)  # [b, T - s]
+                    logp, entropy = train_policy(x, targets=y, logits_from=s)  # [b, T - s]: no [b, T, V] kept
                     pg, clipped = clipped_surrogate(logp, data["logp"][idx, s:T], data["adv"][idx, s:T],
                                                     args.epsilon, args.epsilon)
-                    entropy = token_entropy(logits if args.entropy_coef else logits.detach())  # [b, T]
+                    entropy = entropy if args.entropy_coef else entropy.detach()  # [b, T - s]
                     policy_loss = ((pg - args.entropy_coef * entropy) * w).sum() / n_tokens
                     (policy_loss * run.world).backward()  # DDP averages over ranks; n_tokens counts all ranks
                     vf, vclipped = clipped_value_loss(train_critic(x)[:, s:], data["values"][idx, s:T],

@@ -36,9 +36,11 @@ PROMPT_TEMPLATE = ("{question}\nThink step by step inside <think> </think> tags,
 # Sampling
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, uniform=None):
     """Next tokens [B] from logits [B, V]: greedy when temperature == 0, else softmax(z / T) restricted to
-    the top-k tokens and to the smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020)."""
+    the top-k tokens and to the smallest set whose probability reaches top_p (nucleus, Holtzman et al. 2020),
+    drawn by inverse CDF from one uniform number per row (uniform [B], else drawn from generator), so a row's
+    draw does not depend on which other rows share the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -50,7 +52,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    cdf = logits.softmax(-1).cumsum(-1)  # [B, V]
+    # the first token whose cdf exceeds u * total; (1 - 1e-6) keeps the target below the total despite rounding,
+    # so a token of probability 0 is never drawn
+    target = uniform[:, None].float() * cdf[:, -1:] * (1 - 1e-6)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def decode_step(model, tokens, positions, mask, cache, cache_pos):
@@ -62,27 +70,44 @@ def decode_step(model, tokens, positions, mask, cache, cache_pos):
 compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
+def batch_bucket(n, device_type, compile):
+    """Rows a decode step runs for n live rows: n itself on a CPU; on a GPU the next multiple of 8 (tensor-core
+    friendly); compiled, the next power of two (at least 8), so that a few captured graphs serve every batch."""
+    if compile:
+        return max(8, 1 << (n - 1).bit_length())
+    return n if device_type == "cpu" else -(-n // 8) * 8
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token_ids=None,
-             seed=None, compile=False, on_token=None):
+             seed=None, compile=False, on_token=None, check_every=None):
     """Sample continuations for a batch of prompts (lists of token ids, any lengths) -> list of generated
     token-id lists. Each sequence stops at its own stop token, which is kept as its last id; a list without
     one hit max_new_tokens. Prompts are left-padded so every row decodes at the same cache slot.
-    on_token(list_of_B_ids) is called after every step (for streaming)."""
+    on_token(list_of_B_ids) is called after every step (for streaming).
+
+    Work done once: a prompt that repeats (an RL group's samples) is prefilled once and its keys/values copied to
+    each of its rows; the prefill runs the lm_head at the last prompt position only. Rows that finished leave
+    the batch every check_every steps (1 on CPU, 8 on GPU: the loop's only host syncs); the rest are compacted in
+    place (KVCache.select_rows) to batch_bucket(live rows) rows, and eager attention reads only the slots filled
+    so far."""
     model = unwrap(model)
     device = model.embed_tokens.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
+    first = {}  # distinct prompt -> its row in the prefill
+    share = [first.setdefault(tuple(p), len(first)) for p in prompts]  # prompt row i is prefilled as row share[i]
+    distinct = list(first)
+    B, U, P = len(prompts), len(distinct), max(len(p) for p in distinct)
     S = P + max_new_tokens
     if compile:  # few distinct cache lengths -> few recompilations
         S = -(-S // 128) * 128
     if S > model.config.max_position_embeddings:
         raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({model.config.max_position_embeddings})")
-    ids = torch.zeros(B, P, dtype=torch.long, device=device)
-    valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # which cache slots hold real tokens
-    for i, p in enumerate(prompts):
+    ids = torch.zeros(U, P, dtype=torch.long, device=device)
+    valid = torch.zeros(U, S, dtype=torch.bool, device=device)  # which cache slots hold real tokens
+    for i, p in enumerate(distinct):
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         valid[i, P - len(p):P] = True
     autocast = torch.is_autocast_enabled(device.type)
@@ -90,33 +115,54 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     cache = KVCache(model.config, B, S, device, dtype)
     stop = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    check_every = check_every or (1 if device.type == "cpu" else 8)
 
-    positions, mask = padding_inputs(valid[:, :P])  # [B, 1, P, P]: the prompt reads only its own slots
-    logits = model(ids, mask, positions, cache, torch.arange(P, device=device))[:, -1]
-    next_pos = positions[:, -1:] + 1  # [B, 1]
+    cache.select_rows(U)
+    positions, mask = padding_inputs(valid[:, :P])  # [U, 1, P, P]: the prompt reads only its own slots
+    logits = model(ids, mask, positions, cache, torch.arange(P, device=device), logits_from=P - 1)[:, -1]  # [U, V]
+    if U < B:  # every row of a shared prompt starts from a copy of its keys and values
+        share = torch.tensor(share, device=device)
+        cache.select_rows(share, P)
+        logits, positions, valid = logits[share], positions[share], valid[share]
+    bias = torch.zeros(B, S, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))  # additive mask
+    next_pos = positions[:, -1:] + 1  # [B, 1]: rope positions, advanced on the device
+    cache_pos = torch.tensor([P], device=device)  # the slot this step writes
     step = compiled_decode_step if compile else decode_step
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # the prompt row of each batch row; B = a padding row of a fixed batch
+    out = torch.zeros(B + 1, max_new_tokens, dtype=torch.long, device=device)  # row B: padding rows write here
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     for t in range(max_new_tokens):
-        tok = sample_next(logits, temperature, top_k, top_p, generator)
+        uniform = torch.rand(B + 1, generator=generator, device=device)[rows] if temperature > 0 else None
+        tok = sample_next(logits, temperature, top_k, top_p, uniform=uniform)
         tok = tok.masked_fill(done, 0)
-        out[:, t] = tok
+        out[rows, t] = tok
         done |= torch.isin(tok, stop)
         n = t + 1
         if on_token is not None:
-            on_token(tok.tolist())
-        if t == max_new_tokens - 1 or done.all():
+            on_token(out[:B, t].tolist())
+        if t == max_new_tokens - 1:
             break
-        valid[:, P + t] = True
+        if (t + 1) % check_every == 0:
+            live = (~done).nonzero().squeeze(1)  # a host sync: only every check_every steps
+            if len(live) == 0:
+                break
+            size = batch_bucket(len(live), device.type, compile)
+            if size < len(rows):  # finished rows leave; padding rows (copies of a live row) are marked done
+                keep = torch.cat([live, live[:1].expand(size - len(live))])
+                cache.select_rows(keep, P + t)
+                tok, next_pos, bias, rows, done = tok[keep], next_pos[keep], bias[keep], rows[keep], done[keep]
+                rows[len(live):], done[len(live):] = B, True
+        bias[:, P + t] = 0
         # eager attention reads only the slots filled so far; a compiled step keeps one shape: all S slots
-        seen = valid[:, None, None, :] if compile else valid[:, None, None, :P + t + 1]
-        logits = step(model, tok[:, None], next_pos, seen, cache, torch.tensor([P + t], device=device)).clone()
-        next_pos = next_pos + 1
+        seen = bias[:, None, None, :] if compile else bias[:, None, None, :P + t + 1]
+        logits = step(model, tok[:, None], next_pos, seen, cache, cache_pos).clone()
+        next_pos += 1
+        cache_pos += 1
 
     result = []
     stop_set = set(stop.tolist())
-    for row in out[:, :n].tolist():
+    for row in out[:B, :n].tolist():
         end = next((j + 1 for j, x in enumerate(row) if x in stop_set), len(row))
         result.append(row[:end])
     return result
@@ -147,6 +193,21 @@ def stop_token_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
+def cast_weights(model, dtype):
+    """The model with its weights in dtype: itself if they are, else a copy for inference (tied weights stay tied,
+    rope frequencies stay float32). Rollouts on a GPU decode from a bf16 copy of float32 training weights: every
+    step then reads 2-byte weights and casts nothing, also inside a compiled graph."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    copy.load_state_dict({n: p.detach().to(dtype) for n, p in model.named_parameters()}, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        copy.lm_head.weight = copy.embed_tokens.weight
+    copy.inv_freq, copy.generation_config = model.inv_freq, model.generation_config
+    return copy.eval()
+
+
 @torch.no_grad()
 def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=None, top_k=None, seed=0,
             batch_size=None, compile=False, desc=None):
@@ -157,10 +218,11 @@ def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top
     batch_size = batch_size or max(1, len(prompts))
     outs = []
     with run.full_params(model) as plain:  # FSDP: gathered once for the whole rollout
+        # GPU: float32 master weights are cast to bf16 once per rollout (a copy), not by autocast in every step
+        plain = cast_weights(plain, torch.bfloat16) if run.amp else plain
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None or not run.is_main, leave=False):
-            with run.autocast():
-                outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)
+            outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)
     truncated = [not (o and o[-1] in stop) for o in outs]
     texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
     return outs, texts, truncated
@@ -319,7 +381,8 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on "
+                   "a GPU, whatever the checkpoint stores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
                    "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
@@ -336,6 +399,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.temperature is None:
         args.temperature = 0.6 if args.eval else 0.0
+    if args.dtype is None:  # float32 on a CPU (bf16 matmuls are slow there), bf16 on a GPU
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     return args
 
 

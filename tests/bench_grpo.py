@@ -3,11 +3,14 @@
     pip install trl                      # the benchmark's only extra; never needed by the scripts
     python -m tests.bench_grpo --model ~/.cache/smollm2-135m-instruct
     python -m tests.bench_grpo --model DIR --device cuda
+    python -m tests.bench_grpo --model DIR --train_only      # training tokens/s only, no TRL needed
 
 Batch: 8 prompts x 4 completions, 64 prompt tokens and exactly 64 completion tokens each (no stop token), beta 0,
 one optimisation iteration, float32 on CPU (bf16 autocast on GPU for both). Rewards are random so every group has
 a non-zero advantage. Prints the median step time over --steps steps after one warm-up step, split into
-generation and the rest (scoring and training).
+generation and the rest (scoring and training). --train_only times the training part alone on one fixed batch:
+a plain torch forward + backward (cross-entropy on the logits), the lean log-prob path (model(x, targets=y),
+logits never kept) and grpo.policy_loss_step, in completion tokens/s.
 """
 import argparse
 import random
@@ -59,6 +62,45 @@ def time_ours(args, policy, tokenizer, prompts):
     return [step() for _ in range(args.steps + 1)][1:]
 
 
+def time_training(args, policy, prompts, rows=16, new_tokens=64, steps=2):
+    """Completion tokens/s of one training forward + backward on `rows` sequences: plain logits + cross-entropy,
+    the log-prob path, and a whole grpo.policy_loss_step (optimizer step included)."""
+    import torch.nn.functional as F
+    run_args = grpo.parse_args(["--group_size", "4", "--batch_size", str(rows), "--max_new_tokens", str(new_tokens),
+                                "--micro_batch_tokens", "100000", "--device", args.device,
+                                "--out", tempfile.mkdtemp(), "--overwrite"])
+    run = Run(run_args, "bench")
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, policy.config.vocab_size, (new_tokens,), generator=g).tolist() for _ in range(rows)]
+    group_prompts = [prompts[i // 4 % len(prompts)] for i in range(rows)]
+    x = torch.tensor([p + c for p, c in zip(group_prompts, completions)], device=args.device)
+    s = len(group_prompts[0]) - 1
+    inp, y = x[:, :-1], x[:, s + 1:]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
+    batch = {"prompts": group_prompts, "completions": completions, "truncated": [False] * rows,
+             "rewards": torch.rand(rows, generator=g).tolist()}
+    variants = {
+        "plain forward+backward (logits, cross-entropy)":
+            lambda: F.cross_entropy(policy(inp, logits_from=s).flatten(0, 1).float(), y.flatten()).backward(),
+        "log-prob path forward+backward (model(x, targets=y))":
+            lambda: policy(inp, targets=y, logits_from=s)[0].mean().neg().backward(),
+        "grpo.policy_loss_step (incl. AdamW step)":
+            lambda: grpo.policy_loss_step(run, run_args, policy, None, optimizer, batch, 0.0)}
+    out = {}
+    for name, fn in variants.items():
+        times = []
+        for _ in range(steps + 1):
+            sync(args.device)
+            t0 = time.perf_counter()
+            with run.autocast():
+                fn()
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+            policy.zero_grad(set_to_none=True)
+        out[name] = rows * new_tokens / statistics.median(times[1:])
+    return out
+
+
 def time_trl(args, tokenizer_dir, prompts_text):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -106,10 +148,16 @@ def main():
     p.add_argument("--model", required=True, help="Hugging Face folder (SmolLM2-135M architecture in the README)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--train_only", action="store_true", help="time the training step's parts only (no TRL)")
     args = p.parse_args()
     tokenizer = Tokenizer.from_pretrained(args.model)
     prompts = prompts_of_64_tokens(tokenizer, 8)
     policy = Transformer.from_pretrained(args.model, dtype=torch.float32, device=args.device)
+    if args.train_only:
+        print("\n| training pass (16 x (64 prompt + 64 completion) tokens) | completion tokens/s |\n|---|---|")
+        for name, speed in time_training(args, policy, prompts).items():
+            print(f"| {name} | {speed:.0f} |")
+        return
     ours = time_ours(args, policy, tokenizer, prompts)
     del policy
     theirs = time_trl(args, args.model, [tokenizer.decode(ids) for ids in prompts])

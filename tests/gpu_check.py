@@ -1,0 +1,184 @@
+"""One table of the numbers that matter on a GPU, on random weights of Qwen2.5-1.5B's shape (no download):
+
+    python -m tests.gpu_check                        # CUDA: the real sizes
+    python -m tests.gpu_check --device cpu --tiny    # a tiny model, seconds (tests/test_engine.py runs this)
+
+Rows: bf16 vs float32 logits, compiled vs eager greedy tokens (CUDA, or --compile), decode tokens/s at batch 1/64/512
+next to transformers' generate, a GRPO-shaped rollout (64 prompts x 8 samples, 200-token prompts, long-tailed lengths
+of median 300 and max 1024) with its lower bound (weight + KV bytes per step / measured read bandwidth) and peak
+memory, and one GRPO training step on that rollout (tokens/s, MFU, peak memory).
+"""
+import argparse
+import math
+import tempfile
+import time
+
+import torch
+
+import grpo
+from common import Run
+from model import ModelConfig, Transformer
+from sample import cast_weights, generate
+
+QWEN25_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                   num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768,
+                   tie_word_embeddings=True, architecture="Qwen2ForCausalLM", qkv_bias=True)
+TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            architecture="Qwen2ForCausalLM", qkv_bias=True)
+PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16; MFU is reported against it
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def peak_gib(device):
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def read_bandwidth(device, nbytes=2**30):
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum().item()
+    t, _ = timed(lambda: [x.sum() for _ in range(5)], device)
+    return 5 * nbytes / t
+
+
+def forced_lengths(model, lengths, prompt_len, stop):
+    """Make a rollout long-tailed on random weights: after a row's first (sampled) token a, it repeats a and emits
+    `stop` as its lengths[a % len(lengths)]-th token (a forward hook on the logits of decode steps)."""
+    def hook(_, args, out):
+        if args[0].shape[1] > 1:
+            return out  # the prefill: the first token is sampled from the random model
+        a, produced = args[0][:, -1], args[2][:, -1] - prompt_len + 2  # token number this step's logits give
+        target = torch.where(produced >= lengths[a % len(lengths)], stop, a)
+        return torch.full_like(out, -1e4).scatter(-1, target[:, None, None], 0.0)
+    return model.register_forward_hook(hook)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and workload (CPU smoke run)")
+    p.add_argument("--compile", action="store_true", help="compare compiled greedy tokens also on a CPU")
+    p.add_argument("--no_reference", action="store_true", help="skip transformers")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tiny = args.tiny
+    cfg = ModelConfig(**(TINY if tiny else QWEN25_1_5B))
+    groups, G, P, median, max_len = (4, 2, 20, 12, 32) if tiny else (64, 8, 200, 300, 1024)
+    batches = (1, 4) if tiny else (1, 64, 512)
+    decode_tokens = 8 if tiny else 128
+    train_dtype, roll_dtype = torch.float32, torch.float32 if device.type == "cpu" else torch.bfloat16
+    rows = []
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model.inv_freq = model.inv_freq.to(device)
+    roll = cast_weights(model, roll_dtype)
+    g = torch.Generator().manual_seed(0)
+
+    # 1. bf16 vs float32 logits
+    x = torch.randint(0, cfg.vocab_size, (2, 64), generator=g).to(device)
+    with torch.no_grad():
+        diff = (cast_weights(model, torch.bfloat16)(x).float() - model(x)).abs().max().item()
+    rows.append(("bf16 vs float32 logits, max abs diff (2 x 64 tokens)", f"{diff:.3g}"))
+
+    # 2. compiled vs eager greedy tokens
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 17, 3)]
+    if device.type == "cuda" or args.compile:
+        eager = generate(roll, prompts, 32, temperature=0)
+        rows.append(("compiled == eager greedy tokens (4 prompts x 32)",
+                     str(generate(roll, prompts, 32, temperature=0, compile=True) == eager)))
+    else:
+        rows.append(("compiled == eager greedy tokens", "skipped on CPU (--compile)"))
+
+    # 3. decode tokens/s next to transformers
+    ref = None
+    if not args.no_reference:
+        from transformers import AutoModelForCausalLM
+        with tempfile.TemporaryDirectory() as d:
+            roll.save_pretrained(d)
+            ref = AutoModelForCausalLM.from_pretrained(d, dtype=roll_dtype).to(device).eval()
+    for B in batches:
+        bp = [[1] + list(range(100, 116 + i % 16)) for i in range(B)]
+        never = [cfg.vocab_size + 1]
+        generate(roll, bp[:1], 2, temperature=0)  # warm-up
+        t, _ = timed(lambda: generate(roll, bp, decode_tokens, temperature=0, stop_token_ids=never), device)
+        cell = f"{B * decode_tokens / t:.0f}"
+        if ref is not None:
+            ids = torch.zeros(B, max(map(len, bp)), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, pr in enumerate(bp):
+                ids[i, -len(pr):], mask[i, -len(pr):] = torch.tensor(pr), 1
+            with torch.no_grad():
+                tr, _ = timed(lambda: ref.generate(ids.to(device), attention_mask=mask.to(device),
+                                                   max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                                                   do_sample=False, pad_token_id=0), device)
+            cell += f" (transformers {B * decode_tokens / tr:.0f})"
+        rows.append((f"decode tokens/s, batch {B}, {decode_tokens} new tokens", cell))
+    del ref
+
+    # 4. a GRPO-shaped rollout with long-tailed lengths
+    lengths = torch.exp(torch.randn(groups * G, generator=g) * 0.6) * median
+    lengths = lengths.round().clamp(1, max_len).long()
+    lengths[0] = max_len
+    stop = 2
+    group_prompts = [torch.randint(3, cfg.vocab_size, (P,), generator=g).tolist() for _ in range(groups)]
+    prompts = [pr for pr in group_prompts for _ in range(G)]
+    handle = forced_lengths(roll, lengths.to(device), P, stop)
+    reset_peak(device)
+    t, outs = timed(lambda: generate(roll, prompts, max_len, temperature=1.0, stop_token_ids=[stop], seed=0), device)
+    handle.remove()
+    got = torch.tensor([len(o) for o in outs])
+    weight_bytes = sum(q.numel() * q.element_size() for q in roll.parameters())
+    kv_per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * roll_dtype.itemsize
+    bandwidth = read_bandwidth(device, 2**26 if tiny else 2**30)
+    steps = int(got.max())
+    bound = sum(weight_bytes + kv_per_slot * (P + s) * int((got > s).sum()) for s in range(steps)) / bandwidth
+    rows.append((f"rollout {groups} x {G}, prompts {P}, lengths median {int(got.median())} max {int(got.max())}",
+                 f"{t:.2f} s ({got.sum().item() / t:.0f} tokens/s)"))
+    rows.append(("rollout lower bound (weights + live KV bytes per step / read bandwidth)",
+                 f"{bound:.2f} s ({bandwidth / 1e9:.0f} GB/s)"))
+    rows.append(("rollout peak memory", peak_gib(device)))
+
+    # 5. one GRPO training step on that rollout
+    run_args = grpo.parse_args(["--group_size", str(G), "--batch_size", str(groups * G), "--max_new_tokens",
+                                str(max_len), "--micro_batch_tokens", "4096" if tiny else "32768",
+                                "--device", str(device), "--out", tempfile.mkdtemp(), "--overwrite"])
+    run = Run(run_args, "gpu_check")
+    model.to(train_dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batch = {"prompts": prompts, "completions": outs, "truncated": [False] * len(outs),
+             "rewards": torch.rand(len(outs), generator=g).tolist()}
+    reset_peak(device)
+    t, _ = timed(lambda: grpo.policy_loss_step(run, run_args, model, None, optimizer, batch, 1e-6), device)
+    tokens = sum(len(pr) + len(o) for pr, o in zip(prompts, outs))
+    mfu = 6 * model.num_params() * tokens / t / PEAK_BF16_FLOPS
+    rows.append((f"GRPO training step ({tokens} tokens)", f"{tokens / t:.0f} tokens/s, {t:.2f} s"))
+    rows.append(("training MFU (6 N tokens / s / 989 TFLOP/s)", f"{100 * mfu:.1f}%" if device.type == "cuda" else "-"))
+    rows.append(("training peak memory", peak_gib(device)))
+
+    name = "tiny" if tiny else "Qwen2.5-1.5B shape"
+    print(f"\n| check ({name}, {device}, random weights) | result |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    main()
