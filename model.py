@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import re
 import shutil
 import tempfile
@@ -525,26 +524,6 @@ def replace_dir(src, dst):
 # Log-probabilities of chosen tokens (shared by every training script)
 
 
-def token_logprobs(logits, targets, chunk_rows=4096):
-    """log pi(y_t | y_<t) of the chosen tokens: logits [B, T, V], targets [B, T] -> [B, T] float32.
-    log_softmax(z)_y = z_y - logsumexp(z), in float32 a chunk of rows at a time, so no full float32
-    [B, T, V] log-softmax is ever held. Training takes logprobs_from_hidden, which never holds the logits."""
-    flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    out = [z.float().gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z.float(), dim=-1)
-           for z, y in zip(flat.split(chunk_rows), tgt.split(chunk_rows))]
-    return torch.cat(out).view(targets.shape)
-
-
-def token_entropy(logits, chunk_rows=4096):
-    """H(pi(. | y_<t)) = logsumexp(z) - sum_v softmax(z)_v z_v per position: [B, T, V] -> [B, T] float32."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = []
-    for z in flat.split(chunk_rows):
-        z = z.float()
-        out.append(torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1))
-    return torch.cat(out).view(logits.shape[:-1])
-
-
 def logprob_chunk_rows(vocab_size, elements=2**25):
     """Rows per chunk of logprobs_from_hidden: about 2^25 float32 logits (128 MiB) live at a time."""
     return max(1, elements // vocab_size)
@@ -601,7 +580,7 @@ class _LogprobsFromHidden(torch.autograd.Function):
 def logprobs_from_hidden(h, weight, targets, chunk_rows=None):
     """(log pi(y_t | y_<t), entropy H(pi(. | y_<t))), each [B, T] float32, from final hidden states h [B, T, C] and
     the lm_head weight [V, C], the logits made and dropped a chunk at a time (also in backward): the memory-lean
-    twin of token_logprobs(lm_head(h), targets) and token_entropy(...). Matmuls run in the autocast dtype when
+    same values as log_softmax(lm_head(h)) gathered at the targets and its entropy. Matmuls run in the autocast dtype when
     autocast is on (as the lm_head would), else in h's dtype."""
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
     chunk_rows = chunk_rows or logprob_chunk_rows(weight.shape[0])
@@ -635,11 +614,6 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
                    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # the named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES)
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def chat_messages(prompt, system=None):
-    """The messages of a one-turn prompt: the user's text, after a system message when `system` is given."""
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def _is_nfc(normalizer, where):
@@ -834,7 +808,7 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {path!r} (missing folder or not a HF checkpoint)")
 
         def read(name, default=None):
-            file = pathlib.Path(path, name)
+            file = Path(path, name)
             return file.read_text(encoding="utf-8") if file.is_file() else default
         config = json.loads(read("tokenizer_config.json", "{}"))
         # chat_template.jinja (where newer transformers save it) wins over tokenizer_config.json, as in transformers
@@ -861,7 +835,7 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json; the folder loads here and in transformers' AutoTokenizer."""
         os.makedirs(path, exist_ok=True)
         for name, obj in (("tokenizer.json", self._tokenizer_json), ("tokenizer_config.json", self._config)):
-            pathlib.Path(path, name).write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+            Path(path, name).write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
 
     def token_to_id(self, text):
         """Id of the single token whose text is exactly `text` (e.g. "<|im_end|>", " the"), or None."""

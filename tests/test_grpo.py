@@ -7,7 +7,17 @@ import torch
 import grpo
 from common import Run
 from grpo import aggregate, all_equal_groups, clipped_surrogate, group_advantages, kl_penalty
-from model import ModelConfig, Transformer, token_logprobs
+from model import ModelConfig, Transformer
+
+
+def naive_logprobs(logits, targets):
+    """log softmax(z)_y, the textbook way (the reference for the chunked paths)."""
+    return logits.double().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1).to(torch.float32)
+
+
+def naive_entropy(logits):
+    p = logits.double().softmax(-1)
+    return -(p * p.log()).sum(-1).to(torch.float32)
 
 # One group of G = 2 completions: rewards [1, 0]. Sequence 0 has 2 completion tokens with ratios 1.1, 1.5;
 # sequence 1 has 3 with ratios 0.9, 0.5, 1.0. eps = 0.2.
@@ -117,8 +127,8 @@ def grads(model):
 def test_first_iteration_ratio_is_exactly_one(tiny):
     model, x, y, mask = tiny
     with torch.no_grad():
-        old = token_logprobs(model(x), y)  # pi_old: the trainer's own forward, without gradient
-    logp = token_logprobs(model(x), y)
+        old = naive_logprobs(model(x), y)  # pi_old: the trainer's own forward, without gradient
+    logp = naive_logprobs(model(x), y)
     assert torch.equal(torch.exp(logp - old), torch.ones_like(logp))
 
 
@@ -126,13 +136,13 @@ def test_beta0_mu1_gradient_is_reinforce_with_group_baseline(tiny):
     model, x, y, mask = tiny
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
     adv = group_advantages(rewards, 2)
-    logp = token_logprobs(model(x), y)
+    logp = naive_logprobs(model(x), y)
     per_token, _ = clipped_surrogate(logp, logp.detach(), adv[:, None], 0.2, 0.2)
     aggregate(per_token, mask, "grpo", 4, mask.sum(), 9).backward()
     ours = grads(model)
     model.zero_grad()
     # REINFORCE with the group mean as baseline: grad = -1/N sum_i A_i 1/|o_i| sum_t grad log pi(o_it)
-    logp = token_logprobs(model(x), y)
+    logp = naive_logprobs(model(x), y)
     (-(adv * (logp * mask).sum(1) / mask.sum(1)).mean()).backward()
     assert torch.allclose(ours, grads(model), atol=1e-6)
 
@@ -141,7 +151,7 @@ def test_beta0_mu1_gradient_is_reinforce_with_group_baseline(tiny):
 def test_masked_tokens_get_no_gradient(tiny, loss):
     _, _, y, mask = tiny
     logits = torch.randn(4, 9, 40, requires_grad=True)
-    logp = token_logprobs(logits, y)
+    logp = naive_logprobs(logits, y)
     per_token, _ = clipped_surrogate(logp, logp.detach() + 0.05, torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None], 0.2, 0.28)
     per_token = per_token + 0.1 * kl_penalty(logp, logp.detach() - 0.3)
     aggregate(per_token, mask, loss, 4, mask.sum(), 9).backward()

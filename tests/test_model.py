@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 import model  # noqa: E402
-from model import ModelConfig, Transformer, token_entropy, token_logprobs  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from sample import generate, sample_next  # noqa: E402
 
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -269,19 +269,6 @@ def test_logits_from_skips_only_the_leading_positions(pair):
     x = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(ours(x, logits_from=5), ours(x)[:, 5:])
-
-
-def test_token_logprobs_equal_log_softmax_gather():
-    logits = torch.randn(3, 5, 11, dtype=torch.bfloat16)
-    targets = torch.randint(0, 11, (3, 5))
-    want = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-    assert torch.allclose(token_logprobs(logits, targets, chunk_rows=4), want, atol=1e-6)
-
-
-def test_token_entropy_matches_definition():
-    logits = torch.randn(2, 3, 7)
-    p = logits.softmax(-1)
-    assert torch.allclose(token_entropy(logits, chunk_rows=5), -(p * p.log()).sum(-1), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 512), (16, 512), (3, 7, 512)])

@@ -14,6 +14,16 @@ from common import Run
 from model import ModelConfig, Tokenizer, Transformer
 from ppo import adaptive_kl_coef, clipped_value_loss, explained_variance, gae, token_rewards, whiten
 
+
+def naive_logprobs(logits, targets):
+    """log softmax(z)_y, the textbook way (the reference for the chunked paths)."""
+    return logits.double().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1).to(torch.float32)
+
+
+def naive_entropy(logits):
+    p = logits.double().softmax(-1)
+    return -(p * p.log()).sum(-1).to(torch.float32)
+
 # Three rows of [B, T] = [3, 8]: a prompt (mask 0) then completion tokens (mask 1) then padding (mask 0).
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0],
                      [0, 0, 0, 1, 1, 1, 1, 1],
@@ -142,7 +152,6 @@ def test_explained_variance():
 def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regression(monkeypatch):
     """ppo_update's first minibatch step (ratio 1, values unmoved): policy gradient = -1/N sum_t A_t grad log pi(y_t),
     critic gradient = grad of 1/N sum_t 0.5 (V_t - G_t)^2, N = completion tokens; masked positions give nothing."""
-    from model import token_logprobs
     from reward_model import RewardModel
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -151,7 +160,7 @@ def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regress
     torch.nn.init.normal_(critic.head.weight, std=0.1)
     x, y = torch.randint(0, 40, (3, 8)), torch.randint(0, 40, (3, 8))
     with torch.no_grad():
-        data = {"x": x, "y": y, "mask": MASK, "lengths": [8, 8, 8], "logp": token_logprobs(policy(x), y),
+        data = {"x": x, "y": y, "mask": MASK, "lengths": [8, 8, 8], "logp": naive_logprobs(policy(x), y),
                 "values": critic(x) * MASK, "adv": torch.randn(3, 8) * MASK, "returns": torch.randn(3, 8) * MASK}
     grads = {}
 
@@ -164,7 +173,7 @@ def test_first_update_gradients_are_token_mean_policy_gradient_and_value_regress
     opts = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (policy, critic)]
     ppo.ppo_update(Run(args, "ppo"), args, 0, policy, critic, *opts, data)
     n = MASK.sum()
-    (-(data["adv"] * token_logprobs(policy(x), y) * MASK).sum() / n).backward()
+    (-(data["adv"] * naive_logprobs(policy(x), y) * MASK).sum() / n).backward()
     (0.5 * ((critic(x) - data["returns"]) ** 2 * MASK).sum() / n).backward()
     for model in (policy, critic):
         for got, p in zip(grads[model], model.parameters()):
