@@ -148,12 +148,13 @@ def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
     prompts are sampled until the batch is full (at most --max_sampling_rounds rounds; then dropped groups
     fill the gap, with zero advantage). Every rank runs the same number of rounds: until all of them are full."""
     G, need = args.group_size, args.batch_size // args.group_size // run.world
-    kept, dropped, n_equal, n_groups = [], [], 0, 0
+    kept, dropped, n_equal, n_groups, generated = [], [], 0, 0, 0
     for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
         problems = step_problems(run, need, data, step, round_)
         seed = random.Random(f"sample-{args.seed}-{step}-{round_}-{run.rank}").randrange(2**31)
         r = sample_groups(run, args, policy, tokenizer, problems, seed, reward_model)
         equal = all_equal_groups(torch.tensor(r["rewards"]), G).tolist()
+        generated += sum(map(len, r["completions"]))  # dropped groups cost tokens too
         n_equal, n_groups = n_equal + sum(equal), n_groups + len(equal)
         for g, eq in enumerate(equal):
             group = {k: (v[g * G:(g + 1) * G] if k != "parts" else {c: x[g * G:(g + 1) * G] for c, x in v.items()})
@@ -164,7 +165,7 @@ def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
     groups = (kept + dropped)[:need]
     batch = {k: [x for g in groups for x in g[k]] for k in ("prompts", "completions", "texts", "truncated", "rewards")}
     batch["parts"] = {c: [x for g in groups for x in g["parts"][c]] for c in groups[0]["parts"]}
-    batch["all_equal_frac"] = n_equal / n_groups
+    batch["all_equal_frac"], batch["generated_tokens"] = n_equal / n_groups, generated
     return batch
 
 
@@ -238,7 +239,8 @@ def main(argv=None):
         metrics = {**rollout_metrics(run, batch["rewards"], batch["parts"], batch["completions"], batch["truncated"]),
                    "all_equal_groups_frac": run.all_sum(batch["all_equal_frac"]) / run.world,
                    **stats, "lr": lr_at(args, step - 1), "gen_s": t_gen, "train_s": t_train,
-                   "tokens_per_s": run.all_sum(sum(map(len, batch["completions"]))) / (time.time() - t0)}
+                   "generated_tokens": run.all_sum(batch["generated_tokens"]),
+                   "tokens_per_s": run.all_sum(batch["generated_tokens"]) / (time.time() - t0)}
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             metrics["heldout_acc"], metrics["heldout_mean_length"] = heldout_accuracy(
                 run, policy, tokenizer, heldout, args.max_new_tokens)

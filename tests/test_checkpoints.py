@@ -121,7 +121,6 @@ def templated(tmp_path_factory):
             fixture = {**fixture_templates(), "Meta-Llama-3-Instruct": {"chat_template": LLAMA3_TEMPLATE,
                                                                           "bos_token": "<|begin_of_text|>"},
                        "Llama-3.1-Instruct": {"chat_template": LLAMA31_TEMPLATE, "bos_token": "<|begin_of_text|>"},
-                       "Llama-3.2-Instruct": {"chat_template": LLAMA32_TEMPLATE, "bos_token": "<|begin_of_text|>"},
                        "Qwen3": {"chat_template": QWEN3_TEMPLATE, "eos_token": "<|im_end|>"}}[name]
             folder = tmp_path_factory.mktemp("tpl")
             tok = build_hf_tokenizer("gpt2", 300)
@@ -137,12 +136,16 @@ def templated(tmp_path_factory):
 
 
 TEMPLATE_NAMES = [*sorted(p.stem for p in FIXTURES.glob("*.json")), "Meta-Llama-3-Instruct", "Llama-3.1-Instruct",
-                  "Llama-3.2-Instruct", "Qwen3"]
+                  "Qwen3"]
 
 
 def test_every_fixture_names_its_source():
     for name, fixture in fixture_templates().items():
         assert fixture.get("source") and fixture.get("model") and fixture.get("chat_template"), name
+
+
+def test_inline_llama32_template_is_the_sourced_fixture():
+    assert LLAMA32_TEMPLATE == fixture_templates()["Llama-3.2-Instruct"]["chat_template"]
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

@@ -1,5 +1,6 @@
 """grpo.py: each formula against a hand computation, and the gradient identities the algorithm rests on."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -333,3 +334,25 @@ def test_a_few_steps_of_smollm2_on_the_builtin_task(smollm2_dir, tmp_path):
     ours = Transformer.from_pretrained(tmp_path / "final", dtype=torch.float32)(ids)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)(ids).logits
     assert (ours - ref).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_dapo_finishes_when_one_ranks_groups_are_all_equal(tmp_path):
+    """2 gloo processes under FSDP, DAPO's dynamic sampling, rank 0's groups all equal (tests/uneven_dapo.py): rank 0
+    needs every sampling round while rank 1 is full sooner; the run must finish, both ranks running the same rounds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/uneven_dapo.py",
+           *TINY_RUN, "--max_steps", "2", "--loss", "dapo", "--max_sampling_rounds", "3", "--fsdp", "--device", "cpu",
+           "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                   capture_output=True, timeout=300)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    rounds = [(tmp_path / f"rounds-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert rounds[0] == rounds[1] == ["3", "3"]  # rank 0 never fills, so both ranks sample all three rounds
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward" in l]
+    assert all(0.5 <= r["all_equal_groups_frac"] < 1.0 for r in rows)  # rank 0: 1.0; rank 1: its own groups
