@@ -236,11 +236,11 @@ def main(argv=None):
         stats = policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr_at(args, step))
         t_train = time.time() - t0 - t_gen
         step += 1
+        generated = run.all_sum(batch["generated_tokens"])
         metrics = {**rollout_metrics(run, batch["rewards"], batch["parts"], batch["completions"], batch["truncated"]),
                    "all_equal_groups_frac": run.all_sum(batch["all_equal_frac"]) / run.world,
                    **stats, "lr": lr_at(args, step - 1), "gen_s": t_gen, "train_s": t_train,
-                   "generated_tokens": run.all_sum(batch["generated_tokens"]),
-                   "tokens_per_s": run.all_sum(batch["generated_tokens"]) / (time.time() - t0)}
+                   "generated_tokens": generated, "tokens_per_s": generated / (time.time() - t0)}
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             metrics["heldout_acc"], metrics["heldout_mean_length"] = heldout_accuracy(
                 run, policy, tokenizer, heldout, args.max_new_tokens)

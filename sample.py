@@ -246,17 +246,16 @@ def rollout_metrics(run, rewards, parts, completions, truncated):
     bias of Dr. GRPO shows as incorrect completions growing) and the truncated fraction."""
     n = run.all_sum(len(completions))
     lengths = [len(c) for c in completions]
-    correct = [a >= 1 for a in parts["accuracy"]]
-    n_correct = run.all_sum(sum(correct))
-    len_correct = run.all_sum(sum(l for l, c in zip(lengths, correct) if c))
-    len_incorrect = run.all_sum(sum(l for l, c in zip(lengths, correct) if not c))
+    total_len = run.all_sum(sum(lengths))
+    n_correct = run.all_sum(sum(a >= 1 for a in parts["accuracy"]))
+    len_correct = run.all_sum(sum(l for l, a in zip(lengths, parts["accuracy"]) if a >= 1))
     mean = run.all_sum(sum(rewards)) / n
     return {"reward": mean, "reward_std": math.sqrt(max(0.0, run.all_sum(sum(r * r for r in rewards)) / n - mean ** 2)),
             "accuracy": run.all_sum(sum(parts["accuracy"])) / n,
             **{f"reward_{k}": run.all_sum(sum(v)) / n for k, v in parts.items() if k != "accuracy"},
-            "completion_len_mean": run.all_sum(sum(lengths)) / n, "completion_len_max": run.all_max(max(lengths)),
+            "completion_len_mean": total_len / n, "completion_len_max": run.all_max(max(lengths)),
             "completion_len_correct": len_correct / n_correct if n_correct else None,
-            "completion_len_incorrect": len_incorrect / (n - n_correct) if n > n_correct else None,
+            "completion_len_incorrect": (total_len - len_correct) / (n - n_correct) if n > n_correct else None,
             "truncated_frac": run.all_sum(sum(truncated)) / n}
 
 

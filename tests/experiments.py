@@ -13,26 +13,16 @@ Spread is reported as the half-range over seeds (mean +- (max - min) / 2). Needs
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.recipe_smollm2 import stage
 
 
-def run_script(script, args, out, log):
-    """One arm of an experiment: a script run to completion in its own process; its metrics rows and summary."""
-    out = Path(out)
-    if not (out / "summary.json").exists():  # finished arms are kept: a rerun only runs what is missing
-        cmd = [sys.executable, script, *map(str, args), "--out", str(out), "--overwrite"]
-        log("  $ " + " ".join(cmd[1:]))
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
-        if proc.returncode:
-            raise SystemExit(f"{script} failed ({out}):\n{proc.stderr[-3000:]}")
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, json.loads((out / "summary.json").read_text())
+def run_script(script, args, out, after=None):
+    """One arm of an experiment: a script run to completion in its own process (recipe_smollm2.stage: kept when
+    it finished before with the same command); its metrics rows and summary."""
+    summary, _ = stage(Path(out).name, script, args, out, print, after)
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()], summary
 
 
 def spread(values):
@@ -86,7 +76,7 @@ def grpo_base(args):
 def length_bias(args, out):
     room = 32 if args.tiny else 160  # room to grow: 2.5x the default --max_new_tokens
     arms = {loss: [run_script("grpo.py", [*grpo_base(args), "--loss", loss, "--max_new_tokens", room, "--seed", s,
-                                          "--eval_every", 0], out / f"{loss}-seed{s}", print)
+                                          "--eval_every", 0], out / f"{loss}-seed{s}")
                    for s in args.seeds] for loss in ("grpo", "dr_grpo", "dapo")}
     rows = []
     for loss, runs in arms.items():
@@ -117,7 +107,7 @@ def length_bias(args, out):
 def dynamic_sampling(args, out):
     every = 1 if args.tiny else 5
     arms = {ds: [run_script("grpo.py", [*grpo_base(args), "--loss", "dapo", "--dynamic_sampling", ds, "--seed", s,
-                                        "--eval_every", every], out / f"ds{ds}-seed{s}", print)
+                                        "--eval_every", every], out / f"ds{ds}-seed{s}")
                  for s in args.seeds] for ds in (0, 1)}
     cumulative = {}
     for ds, runs in arms.items():
@@ -161,13 +151,13 @@ def two_proportion_z(p1, p2, n):
 
 def distilled(args, out):
     base = grpo_base(args)
-    teacher = run_script("grpo.py", [*base, "--seed", 0, "--eval_every", 0], out / "teacher", print)[1]
+    teacher = run_script("grpo.py", [*base, "--seed", 0, "--eval_every", 0], out / "teacher")[1]
     small = ["--num_prompts", 32, "--samples_per_prompt", 2, "--max_steps", 2, "--batch_size", 8] if args.tiny else []
     student = run_script("distill.py", ["--teacher", teacher["final_checkpoint"], *small, "--heldout_problems",
                                         base[base.index("--heldout_problems") + 1], "--device", "cpu"],
-                         out / "student", print)[1]
+                         out / "student", after=teacher)[1]
     runs = [run_script("grpo.py", [*base, "--model", student["final_checkpoint"], "--seed", s, "--eval_every", 0],
-                       out / f"rl-seed{s}", print)[1] for s in args.seeds]
+                       out / f"rl-seed{s}", after=student)[1] for s in args.seeds]
     n = runs[0]["heldout_problems"]
     rows = [[s, f"{r['heldout_acc_before']:.3f}", f"{r['heldout_acc_after']:.3f}",
              f"{r['heldout_acc_after'] - r['heldout_acc_before']:+.3f}",
@@ -198,7 +188,7 @@ def distilled(args, out):
 
 def kl(args, out):
     arms = {k: [run_script("grpo.py", [*grpo_base(args), "--beta", args.beta, "--kl_estimator", k, "--seed", s,
-                                       "--eval_every", 0], out / f"{k}-seed{s}", print)
+                                       "--eval_every", 0], out / f"{k}-seed{s}")
                 for s in args.seeds] for k in ("k1", "k2", "k3")}
     rows = []
     for k, runs in arms.items():

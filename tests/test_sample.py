@@ -192,3 +192,19 @@ def test_every_prompt_building_script_takes_the_prompt_flags(script, capsys):
         module.parse_args(["--chat_template_kwargs", "[1]"]) if hasattr(module, "parse_args") else \
             module.build_parser().parse_args(["--chat_template_kwargs", "[1]"])
     assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_rollout_metrics_split_lengths_by_correctness():
+    """Hand-computed: lengths 2, 4 (correct) and 6, 8, 10 (wrong, one of them half-right on a code task)."""
+    import grpo
+    from common import Run
+    from sample import rollout_metrics
+    run = Run(grpo.parse_args(["--device", "cpu"]), "grpo")
+    completions = [[0] * k for k in (2, 4, 6, 8, 10)]
+    acc = [1.0, 1.0, 0.0, 0.5, 0.0]
+    m = rollout_metrics(run, [1.0, 1.0, 0.0, 0.5, 0.0], {"accuracy": acc, "format": [1.0] * 5}, completions, [False] * 5)
+    assert m["completion_len_mean"] == 6 and m["completion_len_max"] == 10
+    assert m["completion_len_correct"] == 3 and m["completion_len_incorrect"] == 8
+    assert m["accuracy"] == 2.5 / 5 and m["reward_format"] == 1.0
+    none_right = rollout_metrics(run, [0.0], {"accuracy": [0.0]}, [[0, 0]], [True])
+    assert none_right["completion_len_correct"] is None and none_right["completion_len_incorrect"] == 2
