@@ -54,7 +54,7 @@ def main(argv=None):
     p.add_argument("--sft_steps", type=int, default=50, help="SFT optimizer steps")
     p.add_argument("--sft_lr", type=float, default=1e-4, help="SFT peak learning rate")
     p.add_argument("--grpo_steps", type=int, default=30, help="GRPO steps")
-    p.add_argument("--grpo_lr", type=float, default=2e-6, help="GRPO peak learning rate")
+    p.add_argument("--grpo_lr", type=float, default=5e-6, help="GRPO peak learning rate")
     p.add_argument("--batch_size", type=int, default=64, help="GRPO completions per step")
     p.add_argument("--group_size", type=int, default=8, help="GRPO G")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
