@@ -269,6 +269,8 @@ def add_training_args(p, script, lr, max_steps, batch_size):
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile_decode", default="auto", choices=("auto", "on", "off"), help="torch.compile the "
+                   "rollouts' decode step: auto = on a GPU (CUDA graphs), off on a CPU (reward_model.py samples nothing)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over ranks "
                    "(FSDP2) instead of replicating them (DDP): for models that do not fit one GPU with DDP")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")

@@ -9,8 +9,8 @@ CPU:
     python sample.py --eval builtin --n 8                    # the committed tiny model on the built-in task
     python sample.py --eval gsm8k_test.jsonl --model DIR --n 16 --temperature 0.6 --limit 100
     python sample.py --eval builtin --n 8 --compare checkpoints/tiny-sft out/grpo/final
-GPU (one device is enough for sampling; compile captures the decode step in a CUDA graph):
-    python sample.py --model DIR --prompt "What is 12+7?" --device cuda --dtype bfloat16 --compile
+GPU (one device is enough for sampling; --compile_decode auto replays the decode step as CUDA graphs there):
+    python sample.py --model DIR --prompt "What is 12+7?" --device cuda    # bf16, decode step as CUDA graphs
     python sample.py --model DIR --eval gsm8k_test.jsonl --n 16 --device cuda --dtype bfloat16 --batch_size 512
 """
 import argparse
@@ -66,8 +66,40 @@ def decode_step(model, tokens, positions, mask, cache, cache_pos):
     return model(tokens, mask, positions, cache, cache_pos)[:, -1]
 
 
-# Captured once per (model, batch, cache length): the decode step runs as one CUDA graph on GPU.
-compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+_compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
+
+
+def compiled_decode_step(*args):
+    """decode_step compiled once with symbolic shapes, so that no batch bucket or attention length recompiles it (a
+    static compile per shape would hit torch's limit of 8 recompiles and silently run eager); on a GPU each shape is
+    captured as a CUDA graph of its own, once. Without duck shaping, so that sizes which happen to be equal in the
+    first call (a batch of 4 rows and 4 layers, 128 rows and 128 slots) are not assumed equal forever."""
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        return _compiled_decode_step(*args)
+
+
+def use_compiled_decode(choice, device):
+    """--compile_decode: 'on', 'off', or 'auto': on for CUDA, where the decode step replays as CUDA graphs (one launch
+    instead of ~1,650 kernel launches per step), off on a CPU, where there is nothing to capture."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--compile_decode must be auto, on or off, not {choice!r}")
+    return choice == "on" or (choice == "auto" and torch.device(device).type == "cuda")
+
+
+def decode_cache(model, batch, length, device, dtype):
+    """The compiled decode step's KV cache, kept on the model between calls and replaced only by a larger one: a
+    CUDA graph replays on the addresses it was captured with, so a new buffer per rollout would mean new captures
+    every rollout (and, past torch's re-record limit, eager decoding). Stale slots of earlier calls are masked."""
+    batch, length = batch + 1, length + 1  # a spare row and slot: the compiled step's views of the cache are never
+    # the whole buffer, so they are never contiguous (torch.compile guards on whether a view is, and would recompile)
+    cache = model.__dict__.get("_decode_cache")  # in __dict__: not a module attribute anything saves
+    if cache is not None and cache.buf_k.dtype == dtype and cache.buf_k.device == device:
+        batch, length = max(batch, cache.buf_k.shape[1]), max(length, cache.buf_k.shape[3])
+        if (batch, length) == (cache.buf_k.shape[1], cache.buf_k.shape[3]):
+            return cache
+    model.__dict__["_decode_cache"] = None  # free the old buffers before allocating their successor
+    model.__dict__["_decode_cache"] = cache = KVCache(model.config, batch, length, device, dtype)
+    return cache
 
 
 def batch_bucket(n, device_type, compile):
@@ -89,8 +121,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     Work done once: a prompt that repeats (an RL group's samples) is prefilled once and its keys/values copied to
     each of its rows; the prefill runs the lm_head at the last prompt position only. Rows that finished leave
     the batch every check_every steps (1 on CPU, 8 on GPU: the loop's only host syncs); the rest are compacted in
-    place (KVCache.select_rows) to batch_bucket(live rows) rows, and eager attention reads only the slots filled
-    so far."""
+    place (KVCache.select_rows) to batch_bucket(live rows) rows, and attention reads only the slots filled so far
+    (compile: rounded up to 128). compile runs the decode step through compiled_decode_step, on a KV cache kept
+    with the model (decode_cache), so that its CUDA graphs are captured once per shape and replayed in every call."""
     model = unwrap(model)
     device = model.embed_tokens.weight.device
     if min(len(p) for p in prompts) == 0:
@@ -100,11 +133,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     distinct = list(first)
     B, U, P = len(prompts), len(distinct), max(len(p) for p in distinct)
     S = P + max_new_tokens
-    if compile:  # few distinct cache lengths -> few recompilations
-        S = -(-S // 128) * 128
     if S > model.config.max_position_embeddings:
         raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({model.config.max_position_embeddings})")
+    if compile:  # cache lengths in steps of 128: the attention lengths the compiled step sees
+        S = min(-(-S // 128) * 128, model.config.max_position_embeddings)
     ids = torch.zeros(U, P, dtype=torch.long, device=device)
     valid = torch.zeros(U, S, dtype=torch.bool, device=device)  # which cache slots hold real tokens
     for i, p in enumerate(distinct):
@@ -112,7 +145,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         valid[i, P - len(p):P] = True
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.embed_tokens.weight.dtype
-    cache = KVCache(model.config, B, S, device, dtype)
+    W = batch_bucket(B, device.type, compile) if compile else B  # compiled: a bucket's width from the first step
+    cache = decode_cache(model, W, S, device, dtype) if compile else KVCache(model.config, B, S, device, dtype)
     stop = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     check_every = check_every or (1 if device.type == "cpu" else 8)
@@ -120,17 +154,17 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     cache.select_rows(U)
     positions, mask = padding_inputs(valid[:, :P])  # [U, 1, P, P]: the prompt reads only its own slots
     logits = model(ids, mask, positions, cache, torch.arange(P, device=device), logits_from=P - 1)[:, -1]  # [U, V]
-    if U < B:  # every row of a shared prompt starts from a copy of its keys and values
-        share = torch.tensor(share, device=device)
+    if U < W:  # every row of a shared prompt starts from a copy of its keys and values (padding rows: of row 0)
+        share = torch.tensor(share + [0] * (W - B), device=device)
         cache.select_rows(share, P)
         logits, positions, valid = logits[share], positions[share], valid[share]
-    bias = torch.zeros(B, S, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))  # additive mask
+    bias = torch.zeros(W, S, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))  # additive mask
     next_pos = positions[:, -1:] + 1  # [B, 1]: rope positions, advanced on the device
     cache_pos = torch.tensor([P], device=device)  # the slot this step writes
     step = compiled_decode_step if compile else decode_step
-    rows = torch.arange(B, device=device)  # the prompt row of each batch row; B = a padding row of a fixed batch
+    rows = torch.arange(W, device=device).clamp(max=B)  # the prompt row of each batch row; B: a padding row
     out = torch.zeros(B + 1, max_new_tokens, dtype=torch.long, device=device)  # row B: padding rows write here
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = rows == B  # padding rows are done from the start
     n = 0
     for t in range(max_new_tokens):
         uniform = torch.rand(B + 1, generator=generator, device=device)[rows] if temperature > 0 else None
@@ -154,8 +188,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
                 tok, next_pos, bias, rows, done = tok[keep], next_pos[keep], bias[keep], rows[keep], done[keep]
                 rows[len(live):], done[len(live):] = B, True
         bias[:, P + t] = 0
-        # eager attention reads only the slots filled so far; a compiled step keeps one shape: all S slots
-        seen = bias[:, None, None, :] if compile else bias[:, None, None, :P + t + 1]
+        # attention reads only the slots filled so far; compiled, that length rounded up to 128 slots, so each
+        # (batch bucket, length) shape is captured once and replayed for 128 steps of every rollout (contiguous:
+        # one memory layout for every length)
+        if compile:
+            seen = bias[:, None, None, :min(S, -(-(P + t + 1) // 128) * 128)].contiguous()
+        else:
+            seen = bias[:, None, None, :P + t + 1]
         logits = step(model, tok[:, None], next_pos, seen, cache, cache_pos).clone()
         next_pos += 1
         cache_pos += 1
@@ -196,24 +235,34 @@ def stop_token_ids(model, tokenizer):
 def cast_weights(model, dtype):
     """The model with its weights in dtype: itself if they are, else a copy for inference (tied weights stay tied,
     rope frequencies stay float32). Rollouts on a GPU decode from a bf16 copy of float32 training weights: every
-    step then reads 2-byte weights and casts nothing, also inside a compiled graph."""
+    step then reads 2-byte weights and casts nothing, also inside a compiled graph. The copy is kept with the model
+    and refreshed in place on the next call (after optimizer steps): nothing is allocated per rollout, and a
+    captured CUDA graph finds the weights at the addresses it was captured with."""
     if all(p.dtype == dtype for p in model.parameters()):
         return model
-    with torch.device("meta"):
-        copy = Transformer(model.config)
-    copy.load_state_dict({n: p.detach().to(dtype) for n, p in model.named_parameters()}, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        copy.lm_head.weight = copy.embed_tokens.weight
+    copy = model.__dict__.get("_cast_copy")  # in __dict__, not a submodule: never in parameters() or state_dict()
+    if copy is not None and copy.embed_tokens.weight.dtype == dtype:
+        for p, q in zip(model.parameters(), copy.parameters()):
+            q.copy_(p.detach())
+    else:
+        with torch.device("meta"):
+            copy = Transformer(model.config)
+        copy.load_state_dict({n: p.detach().to(dtype) for n, p in model.named_parameters()}, strict=False, assign=True)
+        if model.config.tie_word_embeddings:
+            copy.lm_head.weight = copy.embed_tokens.weight
+        model.__dict__["_cast_copy"] = copy.eval().requires_grad_(False)
     copy.inv_freq, copy.generation_config = model.inv_freq, model.generation_config
-    return copy.eval()
+    return copy
 
 
 @torch.no_grad()
 def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=None, top_k=None, seed=0,
-            batch_size=None, compile=False, desc=None):
+            batch_size=None, desc=None):
     """The rollout of every script: generate from prompt ids (batch_size rows at a time, batch i seeded seed + i),
     cut each row at its first stop token, decode. Returns (completion ids, ending with the stop token unless
-    truncated; texts, without it; truncated flags: hit max_new_tokens without a stop token)."""
+    truncated; texts, without it; truncated flags: hit max_new_tokens without a stop token). The decode step is
+    compiled as the run's --compile_decode says (auto: CUDA graphs on a GPU)."""
+    compile = use_compiled_decode(run.args.compile_decode, run.device)
     stop = stop_token_ids(model, tokenizer)
     batch_size = batch_size or max(1, len(prompts))
     outs = []
@@ -345,13 +394,13 @@ def powers_of_two(n):
 
 
 def evaluate(run, model, tokenizer, problems, n=1, max_new_tokens=512, temperature=0.6, top_p=None, seed=0,
-             batch_size=64, compile=False, samples_file=None):
+             batch_size=64, samples_file=None):
     """Sample n completions per problem and grade them. Returns the summary dict; writes one JSONL line per sample
     (problem id, completion, extracted answer, reward) when samples_file is given."""
     jobs = [(i, j) for i in range(len(problems)) for j in range(n)]
     prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems]
     outs, texts, _ = rollout(run, model, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens, temperature, top_p,
-                             seed=seed, batch_size=batch_size, compile=compile, desc="eval")
+                             seed=seed, batch_size=batch_size, desc="eval")
     rows = [{"id": i, "sample": j, "prompt": problems[i]["prompt"], "completion": text,
              "answer": verify.extract_answer(text), "gold": problems[i].get("answer"), "length": len(out),
              "reward": verify.safe_reward(verify.accuracy_reward, problems[i], text),
@@ -389,7 +438,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on "
                    "a GPU, whatever the checkpoint stores)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compile_decode", default="auto", choices=("auto", "on", "off"), help="torch.compile the "
+                   "decode step: auto = on a GPU (CUDA graphs), off on a CPU")
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
                    "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
                    "'builtin:countdown')")
@@ -423,7 +473,7 @@ def run_eval(args):
         out = Path(args.out) / (name.strip("/").replace("/", "_") if args.compare else "")  # out/grpo/final -> out_grpo_final
         results[name] = evaluate(run, model, tokenizer, problems, n=args.n, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                 batch_size=args.batch_size, compile=args.compile, samples_file=out / "samples.jsonl")
+                                 batch_size=args.batch_size, samples_file=out / "samples.jsonl")
         (out / "summary.json").write_text(json.dumps({"model": str(path), "data": args.eval, **results[name],
                                                       "args": vars(args)}, indent=2) + "\n")
         del model
@@ -460,7 +510,7 @@ def main(argv=None):
     t0 = time.time()
     generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, stop_token_ids=stop_token_ids(model, tokenizer), seed=args.seed,
-             compile=args.compile, on_token=stream)
+             compile=use_compiled_decode(args.compile_decode, args.device), on_token=stream)
     dt = time.time() - t0
     print(f"\n[{len(generated)} tokens in {dt:.2f}s, {len(generated) / dt:.1f} tok/s]", file=sys.stderr)
 

@@ -6,7 +6,8 @@
 Rows: bf16 vs float32 logits, compiled vs eager greedy tokens (CUDA, or --compile), decode tokens/s at batch 1/64/512
 next to transformers' generate, a GRPO-shaped rollout (64 prompts x 8 samples, 200-token prompts, long-tailed lengths
 of median 300 and max 1024) with its lower bound (weight + KV bytes per step / measured read bandwidth) and peak
-memory, and one GRPO training step on that rollout (tokens/s, MFU, peak memory).
+memory, eager and with the compiled decode step (CUDA graphs, as RL rollouts run on CUDA by default), and one GRPO
+training step on that rollout (tokens/s, MFU, peak memory).
 """
 import argparse
 import math
@@ -156,6 +157,17 @@ def main():
     rows.append(("rollout lower bound (weights + live KV bytes per step / read bandwidth)",
                  f"{bound:.2f} s ({bandwidth / 1e9:.0f} GB/s)"))
     rows.append(("rollout peak memory", peak_gib(device)))
+    if device.type == "cuda" or args.compile:  # the same rollout with the compiled decode step (RL's default on CUDA)
+        compiled = lambda: generate(roll, prompts, max_len, temperature=1.0, stop_token_ids=[stop], seed=0, compile=True)
+        torch._dynamo.reset()  # compiled again with the hook: dynamo does not guard on hooks added later
+        handle = forced_lengths(roll, lengths.to(device), P, stop)
+        t_first, _ = timed(compiled, device)  # compiles once, captures a graph per shape
+        t_again, outs_compiled = timed(compiled, device)  # replays
+        handle.remove()
+        rows.append(("rollout, compiled decode step (first call: compile + capture)",
+                     f"{t_again:.2f} s (first {t_first:.1f} s; same tokens as eager: {outs_compiled == outs})"))
+    else:
+        rows.append(("rollout, compiled decode step", "skipped on CPU (--compile)"))
 
     # 5. one GRPO training step on that rollout
     run_args = grpo.parse_args(["--group_size", str(G), "--batch_size", str(groups * G), "--max_new_tokens",

@@ -237,10 +237,39 @@ def test_rollout_weight_copy_equals_a_bf16_checkpoint(tmp_path):
     assert sample.cast_weights(m, torch.float32) is m  # nothing to cast: no copy
 
 
+def test_rollout_weight_copy_is_made_once_and_refreshed_in_place():
+    """A captured CUDA graph reads the weights at the addresses it was captured with: the bf16 rollout copy is made
+    once, refreshed in place when the float32 weights change, and never becomes part of the model it copies."""
+    m = tiny(tie_word_embeddings=True)
+    names = set(m.state_dict())
+    first = sample.cast_weights(m, torch.bfloat16)
+    addresses = [p.data_ptr() for p in first.parameters()]
+    with torch.no_grad():
+        m.embed_tokens.weight.mul_(2.0)  # an optimizer step
+    again = sample.cast_weights(m, torch.bfloat16)
+    assert again is first and [p.data_ptr() for p in again.parameters()] == addresses
+    assert torch.equal(again.embed_tokens.weight, m.embed_tokens.weight.to(torch.bfloat16))
+    assert again.lm_head.weight is again.embed_tokens.weight
+    assert set(m.state_dict()) == names and all(p.dtype == torch.float32 for p in m.parameters())
+
+
 def test_sample_cli_dtype_defaults_to_float32_on_cpu_bf16_on_gpu():
     assert sample.parse_args(["--device", "cpu"]).dtype == "float32"
     assert sample.parse_args(["--device", "cuda"]).dtype == "bfloat16"
     assert sample.parse_args(["--device", "cpu", "--dtype", "bf16"]).dtype == "bf16"
+
+
+def test_decode_step_is_compiled_by_default_on_cuda_only():
+    """--compile_decode auto: CUDA graphs for every rollout on a GPU, eager on a CPU; on and off override it."""
+    assert sample.use_compiled_decode("auto", "cuda") and sample.use_compiled_decode("auto", "cuda:1")
+    assert not sample.use_compiled_decode("auto", "cpu") and sample.use_compiled_decode("on", "cpu")
+    assert not sample.use_compiled_decode("off", "cuda")
+    import distill
+    import grpo
+    import ppo
+    import sft
+    for script in (grpo, ppo, distill, sft, sample):
+        assert script.parse_args([]).compile_decode == "auto"
 
 
 def test_gpu_check_runs_tiny_on_cpu():
@@ -250,5 +279,5 @@ def test_gpu_check_runs_tiny_on_cpu():
     proc = subprocess.run([sys.executable, "-m", "tests.gpu_check", "--device", "cpu", "--tiny"],
                           capture_output=True, text=True, check=True)
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 11 and all(line.count("|") == 3 for line in table)
+    assert len(table) == 12 and all(line.count("|") == 3 for line in table)
     assert any(line.startswith("| rollout 4 x 2") for line in table)

@@ -15,7 +15,7 @@ from verify import builtin_problems
 
 
 def cpu_run(tmp_path):
-    return Run(argparse.Namespace(device="cpu", dtype=None, out=str(tmp_path)), "test")
+    return Run(argparse.Namespace(device="cpu", dtype=None, out=str(tmp_path), compile_decode="off"), "test")
 
 
 @pytest.fixture(scope="module")
@@ -151,17 +151,31 @@ def test_every_script_stops_its_rollouts_at_generation_config_eos(two_eos_dir, t
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_generates_what_eager_does():
-    """--compile: one static shape (all cache slots, a cache length rounded up to 128) captured by torch.compile
-    must sample the same tokens as the eager loop, which reads only the slots filled so far."""
+def test_compiled_decode_step_generates_what_eager_does_and_compiles_once():
+    """--compile_decode: the decode step compiled with symbolic shapes samples the same tokens as the eager loop, is
+    compiled once for every batch bucket and attention length (a compile per shape would hit torch's limit of 8 and
+    silently run eager), and keeps its KV cache between calls, so CUDA graphs replay on the addresses they were
+    captured with (a larger call grows it once; later calls reuse it)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
     model = Transformer.from_pretrained("checkpoints/tiny-sft")
     tok = Tokenizer.from_pretrained("checkpoints/tiny-sft")
-    prompts = [sample.prompt_ids(tok, p["prompt"]) for p in builtin_problems("heldout", 4)]
-    assert len({len(p) for p in prompts}) > 1  # mixed lengths: left padding is part of what is compared
-    stop = [tok.eos_token_id]
-    eager = sample.generate(model, prompts, 40, temperature=0, stop_token_ids=stop)
-    assert sample.generate(model, prompts, 40, temperature=0, stop_token_ids=stop, compile=True) == eager
-    assert sum(map(len, eager)) > 4 * 10  # real completions, not immediate stops
+    problems = builtin_problems("heldout", 24)
+    calls = [(4, 40, [tok.eos_token_id]),  # batch bucket 8, attention length 128
+             (24, 150, []),  # bucket 32, lengths 128 and 256 (no stop: every row runs 150 tokens), a larger cache
+             (12, 60, [tok.eos_token_id])]  # rows leave: buckets 16 -> 8
+    buffers = []
+    for rows, new_tokens, stop in calls:
+        prompts = [sample.prompt_ids(tok, p["prompt"]) for p in problems[:rows]]
+        assert len({len(p) for p in prompts}) > 1  # mixed lengths: left padding is part of what is compared
+        eager = sample.generate(model, prompts, new_tokens, temperature=0, stop_token_ids=stop)
+        assert sample.generate(model, prompts, new_tokens, temperature=0, stop_token_ids=stop, compile=True) == eager
+        assert sum(map(len, eager)) > rows * 10  # real completions, not immediate stops
+        buffers.append(model._decode_cache.buf_k.data_ptr())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert buffers[2] == buffers[1]  # the grown cache is kept
 
 
 def test_prompt_flags_reach_the_rendered_prompt(tiny_dir, tmp_path):
