@@ -10,7 +10,8 @@ one optimisation iteration, float32 on CPU (bf16 autocast on GPU for both). Rewa
 a non-zero advantage. Prints the median step time over --steps steps after one warm-up step, split into
 generation and the rest (scoring and training). --train_only times the training part alone on one fixed batch:
 a plain torch forward + backward (cross-entropy on the logits), the lean log-prob path (model(x, targets=y),
-logits never kept) and grpo.policy_loss_step, in completion tokens/s.
+logits never kept), a plain training step (forward + backward, clip, AdamW) and grpo.policy_loss_step, in completion
+tokens/s, median of 4 rounds that run every variant in turn.
 """
 import argparse
 import random
@@ -62,7 +63,7 @@ def time_ours(args, policy, tokenizer, prompts):
     return [step() for _ in range(args.steps + 1)][1:]
 
 
-def time_training(args, policy, prompts, rows=16, new_tokens=64, steps=2):
+def time_training(args, policy, prompts, rows=16, new_tokens=64, steps=4):
     """Completion tokens/s of one training forward + backward on `rows` sequences: plain logits + cross-entropy,
     the log-prob path, and a whole grpo.policy_loss_step (optimizer step included)."""
     import torch.nn.functional as F
@@ -79,26 +80,30 @@ def time_training(args, policy, prompts, rows=16, new_tokens=64, steps=2):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
     batch = {"prompts": group_prompts, "completions": completions, "truncated": [False] * rows,
              "rewards": torch.rand(rows, generator=g).tolist()}
+    def plain_step():
+        F.cross_entropy(policy(inp, logits_from=s).flatten(0, 1).float(), y.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
     variants = {
         "plain forward+backward (logits, cross-entropy)":
             lambda: F.cross_entropy(policy(inp, logits_from=s).flatten(0, 1).float(), y.flatten()).backward(),
         "log-prob path forward+backward (model(x, targets=y))":
             lambda: policy(inp, targets=y, logits_from=s)[0].mean().neg().backward(),
-        "grpo.policy_loss_step (incl. AdamW step)":
+        "plain training step (forward+backward, clip, AdamW step)": plain_step,
+        "grpo.policy_loss_step (log-prob path, clip, AdamW step)":
             lambda: grpo.policy_loss_step(run, run_args, policy, None, optimizer, batch, 0.0)}
-    out = {}
-    for name, fn in variants.items():
-        times = []
-        for _ in range(steps + 1):
+    times = {name: [] for name in variants}
+    for r in range(steps + 1):  # rounds of every variant in turn, so drift over time hits them all alike
+        for name, fn in variants.items():
             sync(args.device)
             t0 = time.perf_counter()
             with run.autocast():
                 fn()
             sync(args.device)
-            times.append(time.perf_counter() - t0)
+            if r:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
             policy.zero_grad(set_to_none=True)
-        out[name] = rows * new_tokens / statistics.median(times[1:])
-    return out
+    return {name: rows * new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 def time_trl(args, tokenizer_dir, prompts_text):
