@@ -156,7 +156,8 @@ def parse_args(argv=None):
     p.add_argument("--builtin_size", type=int, default=50000, help="training examples of the built-in task")
     p.add_argument("--step_fraction", type=float, default=0.4,
                    help="built-in task: fraction of solutions that show every step (the rest are terse)")
-    p.add_argument("--heldout_problems", type=int, default=500, help="built-in held-out problems for greedy accuracy")
+    p.add_argument("--heldout_problems", type=int, default=500, help="built-in task: held-out problems for greedy "
+                   "accuracy, and as many held-out chats for the held-out loss")
     p.add_argument("--max_len", type=int, default=1024, help="longer examples are truncated (and counted)")
     p.add_argument("--eval_every", type=int, default=100, help="held-out loss every N steps (0: never)")
     p.add_argument("--export_builtin", default=None, metavar="DIR", help="write the built-in task as JSONL "
@@ -218,7 +219,7 @@ def main(argv=None):
         train_chats = (builtin_chats(args.data, "train", args.builtin_size, args.seed, args.step_fraction) if builtin
                        else load_chats(args.data))
         eval_chats = load_chats(args.eval_data) if args.eval_data else (
-            builtin_chats(args.data, "heldout", 500, args.seed, args.step_fraction) if builtin else None)
+            builtin_chats(args.data, "heldout", args.heldout_problems, args.seed, args.step_fraction) if builtin else None)
         examples, stats = tokenize_dataset(tokenizer, train_chats, args.max_len)
         evals = tokenize_dataset(tokenizer, eval_chats, args.max_len)[0] if eval_chats else None
     if not examples:
