@@ -232,16 +232,16 @@ def stop_token_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
-def cast_weights(model, dtype):
+def cast_weights(model, dtype, keep=False):
     """The model with its weights in dtype: itself if they are, else a copy for inference (tied weights stay tied,
     rope frequencies stay float32). Rollouts on a GPU decode from a bf16 copy of float32 training weights: every
-    step then reads 2-byte weights and casts nothing, also inside a compiled graph. The copy is kept with the model
-    and refreshed in place on the next call (after optimizer steps): nothing is allocated per rollout, and a
-    captured CUDA graph finds the weights at the addresses it was captured with."""
+    step then reads 2-byte weights and casts nothing, also inside a compiled graph. keep (the compiled decode step):
+    the copy stays with the model and is refreshed in place on the next call, so a captured CUDA graph finds the
+    weights at the addresses it was captured with (at the cost of holding the copy while training)."""
     if all(p.dtype == dtype for p in model.parameters()):
         return model
     copy = model.__dict__.get("_cast_copy")  # in __dict__, not a submodule: never in parameters() or state_dict()
-    if copy is not None and copy.embed_tokens.weight.dtype == dtype:
+    if keep and copy is not None and copy.embed_tokens.weight.dtype == dtype:
         for p, q in zip(model.parameters(), copy.parameters()):
             q.copy_(p.detach())
     else:
@@ -250,7 +250,9 @@ def cast_weights(model, dtype):
         copy.load_state_dict({n: p.detach().to(dtype) for n, p in model.named_parameters()}, strict=False, assign=True)
         if model.config.tie_word_embeddings:
             copy.lm_head.weight = copy.embed_tokens.weight
-        model.__dict__["_cast_copy"] = copy.eval().requires_grad_(False)
+        copy.eval().requires_grad_(False)
+        if keep:
+            model.__dict__["_cast_copy"] = copy
     copy.inv_freq, copy.generation_config = model.inv_freq, model.generation_config
     return copy
 
@@ -268,7 +270,7 @@ def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top
     outs = []
     with run.full_params(model) as plain:  # FSDP: gathered once for the whole rollout
         # GPU: float32 master weights are cast to bf16 once per rollout (a copy), not by autocast in every step
-        plain = cast_weights(plain, torch.bfloat16) if run.amp else plain
+        plain = cast_weights(plain, torch.bfloat16, keep=compile) if run.amp else plain
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None or not run.is_main, leave=False):
             outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)

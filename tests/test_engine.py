@@ -238,15 +238,17 @@ def test_rollout_weight_copy_equals_a_bf16_checkpoint(tmp_path):
 
 
 def test_rollout_weight_copy_is_made_once_and_refreshed_in_place():
-    """A captured CUDA graph reads the weights at the addresses it was captured with: the bf16 rollout copy is made
-    once, refreshed in place when the float32 weights change, and never becomes part of the model it copies."""
+    """A captured CUDA graph reads the weights at the addresses it was captured with: for the compiled decode step
+    (keep) the bf16 rollout copy is made once, refreshed in place when the float32 weights change, and never becomes
+    part of the model it copies."""
     m = tiny(tie_word_embeddings=True)
     names = set(m.state_dict())
-    first = sample.cast_weights(m, torch.bfloat16)
+    first = sample.cast_weights(m, torch.bfloat16, keep=True)
     addresses = [p.data_ptr() for p in first.parameters()]
     with torch.no_grad():
         m.embed_tokens.weight.mul_(2.0)  # an optimizer step
-    again = sample.cast_weights(m, torch.bfloat16)
+    assert sample.cast_weights(m, torch.bfloat16) is not first  # eager rollouts: a copy of their own, not kept
+    again = sample.cast_weights(m, torch.bfloat16, keep=True)
     assert again is first and [p.data_ptr() for p in again.parameters()] == addresses
     assert torch.equal(again.embed_tokens.weight, m.embed_tokens.weight.to(torch.bfloat16))
     assert again.lm_head.weight is again.embed_tokens.weight
