@@ -222,6 +222,29 @@ def test_finished_rows_leave_the_batch():
     assert full == outs
 
 
+def test_gpu_and_compiled_batches_are_multiples_of_8_with_at_most_7_padding_rows(monkeypatch):
+    """On a GPU, eager or compiled (and compiled on a CPU), live rows are compacted to the next multiple of 8: one
+    CUDA graph per multiple, as vLLM captures them. The long-tailed workload under the GPU policy, simulated on a CPU
+    (finished rows checked every 8 steps): the same tokens, and at most 7 padding rows in any decode step."""
+    assert [sample.batch_bucket(n, "cuda", False) for n in (1, 8, 9, 80, 81, 512)] == [8, 8, 16, 80, 88, 512]
+    assert all(sample.batch_bucket(n, "cpu", True) == sample.batch_bucket(n, "cuda", True)
+               == sample.batch_bucket(n, "cuda", False) for n in range(1, 600))
+    lengths = torch.tensor([5 + int(2 ** (i / 8)) for i in range(64)])
+    m = long_tailed_model(lengths)
+    prompts = [[3, 10 + i] for i in range(64)]
+    runs = {}
+    for device_type in ("cpu", "cuda"):  # exact rows / multiples of 8, both checking every 8 steps
+        monkeypatch.setattr(sample, "batch_bucket", lambda n, d, c, real=sample.batch_bucket, t=device_type: real(n, t, c))
+        counts, handle = count_calls(m)
+        runs[device_type] = (generate(m, prompts, 300, temperature=0, stop_token_ids=[2], check_every=8), counts)
+        handle.remove()
+        monkeypatch.undo()
+    (exact, exact_counts), (padded, padded_counts) = runs["cpu"], runs["cuda"]
+    assert padded == exact and [len(o) for o in padded] == lengths.tolist()
+    padding = padded_counts["decode_row_steps"] - exact_counts["decode_row_steps"]
+    assert 0 < padding <= 7 * padded_counts["decode_steps"]
+
+
 # ------------------------------------------------------------------ dtypes
 
 

@@ -164,7 +164,7 @@ def test_compiled_decode_step_generates_what_eager_does_and_compiles_once():
     tok = Tokenizer.from_pretrained("checkpoints/tiny-sft")
     problems = builtin_problems("heldout", 24)
     calls = [(4, 40, [tok.eos_token_id]),  # batch bucket 8, attention length 128
-             (24, 150, []),  # bucket 32, lengths 128 and 256 (no stop: every row runs 150 tokens), a larger cache
+             (24, 150, []),  # bucket 24, lengths 128 and 256 (no stop: every row runs 150 tokens), a larger cache
              (12, 60, [tok.eos_token_id])]  # rows leave: buckets 16 -> 8
     buffers = []
     for rows, new_tokens, stop in calls:
