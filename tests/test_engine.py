@@ -245,6 +245,52 @@ def test_gpu_and_compiled_batches_are_multiples_of_8_with_at_most_7_padding_rows
     assert 0 < padding <= 7 * padded_counts["decode_steps"]
 
 
+def test_no_host_sync_between_finished_row_checks(monkeypatch):
+    """The decode loop reads nothing back to the host (no item/tolist/nonzero/bool of a tensor) except at its
+    finished-row checks: every 8 steps under the GPU policy, every step on a CPU."""
+    from torch.overrides import TorchFunctionMode
+    syncing = {"item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+
+    class CountSyncs(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in syncing:
+                syncs[0] += 1
+            return func(*args, **(kwargs or {}))
+    lengths = torch.tensor([5 + int(2 ** (i / 8)) for i in range(64)])
+    m = long_tailed_model(lengths)
+    prompts = [[3, 10 + i] for i in range(64)]
+    for every in (8, 1):
+        counts, handle = count_calls(m)
+        syncs = [0]
+        with CountSyncs():
+            generate(m, prompts, 300, temperature=0, stop_token_ids=[2], check_every=every)
+        handle.remove()
+        checks = counts["decode_steps"] // every + 1
+        assert checks <= syncs[0] <= checks + 2  # the checks, and reading the finished tokens back once at the end
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                                     (0.9, 6, 0.7)])
+def test_sampled_tokens_follow_softmax_restricted_by_top_k_and_top_p(temperature, top_k, top_p):
+    """Drawn frequencies equal softmax(z / T) restricted to the top-k tokens, then to the smallest set of them whose
+    (renormalised) probability reaches top_p, renormalised: within 0.01 over 40,000 draws (4 standard errors at
+    worst), and a token outside the set is never drawn."""
+    torch.manual_seed(0)
+    z = torch.randn(12) * 2
+    p = torch.softmax(z.double() / temperature, -1)
+    order = p.argsort(descending=True)[:top_k or 12]  # the top-k tokens, most likely first
+    q = p[order] / p[order].sum()
+    if top_p is not None:  # a token stays while the mass of the tokens before it is below top_p
+        order = order[(q.cumsum(0) - q) < top_p]
+    expected = torch.zeros(12, dtype=torch.double)
+    expected[order] = p[order] / p[order].sum()
+    n = 40000
+    draws = sample.sample_next(z.expand(n, 12), temperature, top_k, top_p, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=12).double() / n
+    assert (freq - expected).abs().max() < 0.01
+    assert freq[expected == 0].sum() == 0 and (expected > 0).sum() >= 2
+
+
 # ------------------------------------------------------------------ dtypes
 
 
