@@ -3,7 +3,7 @@
   world_size, Run           where a process stands: rank, device, dtype, output folder, metrics JSONL and summary,
                             stop signals, collectives, DDP/FSDP wrapping (Run.start sets the process up)
   unwrap, user_input        the plain module under DDP / FSDP / torch.compile; user mistakes as one-line errors
-  add_training_args         the flags every training script has
+  add_training_args         the flags every training script has (add_compile_decode_arg: also sample.py's)
   load_model, load_frozen   the policy (or a fresh model) and its tokenizer; read-only models (reference, teacher)
   make_optimizer, lr_at,    AdamW, warmup + cosine schedule, the optimizer step that skips NaN/inf gradients
   optimizer_step
@@ -248,6 +248,12 @@ def load_tokenizer(args, path):
     return tokenizer.set_prompt_options(template, args.chat_template_kwargs, args.system)
 
 
+def add_compile_decode_arg(p):
+    """--compile_decode, shared by the training scripts and sample.py (sample.use_compiled_decode reads it)."""
+    p.add_argument("--compile_decode", default="auto", choices=("auto", "on", "off"), help="torch.compile the decode "
+                   "step of rollouts and evaluation: auto = on a GPU (CUDA graphs), off on a CPU")
+
+
 def add_training_args(p, script, lr, max_steps, batch_size):
     """The flags every training script shares (the prompt flags among them)."""
     add_prompt_args(p)
@@ -269,8 +275,7 @@ def add_training_args(p, script, lr, max_steps, batch_size):
     p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--compile_decode", default="auto", choices=("auto", "on", "off"), help="torch.compile the "
-                   "rollouts' decode step: auto = on a GPU (CUDA graphs), off on a CPU (reward_model.py samples nothing)")
+    add_compile_decode_arg(p)
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over ranks "
                    "(FSDP2) instead of replicating them (DDP): for models that do not fit one GPU with DDP")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")

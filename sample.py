@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import verify
-from common import Run, add_prompt_args, load_tokenizer, save_checkpoint, unwrap, user_input
+from common import Run, add_compile_decode_arg, add_prompt_args, load_tokenizer, save_checkpoint, unwrap, user_input
 from model import KVCache, Transformer, padding_inputs
 
 
@@ -66,23 +66,15 @@ def decode_step(model, tokens, positions, mask, cache, cache_pos):
     return model(tokens, mask, positions, cache, cache_pos)[:, -1]
 
 
-_compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
-
-
-def compiled_decode_step(*args):
-    """decode_step compiled once with symbolic shapes, so that no batch bucket or attention length recompiles it (a
-    static compile per shape would hit torch's limit of 8 recompiles and silently run eager); on a GPU each shape is
-    captured as a CUDA graph of its own, once. Without duck shaping, so that sizes which happen to be equal in the
-    first call (a batch of 4 rows and 4 layers, 128 rows and 128 slots) are not assumed equal forever."""
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
-        return _compiled_decode_step(*args)
+# Compiled once with symbolic shapes, so that no batch bucket or attention length recompiles it (a static compile per
+# shape would hit torch's limit of 8 recompiles and silently run eager); on a GPU each shape is captured as a CUDA
+# graph of its own, once. generate() runs it without duck shaping (see there).
+compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
 
 
 def use_compiled_decode(choice, device):
     """--compile_decode: 'on', 'off', or 'auto': on for CUDA, where the decode step replays as CUDA graphs (one launch
     instead of ~1,650 kernel launches per step), off on a CPU, where there is nothing to capture."""
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"--compile_decode must be auto, on or off, not {choice!r}")
     return choice == "on" or (choice == "auto" and torch.device(device).type == "cuda")
 
 
@@ -94,9 +86,9 @@ def decode_cache(model, batch, length, device, dtype):
     # the whole buffer, so they are never contiguous (torch.compile guards on whether a view is, and would recompile)
     cache = model.__dict__.get("_decode_cache")  # in __dict__: not a module attribute anything saves
     if cache is not None and cache.buf_k.dtype == dtype and cache.buf_k.device == device:
-        batch, length = max(batch, cache.buf_k.shape[1]), max(length, cache.buf_k.shape[3])
-        if (batch, length) == (cache.buf_k.shape[1], cache.buf_k.shape[3]):
+        if cache.buf_k.shape[1] >= batch and cache.buf_k.shape[3] >= length:
             return cache
+        batch, length = max(batch, cache.buf_k.shape[1]), max(length, cache.buf_k.shape[3])
     model.__dict__["_decode_cache"] = None  # free the old buffers before allocating their successor
     model.__dict__["_decode_cache"] = cache = KVCache(model.config, batch, length, device, dtype)
     return cache
@@ -110,6 +102,8 @@ def batch_bucket(n, device_type, compile):
 
 
 @torch.inference_mode()
+@torch.fx.experimental._config.patch(use_duck_shape=False)  # for compiled_decode_step: sizes that happen to be equal
+# in its first call (4 rows and 4 layers, 128 rows and 128 slots) must not be assumed equal forever (a recompile)
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token_ids=None,
              seed=None, compile=False, on_token=None, check_every=None):
     """Sample continuations for a batch of prompts (lists of token ids, any lengths) -> list of generated
@@ -439,8 +433,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on "
                    "a GPU, whatever the checkpoint stores)")
-    p.add_argument("--compile_decode", default="auto", choices=("auto", "on", "off"), help="torch.compile the "
-                   "decode step: auto = on a GPU (CUDA graphs), off on a CPU")
+    add_compile_decode_arg(p)
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
                    "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
                    "'builtin:countdown')")
