@@ -15,6 +15,7 @@
 Imports only model.py and verify.py (for the built-in task's problems).
 """
 import argparse
+import atexit
 import json
 import math
 import os
@@ -69,6 +70,9 @@ class Run:
             torch.cuda.set_device(run.device)
         if run.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+            # torn down before the interpreter exits: a gloo group left to static destructors can abort the process
+            # ("terminate called without an active exception") after its run has finished and saved
+            atexit.register(dist.destroy_process_group)
         if args.batch_size % run.world:
             raise SystemExit(f"--batch_size {args.batch_size} is not divisible by the world size {run.world}")
         random.seed(args.seed + run.rank)

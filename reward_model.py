@@ -70,7 +70,8 @@ class RewardModel(nn.Module):
 
     def forward(self, idx, attention_mask=None):
         """idx [B, T] -> one scalar per position [B, T], float32."""
-        return self.head(self.backbone.hidden(idx, attention_mask)).squeeze(-1).float()
+        # sum over the size-1 dim rather than squeeze: a fresh tensor, not a view (FSDP2's backward hook needs one)
+        return self.head(self.backbone.hidden(idx, attention_mask)).float().sum(-1)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
