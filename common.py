@@ -8,7 +8,7 @@
   make_optimizer, lr_at,    AdamW, warmup + cosine schedule, the optimizer step that skips NaN/inf gradients
   optimizer_step
   length_buckets, pad_right token-budgeted micro-batching (sequences, pairs, row chunks) and right padding
-  micro_batches, first_loss_position
+  micro_batches, first_loss_position, shared_prompt_micro_batches (RL: each prompt forwarded once per micro-batch)
   step_indices, step_problems  the data of a step as a function of (seed, step, rank): exact resume
   save_checkpoint, checkpoint_or_stop, resume   atomic Hugging Face checkpoints with optimizer state
 
@@ -174,11 +174,12 @@ class Run:
             m.set_requires_gradient_sync(sync)
         return nullcontext()
 
-    def lockstep(self, chunks, *train_models):
+    def lockstep(self, chunks, *train_models, idle=lambda m, token: m(token)):
         """This rank's training micro-batches as (chunk, sync) pairs, sync marking the step's last one (gradients are
         reduced there). FSDP all-gathers a unit's parameters in every forward and backward, so every rank must run as
         many passes as the busiest: a rank with fewer micro-batches then runs idle passes through `train_models` (a
-        1-token forward, a backward of zero) so that the collectives pair up instead of hanging."""
+        1-token forward, a backward of zero) so that the collectives pair up instead of hanging. idle(model, token)
+        is that forward; it must call the model's units as often as a real micro-batch does."""
         n = int(self.all_max(len(chunks))) if self.world > 1 and self.args.fsdp else len(chunks)
         for i, chunk in enumerate(chunks):
             yield chunk, i == n - 1
@@ -186,7 +187,7 @@ class Run:
             for m in train_models:
                 with self.no_sync(m, sync=i == n - 1), self.autocast():
                     token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-                    (m(token).float().sum() * 0.0).backward()
+                    (idle(m, token).float().sum() * 0.0).backward()
 
     @contextmanager
     def full_params(self, model):
@@ -395,6 +396,35 @@ def micro_batches(examples, max_tokens, pad_id):
         ids, masks = [examples[i][0] for i in rows], [examples[i][1] for i in rows]
         out.append((rows, pad_right([s[:-1] for s in ids], pad_id), pad_right([s[1:] for s in ids], pad_id),
                     pad_right([m[1:] for m in masks], 0, torch.float)))
+    return out
+
+
+def shared_prompt_micro_batches(prompts, completions, weights, max_tokens):
+    """RL training micro-batches in which each distinct prompt is forwarded once for all of its samples (the
+    prompts= mode of Transformer.forward): [(rows, prompt_ids [U, P], prompt_lens [U], prompt_of_row [B],
+    completions [B, T], loss mask [B, T])], rows being the samples' indices. Rows are ordered by prompt, then
+    completion length, and cut where the padded tokens forwarded (U x P + B x T) would pass max_tokens; a prompt
+    whose samples fall in two micro-batches is forwarded in each. T is at least 2, so that every micro-batch
+    forwards some completion tokens (FSDP: every rank calls each unit as often)."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i], len(completions[i])))
+    cuts, U, T = [], 0, 0  # the micro-batches' rows; the last one's distinct prompts and widest completion
+    for n, i in enumerate(order):
+        U, T = U + (n == 0 or prompts[i] != prompts[order[n - 1]]), max(T, 2, len(completions[i]))
+        if n == 0 or U * len(prompts[i]) + (len(cuts[-1]) + 1) * T > max_tokens:  # prompt i: the longest so far
+            cuts.append([])
+            U, T = 1, max(2, len(completions[i]))
+        cuts[-1].append(i)
+    out = []
+    for rows in cuts:
+        distinct = list(dict.fromkeys(tuple(prompts[i]) for i in rows))
+        of_row = torch.tensor([distinct.index(tuple(prompts[i])) for i in rows])
+        width = max(2, max(len(completions[i]) for i in rows))
+        c = torch.zeros(len(rows), width, dtype=torch.long)
+        w = torch.zeros(len(rows), width)
+        for r, i in enumerate(rows):
+            c[r, :len(completions[i])] = torch.tensor(completions[i], dtype=torch.long)
+            w[r, :len(completions[i])] = torch.tensor(weights[i], dtype=torch.float)
+        out.append((rows, pad_right(distinct, 0), torch.tensor([len(p) for p in distinct]), of_row, c, w))
     return out
 
 

@@ -35,9 +35,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_policy, lr_at,
-                    make_optimizer, micro_batches, optimizer_step, resume, step_problems, user_input,
-                    world_size)
+from common import (Run, add_training_args, checkpoint_or_stop, load_policy, lr_at, make_optimizer, optimizer_step,
+                    resume, shared_prompt_micro_batches, step_problems, user_input, world_size)
 from reward_model import load_reward_model
 from sample import (PROMPT_TEMPLATE, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
                     sample_groups)
@@ -175,28 +174,29 @@ def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
 
 def policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr):
     """mu optimisation iterations on one rollout batch. pi_old (and pi_ref) log-probs come from the trainer's own
-    forward pass, computed once without gradient (for mu = 1, pi_old = pi_theta detached: the ratio is exactly 1)."""
-    examples = [(p + c, [0] * len(p) + [0 if args.mask_truncated and t else 1] * len(c))
-                for p, c, t in zip(batch["prompts"], batch["completions"], batch["truncated"])]
+    forward pass, computed once without gradient (for mu = 1, pi_old = pi_theta detached: the ratio is exactly 1).
+    Each micro-batch forwards each of its distinct prompts once for all of the prompt's samples."""
+    weights = [[0 if args.mask_truncated and t else 1] * len(c)
+               for c, t in zip(batch["completions"], batch["truncated"])]
     adv = group_advantages(torch.tensor(batch["rewards"]), args.group_size, scale=args.loss != "dr_grpo").to(run.device)
-    n_seqs = run.all_sum(len(examples))
-    n_tokens = run.all_sum(sum(sum(m) for _, m in examples))
-    chunks = []  # (rows, x, y, w, start): log-probs (and logits) only from the first completion token on
-    for rows, x, y, w in micro_batches(examples, args.micro_batch_tokens, 0):
-        start = first_loss_position(w)
-        chunks.append((rows, x, y[:, start:], w[:, start:], start))
+    n_seqs = run.all_sum(len(weights))
+    n_tokens = run.all_sum(sum(map(sum, weights)))
+    # (rows, completions [B, T], loss mask [B, T], prompts: (ids [U, P], lengths [U], which prompt each row follows))
+    chunks = [(rows, c, w, tuple(t.to(run.device) for t in (p_ids, p_lens, of_row)))
+              for rows, p_ids, p_lens, of_row, c, w in shared_prompt_micro_batches(
+                  batch["prompts"], batch["completions"], weights, args.micro_batch_tokens)]
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
     old, ref = [], []
     with torch.no_grad(), run.autocast(), run.full_params(train_model):  # FSDP: gathered once, not per chunk
-        for rows, x, y, w, start in chunks:
-            x, y = x.to(run.device), y.to(run.device)
-            old.append(train_model(x, targets=y, logits_from=start)[0] if args.mu > 1 else None)
-            ref.append(ref_model(x, targets=y, logits_from=start)[0] if ref_model is not None else None)
+        for rows, c, w, prompts in chunks:
+            c = c.to(run.device)
+            old.append(train_model(c, prompts=prompts)[0] if args.mu > 1 else None)
+            ref.append(ref_model(c, prompts=prompts)[0] if ref_model is not None else None)
     for it in range(args.mu):
-        for i, ((rows, x, y, w, start), sync) in enumerate(run.lockstep(chunks, train_model)):
-            x, y, w = x.to(run.device), y.to(run.device), w.to(run.device)
+        for i, ((rows, c, w, prompts), sync) in enumerate(run.lockstep(chunks, train_model, idle=idle_pass)):
+            c, w = c.to(run.device), w.to(run.device)
             with run.no_sync(train_model, sync), run.autocast():
-                logp, entropy = train_model(x, targets=y, logits_from=start)  # [B, T - start]: no [B, T, V] kept
+                logp, entropy = train_model(c, prompts=prompts)  # [B, T]: no [B, T, V] kept
                 old_logp = old[i] if old[i] is not None else logp.detach()
                 per_token, clipped = clipped_surrogate(logp, old_logp, adv[rows, None], args.epsilon, args.epsilon_high)
                 if ref[i] is not None:
@@ -212,6 +212,13 @@ def policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr):
         grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr)
     stats = {k: run.all_sum(v) for k, v in stats.items()}
     return {**stats, "grad_norm": grad_norm, "skipped": skipped}
+
+
+def idle_pass(model, token):
+    """Run.lockstep's forward on a rank with fewer micro-batches: a 1-token prompt and a 2-token completion, which
+    calls every unit twice (prompt, then completion), as a real micro-batch does."""
+    one = torch.ones_like(token)  # [1, 1]
+    return model(one.expand(1, 2), prompts=(one, one[0], one[0] - 1))[0]  # prompt length 1, its row 0
 
 
 def main(argv=None):

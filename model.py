@@ -220,13 +220,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, H, T, D]
         if cache is not None:
             # [B, H_kv, S, D]: the first S slots of the cache, S = the mask's last dim (all of them when compiled)
-            k, v = cache.update(self.layer_idx, cache_pos, k, v, mask.shape[-1])
-        if cache is not None and T == 1:
+            k, v = cache.update(self.layer_idx, cache_pos, k, v, None if mask is None else mask.shape[-1])
+        if cache is not None and T == 1 and mask is not None:
             y = decode_attention(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            gqa = self.n_kv != self.n_head
+            if gqa and mask is not None and q.is_cuda:  # CUDA SDPA: the kernel that takes a mask refuses grouped
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv, 1) for t in (k, v))  # heads (else: math)
+                gqa = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 def decode_attention(q, k, v, mask):
@@ -298,6 +301,27 @@ class KVCache:
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
 
+class PromptKV:
+    """The keys and values of a training batch's distinct prompts, with their gradients, passed to hidden() as its
+    cache: first for the prompts [U, P] (each layer's keys and values are kept, attention is plain causal), then,
+    as for_rows(rows), for completions [B, T], completion i attending to prompt rows[i]'s keys and values ahead of
+    its own. So each prompt is forwarded once for all of its samples, with exact gradients (the concatenation
+    routes each completion's attention gradient back into its prompt)."""
+
+    def __init__(self, kv=None, rows=None):
+        self.kv, self.rows = ({} if kv is None else kv), rows
+
+    def for_rows(self, rows):
+        return PromptKV(self.kv, rows)
+
+    def update(self, layer, cache_pos, k, v, length):
+        if self.rows is None:  # the prompts' pass (again, when grad checkpointing recomputes a block)
+            self.kv[layer] = (k, v)
+            return k, v
+        pk, pv = self.kv[layer]  # [U, H_kv, P, D] -> each completion's prompt, ahead of its own [B, H_kv, P + T, D]
+        return torch.cat((pk[self.rows], k), 2), torch.cat((pv[self.rows], v), 2)
+
+
 def padding_inputs(attention_mask):
     """[B, T] 1 = token, 0 = padding -> rope positions [B, T] and a boolean attention mask [B, 1, T, T].
     Positions count real tokens only, so left padding does not shift them. Each query also sees itself,
@@ -340,16 +364,38 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None, logits_from=0,
-                targets=None):
+                targets=None, prompts=None):
         """idx [B, T] -> logits [B, T - logits_from, V] of positions logits_from.. (training skips the prompt,
         whose logits carry no loss: the lm_head is a fifth of a small model's compute); the rest as hidden().
         With targets [B, T - logits_from]: (log-probs of the targets, entropy), each [B, T - logits_from] float32,
-        the logits never held whole (logprobs_from_hidden). A mode of forward() so that DDP, FSDP and
-        torch.compile wrappers see the call."""
+        the logits never held whole (logprobs_from_hidden). With prompts (see completion_logprobs): idx are
+        completions of those prompts, scored with each prompt forwarded once. Modes of forward() so that DDP, FSDP
+        and torch.compile wrappers see the call."""
+        if prompts is not None:
+            return self.completion_logprobs(idx, *prompts)
         h = self.hidden(idx, attention_mask, positions, cache, cache_pos)[:, logits_from:]
         if targets is not None:
             return logprobs_from_hidden(h, self.lm_head.weight, targets)
         return self.lm_head(h)
+
+    def completion_logprobs(self, completions, prompt_ids, prompt_lens, rows):
+        """(log pi(o_t | q, o_<t), entropy), each [B, T] float32, of completions [B, T] (right-padded), completion
+        i sampled from prompt rows[i] of prompt_ids [U, P] (right-padded, true lengths prompt_lens [U]). Each prompt
+        is forwarded once (PromptKV), not once per sample: the same values and gradients as scoring every
+        prompt + completion on its own, for (B - U) x P fewer tokens."""
+        B, T, P = completions.shape[0], completions.shape[1], prompt_ids.shape[1]
+        kv = PromptKV()
+        h_prompt = self.hidden(prompt_ids, cache=kv)  # [U, P, C], plain causal: right padding comes after the tokens
+        h_last = h_prompt[torch.arange(len(prompt_ids)), prompt_lens - 1][rows]  # [B, C]: predicts o_0
+        x = completions[:, :-1]  # [B, T - 1]: the last token predicts nothing
+        dev = completions.device
+        positions = prompt_lens[rows, None] + torch.arange(T - 1, device=dev)  # each row continues its prompt
+        seen = torch.arange(P, device=dev) < prompt_lens[rows, None]  # [B, P]: the prompt's tokens, not its padding
+        causal = torch.ones(T - 1, T - 1, dtype=torch.bool, device=dev).tril()
+        mask = torch.cat((seen[:, None].expand(-1, T - 1, -1), causal.expand(B, -1, -1)), -1)[:, None]
+        # mask [B, 1, T - 1, P + T - 1]: a completion token sees its prompt's tokens, then its own completion causally
+        h = torch.cat((h_last[:, None], self.hidden(x, mask, positions, kv.for_rows(rows))), 1)  # [B, T, C]
+        return logprobs_from_hidden(h, self.lm_head.weight, completions)
 
     def hidden(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None):
         """idx [B, T] -> final hidden states [B, T, C] (after the last norm; reward and value heads read these).
@@ -357,8 +403,9 @@ class Transformer(nn.Module):
         (True = may attend) or additive (0 / -inf; S = cache length when decoding). positions: rope positions
         [B, T] (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
         that these tokens are written to; with a cache the mask must be the [B, 1, T, S] one, and attention
-        reads the first S slots (one query per row: decode_attention)."""
-        if cache is not None and (attention_mask is None or attention_mask.dim() != 4):
+        reads the first S slots (one query per row: decode_attention). Or cache = a PromptKV (training on
+        completions of shared prompts: completion_logprobs)."""
+        if isinstance(cache, KVCache) and (attention_mask is None or attention_mask.dim() != 4):
             raise ValueError("hidden(): decoding with a KVCache needs an attention_mask [B, 1, T, S]")
         if attention_mask is not None and attention_mask.dim() == 2:
             derived_positions, attention_mask = padding_inputs(attention_mask)

@@ -180,10 +180,13 @@ def main():
              "rewards": torch.rand(len(outs), generator=g).tolist()}
     reset_peak(device)
     t, _ = timed(lambda: grpo.policy_loss_step(run, run_args, model, None, optimizer, batch, 1e-6), device)
-    tokens = sum(len(pr) + len(o) for pr, o in zip(prompts, outs))
-    mfu = 6 * model.num_params() * tokens / t / PEAK_BF16_FLOPS
-    rows.append((f"GRPO training step ({tokens} tokens)", f"{tokens / t:.0f} tokens/s, {t:.2f} s"))
-    rows.append(("training MFU (6 N tokens / s / 989 TFLOP/s)", f"{100 * mfu:.1f}%" if device.type == "cuda" else "-"))
+    tokens = sum(len(pr) + len(o) for pr, o in zip(prompts, outs))  # as if each sample were trained on alone
+    forwarded = sum(len(pr) for pr in {tuple(p) for p in prompts}) + sum(map(len, outs))  # each prompt once
+    mfu = 6 * model.num_params() * forwarded / t / PEAK_BF16_FLOPS
+    rows.append((f"GRPO training step ({tokens} sample tokens, {forwarded} forwarded)",
+                 f"{tokens / t:.0f} sample tokens/s, {t:.2f} s"))
+    rows.append(("training MFU (6 N forwarded tokens / s / 989 TFLOP/s)",
+                 f"{100 * mfu:.1f}%" if device.type == "cuda" else "-"))
     rows.append(("training peak memory", peak_gib(device)))
 
     name = "tiny" if tiny else "Qwen2.5-1.5B shape"

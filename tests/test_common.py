@@ -93,6 +93,31 @@ def test_micro_batches_respect_the_token_budget_and_shift_targets():
             assert w[r, :n].tolist() == examples[i][1][1:] and w[r, n:].sum() == 0
 
 
+@pytest.mark.parametrize("budget", [10**6, 60, 1])
+def test_shared_prompt_micro_batches_forward_each_prompt_once_within_the_budget(budget):
+    """RL batches (groups of samples of one prompt): every sample lands in exactly one micro-batch with its own
+    prompt, each micro-batch holds each of its prompts once, and its padded tokens U x P + B x T stay within the
+    budget (a single row may exceed it); with room for all, one micro-batch forwards each distinct prompt once."""
+    import random
+    rng = random.Random(0)
+    distinct = [[rng.randrange(3, 99) for _ in range(n)] for n in (4, 7, 7, 2)]
+    prompts = [p for p in distinct for _ in range(3)]
+    completions = [[rng.randrange(3, 99) for _ in range(rng.randrange(1, 9))] for _ in prompts]
+    weights = [[rng.randrange(2) for _ in c] for c in completions]
+    batches = common.shared_prompt_micro_batches(prompts, completions, weights, budget)
+    assert sorted(r for rows, *_ in batches for r in rows) == list(range(len(prompts)))
+    for rows, prompt_ids, lens, of_row, c, w in batches:
+        assert len({tuple(prompt_ids[u, :lens[u]].tolist()) for u in range(len(lens))}) == len(lens)
+        assert prompt_ids.numel() + c.numel() <= budget or len(rows) == 1
+        assert c.shape[1] >= 2
+        for r, i in enumerate(rows):
+            n, u = len(completions[i]), of_row[r]
+            assert prompt_ids[u, :lens[u]].tolist() == prompts[i] and prompt_ids[u, lens[u]:].sum() == 0
+            assert c[r, :n].tolist() == completions[i] and w[r, :n].tolist() == weights[i] and w[r, n:].sum() == 0
+    if budget == 10**6:
+        assert len(batches) == 1 and batches[0][2].tolist() == [2, 4, 7, 7]  # 4 distinct prompts, by length
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     args = training_args(["--lr", "1.0", "--warmup_steps", "4", "--max_steps", "104", "--min_lr_ratio", "0.1"])
     assert [common.lr_at(args, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -91,12 +91,34 @@ def test_model_log_prob_path_saves_no_logits():
     """Through the whole model: doubling the vocabulary adds about the weights (embedding + lm_head), not logits."""
     B, T = 2, 48
     x = torch.randint(0, 100, (B, T))
-    got = {}
+    got, shared = {}, {}
     for V in (8192, 16384):
         m = tiny(vocab_size=V, tie_word_embeddings=False).train()
         got[V], _ = saved_bytes(lambda: m(x, targets=x[:, 1:], logits_from=1))
-    assert got[16384] - got[8192] <= 2 * 8192 * 64 * 4 + 8192 * 8  # two weights' growth (+ the embedding lookup)
-    assert got[16384] - got[8192] < B * (T - 1) * 8192 * 4
+        shared[V], _ = saved_bytes(lambda: m(x[:, 8:], prompts=(x[:1, :8], torch.tensor([8]), torch.tensor([0, 0]))))
+    for saved in (got, shared):  # the plain targets path and the shared-prompt path
+        assert saved[16384] - saved[8192] <= 2 * 8192 * 64 * 4 + 8192 * 8  # two weights' growth (+ embedding lookup)
+        assert saved[16384] - saved[8192] < B * (T - 1) * 8192 * 4
+
+
+def test_grpo_training_step_forwards_each_prompt_once(tmp_path):
+    """grpo.policy_loss_step on 3 prompts x 4 samples: the model embeds each prompt's 6 tokens once and each
+    completion's 5 tokens but the last (which predicts nothing): 3 x 6 + 12 x 4 = 66 tokens, not 12 x 10."""
+    import grpo
+    from common import Run
+    m = tiny().train()
+    args = grpo.parse_args(["--group_size", "4", "--batch_size", "12", "--max_new_tokens", "5", "--device", "cpu",
+                            "--out", str(tmp_path), "--overwrite"])
+    torch.manual_seed(0)
+    distinct = [torch.randint(3, 300, (6,)).tolist() for _ in range(3)]
+    batch = {"prompts": [p for p in distinct for _ in range(4)], "completions": torch.randint(3, 300, (12, 5)).tolist(),
+             "truncated": [False] * 12, "rewards": [float(i % 3 == 0) for i in range(12)]}
+    embedded = []
+    handle = m.embed_tokens.register_forward_hook(lambda mod, a, out: embedded.append(a[0].numel()))
+    stats = grpo.policy_loss_step(Run(args, "test"), args, m, None, torch.optim.AdamW(m.parameters()), batch, 1e-3)
+    handle.remove()
+    assert sum(embedded) == 3 * 6 + 12 * 4 == 66
+    assert stats["grad_norm"] > 0
 
 
 # ------------------------------------------------------------------ generate: prefill, sharing, decode, compaction

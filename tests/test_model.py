@@ -271,6 +271,47 @@ def test_logits_from_skips_only_the_leading_positions(pair):
         assert torch.equal(ours(x, logits_from=5), ours(x)[:, 5:])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_logprobs_and_gradients_match_transformers(pair, checkpointing):
+    """The prompts= mode (each prompt forwarded once for all of its completions): log-probs, entropies and every
+    parameter's gradient equal transformers' on each prompt + completion alone. Prompts of three lengths, completions
+    of 1 to 4 tokens (a 1-token one beside longer ones), one prompt with a single sample, right padding in both."""
+    ref, ours, _ = pair
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    samples = [([20, 21, 22], 0), ([23], 0), ([24, 25, 26, 27], 1), ([28, 29], 2), ([30, 31, 32], 2)]
+    prompt_ids = torch.zeros(3, 5, dtype=torch.long)
+    completions = torch.zeros(len(samples), 4, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, :len(p)] = torch.tensor(p)
+    for i, (c, _) in enumerate(samples):
+        completions[i, :len(c)] = torch.tensor(c)
+    lens, rows = torch.tensor([5, 2, 3]), torch.tensor([g for _, g in samples])
+    torch.manual_seed(1)
+    wl, we = torch.randn(len(samples), 4), torch.randn(len(samples), 4)  # a loss that weighs every token
+    ours.zero_grad()
+    ref.zero_grad()
+    ours.grad_checkpointing, ours.training = checkpointing, True
+    try:
+        logp, entropy = ours(completions, prompts=(prompt_ids, lens, rows))
+    finally:
+        ours.grad_checkpointing, ours.training = False, False
+    loss, ref_loss = 0.0, 0.0
+    for i, (c, g) in enumerate(samples):
+        z = ref(torch.tensor([prompts[g] + c])).logits[0, len(prompts[g]) - 1:-1].log_softmax(-1)  # [len(c), V]
+        want_logp, want_entropy = z[torch.arange(len(c)), c], -(z.exp() * z).sum(-1)
+        assert (logp[i, :len(c)] - want_logp).abs().max() < 1e-4
+        assert (entropy[i, :len(c)] - want_entropy).abs().max() < 1e-4
+        n = len(c)
+        loss = loss + (logp[i, :n] * wl[i, :n] + entropy[i, :n] * we[i, :n]).sum()
+        ref_loss = ref_loss + (want_logp * wl[i, :n] + want_entropy * we[i, :n]).sum()
+    loss.backward()
+    ref_loss.backward()
+    want = {n.removeprefix("model."): p.grad for n, p in ref.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert (p.grad - want[name]).abs().max() <= 1e-4 * want[name].abs().max() + 1e-7, name
+    ours.zero_grad()
+
+
 @pytest.mark.parametrize("shape", [(1, 512), (16, 512), (3, 7, 512)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_row_block_path_equals_f_linear(shape, bias, monkeypatch):
