@@ -1,7 +1,9 @@
 r"""GRPO, Dr. GRPO and DAPO: reinforcement learning with verifiable rewards (DeepSeek-R1-Zero style).
 
 Each step samples G completions for each of a batch of prompts, scores them with verify.py (or a reward model),
-turns each group's rewards into advantages, and takes clipped policy-gradient steps.
+turns each group's rewards into advantages, and takes clipped policy-gradient steps. As the rollout prefills each
+prompt once for its G samples, the training step forwards it once (model(completions, prompts=...)), with the
+gradients of scoring each sample alone.
 
 CPU, no arguments: the committed tiny checkpoint on the built-in arithmetic task (a few minutes), printing
 held-out greedy accuracy before and after:

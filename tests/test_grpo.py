@@ -304,23 +304,30 @@ def test_compiled_decode_step_trains_exactly_as_eager(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_process_run(tmp_path, sharding):
+def test_two_process_runs_under_ddp_and_fsdp_log_the_same_metrics(tmp_path):
     """2 gloo processes, mu = 2 (pi_old from a no-grad pass) and micro-batches small enough that the ranks cut
-    their rollouts into different numbers of them (under FSDP this needs Run.lockstep, or the run hangs)."""
+    their rollouts into different numbers of them (under FSDP this needs Run.lockstep's idle passes, or the run
+    hangs). FSDP calls each block twice per micro-batch (prompts, then completions): its gradients must be DDP's."""
     import json
     import os
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *TINY_RUN,
-           "--max_steps", "2", "--device", "cpu", "--save_every", "1", "--micro_batch_tokens", "150", "--mu", "2",
-           "--out", str(tmp_path)]
-    subprocess.run(cmd + (["--fsdp"] if sharding == "fsdp" else []), check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 2
-    from model import Transformer
-    Transformer.from_pretrained(tmp_path / "final")
+           "--max_steps", "2", "--device", "cpu", "--save_every", "1", "--micro_batch_tokens", "150", "--mu", "2"]
+    for sharding in ("ddp", "fsdp"):
+        subprocess.run(cmd + ["--out", str(tmp_path / sharding)] + (["--fsdp"] if sharding == "fsdp" else []),
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+        summary = json.loads((tmp_path / sharding / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 2
+        from model import Transformer
+        Transformer.from_pretrained(tmp_path / sharding / "final")
+    ddp, fsdp = grpo_metrics(tmp_path / "ddp"), grpo_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in ddp] == [r["step"] for r in fsdp]
+    for a, b in zip(ddp, fsdp):
+        for k in ("grad_norm", "reward", "entropy", "clip_frac"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert sum("grad_norm" in r for r in ddp) == 2
 
 
 def test_prompts_per_step_must_split_over_ranks(monkeypatch, capsys):
