@@ -3,7 +3,8 @@
     python -m tests.gpu_check                        # CUDA: the real sizes
     python -m tests.gpu_check --device cpu --tiny    # a tiny model, seconds (tests/test_engine.py runs this)
 
-Rows: bf16 vs float32 logits, compiled vs eager greedy tokens (CUDA, or --compile), decode tokens/s at batch 1/64/512
+Rows: bf16 vs float32 logits, compiled vs eager greedy tokens (CUDA, or --compile), whether rollouts and training run
+with SDPA's math kernel disabled, decode tokens/s at batch 1/64/512
 next to transformers' generate, a GRPO-shaped rollout (64 prompts x 8 samples, 200-token prompts, long-tailed lengths
 of median 300 and max 1024) with its lower bound (weight + KV bytes per step / measured read bandwidth) and peak
 memory, eager and with the compiled decode step (CUDA graphs, as RL rollouts run on CUDA by default), and one GRPO
@@ -17,7 +18,7 @@ import time
 import torch
 
 import grpo
-from common import Run
+from common import Run, shared_prompt_micro_batches
 from model import ModelConfig, Transformer
 from sample import cast_weights, generate
 
@@ -108,6 +109,22 @@ def main():
                      str(generate(roll, prompts, 32, temperature=0, compile=True) == eager)))
     else:
         rows.append(("compiled == eager greedy tokens", "skipped on CPU (--compile)"))
+
+    # 2b. only the fused attention kernels allowed (SDPA's math kernel would copy K/V to float32 and repeat them
+    # per query head): a mixed-length rollout (masked prefill, decode) and a shared-prompt training pass
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    try:
+        with sdpa_kernel(fused), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            outs = generate(roll, [p for p in prompts for _ in range(2)], 8, temperature=1.0, seed=0)
+            [(_, p_ids, p_lens, of_row, c, _)] = shared_prompt_micro_batches(
+                [p for p in prompts for _ in range(2)], outs, [[1] * len(o) for o in outs], 10**6)
+            model(c.to(device), prompts=(p_ids.to(device), p_lens.to(device), of_row.to(device)))[0].sum().backward()
+        verdict = "yes"
+    except RuntimeError as e:
+        verdict = "no: " + str(e).splitlines()[0][:150]
+    model.zero_grad(set_to_none=True)
+    rows.append(("rollout prefill + decode and shared-prompt training, math kernel disabled", verdict))
 
     # 3. decode tokens/s next to transformers
     ref = None
