@@ -219,8 +219,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, H, T, D]
         if cache is not None:
-            # [B, H_kv, S, D]: the first S slots of the cache, S = the mask's last dim (all of them when compiled)
-            k, v = cache.update(self.layer_idx, cache_pos, k, v, None if mask is None else mask.shape[-1])
+            # [B, H_kv, S, D]: the first S slots of the cache, S = the mask's last dim (all of them when compiled);
+            # no mask: a prefill into an empty cache, these T tokens in slots 0..T-1, plain causal attention
+            k, v = cache.update(self.layer_idx, cache_pos, k, v, T if mask is None else mask.shape[-1])
         if cache is not None and T == 1 and mask is not None:
             y = decode_attention(q, k, v, mask)
         else:
@@ -373,7 +374,9 @@ class Transformer(nn.Module):
         and torch.compile wrappers see the call."""
         if prompts is not None:
             return self.completion_logprobs(idx, *prompts)
-        h = self.hidden(idx, attention_mask, positions, cache, cache_pos)[:, logits_from:]
+        h = self.hidden(idx, attention_mask, positions, cache, cache_pos)
+        # logits_from: a position, or one per row [B] (a right-padded prefill's last tokens: h [B, 1, C])
+        h = h[:, logits_from:] if isinstance(logits_from, int) else h[torch.arange(len(h)), logits_from][:, None]
         if targets is not None:
             return logprobs_from_hidden(h, self.lm_head.weight, targets)
         return self.lm_head(h)
@@ -403,9 +406,10 @@ class Transformer(nn.Module):
         (True = may attend) or additive (0 / -inf; S = cache length when decoding). positions: rope positions
         [B, T] (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
         that these tokens are written to; with a cache the mask must be the [B, 1, T, S] one, and attention
-        reads the first S slots (one query per row: decode_attention). Or cache = a PromptKV (training on
-        completions of shared prompts: completion_logprobs)."""
-        if isinstance(cache, KVCache) and (attention_mask is None or attention_mask.dim() != 4):
+        reads the first S slots (one query per row: decode_attention), or None for a prefill into an empty cache
+        (slots 0..T-1, plain causal). Or cache = a PromptKV (training on completions of shared prompts:
+        completion_logprobs)."""
+        if isinstance(cache, KVCache) and attention_mask is not None and attention_mask.dim() != 4:
             raise ValueError("hidden(): decoding with a KVCache needs an attention_mask [B, 1, T, S]")
         if attention_mask is not None and attention_mask.dim() == 2:
             derived_positions, attention_mask = padding_inputs(attention_mask)

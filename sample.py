@@ -1,5 +1,5 @@
 """Batched sampling with a static KV cache, the one rollout function every script uses, and a command line to chat
-with or evaluate a checkpoint. Top to bottom: sample_next, generate (left-padded prompts, a static cache), render and
+with or evaluate a checkpoint. Top to bottom: sample_next, generate (right-padded prompts, a static cache), render and
 prompt_ids (the chat template), stop_token_ids and rollout (generate -> cut at the first stop token -> decode ->
 truncated flags), sample_groups and rollout_metrics (an RL step's scored groups, grpo.py and ppo.py), the problems of
 a run and held-out greedy accuracy, evaluate (pass@k, maj@k), the command line.
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import verify
 from common import Run, add_compile_decode_arg, add_prompt_args, load_tokenizer, save_checkpoint, unwrap, user_input
-from model import KVCache, Transformer, padding_inputs
+from model import KVCache, Transformer
 
 
 # How a math problem from a data file becomes the user turn (R1 style: think first, then a boxed answer).
@@ -108,7 +108,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
              seed=None, compile=False, on_token=None, check_every=None):
     """Sample continuations for a batch of prompts (lists of token ids, any lengths) -> list of generated
     token-id lists. Each sequence stops at its own stop token, which is kept as its last id; a list without
-    one hit max_new_tokens. Prompts are left-padded so every row decodes at the same cache slot.
+    one hit max_new_tokens. Prompts are right-padded, so the prefill is plain causal attention (SDPA's fused kernels,
+    no mask), and every row decodes at the same cache slot after the longest prompt, its padding slots masked.
     on_token(list_of_B_ids) is called after every step (for streaming).
 
     Work done once: a prompt that repeats (an RL group's samples) is prefilled once and its keys/values copied to
@@ -134,8 +135,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     ids = torch.zeros(U, P, dtype=torch.long, device=device)
     valid = torch.zeros(U, S, dtype=torch.bool, device=device)  # which cache slots hold real tokens
     for i, p in enumerate(distinct):
-        ids[i, P - len(p):] = torch.tensor(p, device=device)
-        valid[i, P - len(p):P] = True
+        ids[i, :len(p)] = torch.tensor(p, device=device)
+        valid[i, :len(p)] = True
+    lengths = valid.sum(1)  # [U]
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.embed_tokens.weight.dtype
     W = batch_bucket(B, device.type, compile) if compile else B  # compiled: a bucket's width from the first step
@@ -145,14 +147,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     check_every = check_every or (1 if device.type == "cpu" else 8)
 
     cache.select_rows(U)
-    positions, mask = padding_inputs(valid[:, :P])  # [U, 1, P, P]: the prompt reads only its own slots
-    logits = model(ids, mask, positions, cache, torch.arange(P, device=device), logits_from=P - 1)[:, -1]  # [U, V]
+    # the prefill writes slots 0..P-1 with plain causal attention; logits at each prompt's last token only
+    slots = torch.arange(P, device=device)
+    logits = model(ids, None, slots.expand(U, P), cache, slots, logits_from=lengths - 1)[:, -1]  # [U, V]
     if U < W:  # every row of a shared prompt starts from a copy of its keys and values (padding rows: of row 0)
         share = torch.tensor(share + [0] * (W - B), device=device)
         cache.select_rows(share, P)
-        logits, positions, valid = logits[share], positions[share], valid[share]
+        logits, lengths, valid = logits[share], lengths[share], valid[share]
     bias = torch.zeros(W, S, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))  # additive mask
-    next_pos = positions[:, -1:] + 1  # [B, 1]: rope positions, advanced on the device
+    next_pos = lengths[:, None].clone()  # [B, 1]: rope positions (each row continues its prompt), advanced on device
     cache_pos = torch.tensor([P], device=device)  # the slot this step writes
     step = compiled_decode_step if compile else decode_step
     rows = torch.arange(W, device=device).clamp(max=B)  # the prompt row of each batch row; B: a padding row

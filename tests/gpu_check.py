@@ -111,7 +111,7 @@ def main():
         rows.append(("compiled == eager greedy tokens", "skipped on CPU (--compile)"))
 
     # 2b. only the fused attention kernels allowed (SDPA's math kernel would copy K/V to float32 and repeat them
-    # per query head): a mixed-length rollout (masked prefill, decode) and a shared-prompt training pass
+    # per query head): a mixed-length rollout (prefill, decode) and a shared-prompt training pass
     from torch.nn.attention import SDPBackend, sdpa_kernel
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     try:

@@ -175,6 +175,24 @@ def test_prefill_runs_the_lm_head_at_the_last_prompt_position_only():
     assert shapes[0] == (2, 1, 64)
 
 
+def test_prefill_of_mixed_length_prompts_is_plain_causal_attention(monkeypatch):
+    """Right-padded prompts: the prefill calls SDPA without a mask (is_causal, which the fused GPU kernels take),
+    over the prompt's slots only, and decodes as before (greedy parity with transformers: tests/test_model.py)."""
+    m = tiny()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal, q.shape[2], k.shape[2]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    got = generate(m, prompts, 6, temperature=0)
+    assert calls == [(True, True, 7, 7)] * m.config.num_hidden_layers  # decode steps: decode_attention, no SDPA
+    monkeypatch.undo()
+    assert got == [generate(m, [p], 6, temperature=0)[0] for p in prompts]  # each prompt alone, no padding
+
+
 def test_decode_step_reads_keys_and_values_once_without_repeat_or_sdpa_math():
     """Ops of one decode step (TorchDispatchMode): no repeat_interleave or copy of K/V (nothing the size of a
     layer's keys is produced but the in-place cache write), and no SDPA (whose CPU/math path repeats K/V for GQA)."""
