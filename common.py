@@ -379,9 +379,9 @@ def length_buckets(lengths, max_tokens, rows_per_item=1):
     return out
 
 
-def pad_right(seqs, pad, dtype=torch.long):
-    """Lists of numbers -> [B, T] tensor, each row padded on the right with `pad` to the longest."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=dtype)
+def pad_right(seqs, pad, dtype=torch.long, min_width=0):
+    """Lists of numbers -> [B, T] tensor, each row padded on the right with `pad` to the longest (or min_width)."""
+    out = torch.full((len(seqs), max(min_width, *(len(s) for s in seqs))), pad, dtype=dtype)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.tensor(s, dtype=dtype)
     return out
@@ -416,15 +416,11 @@ def shared_prompt_micro_batches(prompts, completions, weights, max_tokens):
         cuts[-1].append(i)
     out = []
     for rows in cuts:
-        distinct = list(dict.fromkeys(tuple(prompts[i]) for i in rows))
-        of_row = torch.tensor([distinct.index(tuple(prompts[i])) for i in rows])
-        width = max(2, max(len(completions[i]) for i in rows))
-        c = torch.zeros(len(rows), width, dtype=torch.long)
-        w = torch.zeros(len(rows), width)
-        for r, i in enumerate(rows):
-            c[r, :len(completions[i])] = torch.tensor(completions[i], dtype=torch.long)
-            w[r, :len(completions[i])] = torch.tensor(weights[i], dtype=torch.float)
-        out.append((rows, pad_right(distinct, 0), torch.tensor([len(p) for p in distinct]), of_row, c, w))
+        index = {}  # distinct prompt -> its row in prompt_ids
+        of_row = torch.tensor([index.setdefault(tuple(prompts[i]), len(index)) for i in rows])
+        out.append((rows, pad_right(list(index), 0), torch.tensor([len(p) for p in index]), of_row,
+                    pad_right([completions[i] for i in rows], 0, min_width=2),
+                    pad_right([weights[i] for i in rows], 0, torch.float, min_width=2)))
     return out
 
 

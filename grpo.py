@@ -184,19 +184,17 @@ def policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr):
     n_seqs = run.all_sum(len(weights))
     n_tokens = run.all_sum(sum(map(sum, weights)))
     # (rows, completions [B, T], loss mask [B, T], prompts: (ids [U, P], lengths [U], which prompt each row follows))
-    chunks = [(rows, c, w, tuple(t.to(run.device) for t in (p_ids, p_lens, of_row)))
+    chunks = [(rows, c.to(run.device), w.to(run.device), tuple(t.to(run.device) for t in (p_ids, p_lens, of_row)))
               for rows, p_ids, p_lens, of_row, c, w in shared_prompt_micro_batches(
                   batch["prompts"], batch["completions"], weights, args.micro_batch_tokens)]
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
     old, ref = [], []
     with torch.no_grad(), run.autocast(), run.full_params(train_model):  # FSDP: gathered once, not per chunk
         for rows, c, w, prompts in chunks:
-            c = c.to(run.device)
             old.append(train_model(c, prompts=prompts)[0] if args.mu > 1 else None)
             ref.append(ref_model(c, prompts=prompts)[0] if ref_model is not None else None)
     for it in range(args.mu):
         for i, ((rows, c, w, prompts), sync) in enumerate(run.lockstep(chunks, train_model, idle=idle_pass)):
-            c, w = c.to(run.device), w.to(run.device)
             with run.no_sync(train_model, sync), run.autocast():
                 logp, entropy = train_model(c, prompts=prompts)  # [B, T]: no [B, T, V] kept
                 old_logp = old[i] if old[i] is not None else logp.detach()

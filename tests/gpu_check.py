@@ -114,11 +114,12 @@ def main():
     # per query head): a mixed-length rollout (prefill, decode) and a shared-prompt training pass
     from torch.nn.attention import SDPBackend, sdpa_kernel
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    pairs = [p for p in prompts for _ in range(2)]  # 2 samples of each prompt
     try:
         with sdpa_kernel(fused), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            outs = generate(roll, [p for p in prompts for _ in range(2)], 8, temperature=1.0, seed=0)
-            [(_, p_ids, p_lens, of_row, c, _)] = shared_prompt_micro_batches(
-                [p for p in prompts for _ in range(2)], outs, [[1] * len(o) for o in outs], 10**6)
+            outs = generate(roll, pairs, 8, temperature=1.0, seed=0)
+            [(_, p_ids, p_lens, of_row, c, _)] = shared_prompt_micro_batches(pairs, outs, [[1] * len(o) for o in outs],
+                                                                             10**6)
             model(c.to(device), prompts=(p_ids.to(device), p_lens.to(device), of_row.to(device)))[0].sum().backward()
         verdict = "yes"
     except RuntimeError as e:
