@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -37,6 +38,9 @@ from tqdm import tqdm
 
 from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir
 from verify import task_problems
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "final", "curve.png")  # with ckpt-*: what a run writes to --out
 
 
 def world_size():
@@ -57,6 +61,7 @@ class Run:
         self.out = Path(args.out)
         self.stop_requested = False
         self.bad_steps = 0
+        self.replacing = False  # an earlier run in --out to move aside at the first write (--overwrite)
         self.start_time = time.time()
 
     @classmethod
@@ -77,22 +82,62 @@ class Run:
             raise SystemExit(f"--batch_size {args.batch_size} is not divisible by the world size {run.world}")
         random.seed(args.seed + run.rank)
         torch.manual_seed(args.seed + run.rank)
-        if run.is_main:
-            run.out.mkdir(parents=True, exist_ok=True)
-            for junk in run.out.glob(".ckpt-*.tmp-*"):  # a save that was killed half-way
-                shutil.rmtree(junk, ignore_errors=True)
-            earlier = sorted(run.out.glob("ckpt-*")) + [run.out / f for f in ("metrics.jsonl", "summary.json", "final")
-                                                         if (run.out / f).exists()]
-            if earlier and not args.resume:  # never mix two runs in one folder, never delete one unasked
-                if not args.overwrite:
-                    raise SystemExit(f"{run.out} already holds a run ({', '.join(p.name for p in earlier)}): pass "
-                                     "--resume auto to continue it, --overwrite to replace it, or another --out")
-                for p in earlier:
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        error = run.broadcast_str(run.prepare_out() if run.is_main else "")  # every rank stops, not only rank 0
+        if error:
+            raise SystemExit(f"error: {error}")
         run.barrier()
         for sig in (signal.SIGINT, signal.SIGTERM):  # pre-emption: finish the step, checkpoint, exit non-zero
             signal.signal(sig, run._on_signal)
         return run
+
+    def prepare_out(self):
+        """Rank 0, before anything is loaded: "" if --out is ready, else why not. --out must take checkpoints (a
+        tiny safetensors file written and read back: a read-only or full disk stops the run now, not after hours),
+        and an earlier run there is refused unless --resume or --overwrite. --overwrite never deletes it up front:
+        it moves to OUT/.replaced at this run's first write (its model, data and flags checked by then) and is
+        deleted after this run's first checkpoint, so a run that fails before that loses nothing."""
+        probe = self.out / f".write-probe-{os.getpid()}.safetensors"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_file({"probe": torch.arange(4.0)}, probe)
+            if not torch.equal(load_file(probe)["probe"], torch.arange(4.0)):
+                raise OSError("a test file read back differently")
+            probe.unlink()
+        except (OSError, SafetensorError, ImportError) as e:  # ImportError: safetensors' save needs numpy
+            if probe.parent.is_dir():
+                probe.unlink(missing_ok=True)
+            return f"cannot write checkpoints to {self.out}: {e}"
+        for junk in self.out.glob(".ckpt-*.tmp-*"):  # a save that was killed half-way
+            shutil.rmtree(junk, ignore_errors=True)
+        earlier, aside = self.earlier_run(), self.out / ".replaced"
+        if aside.exists() and not self.args.overwrite:
+            return (f"{aside} holds an earlier run that an --overwrite moved aside and then stopped before its first "
+                    f"checkpoint: move it back (mv {aside}/* {self.out}/), delete it, or pass --overwrite again")
+        if earlier and self.args.resume is None and not self.args.overwrite:  # never mix two runs in one folder
+            return (f"{self.out} already holds a run ({', '.join(p.name for p in earlier)}): pass --resume auto to "
+                    "continue it, --overwrite to replace it, or another --out")
+        self.replacing = self.args.resume is None and bool(earlier or aside.exists())
+        return ""
+
+    def earlier_run(self):
+        """What a run leaves in --out: its checkpoints, metrics, summary, final folder and curve."""
+        return sorted(self.out.glob("ckpt-*")) + [self.out / f for f in RUN_FILES if (self.out / f).exists()]
+
+    def claim_out(self):
+        """Called before every write to --out; the first one moves an --overwrite-n run aside (see prepare_out).
+        If a replaced run already waits in OUT/.replaced, what lies in OUT is the leftovers of a replacement that
+        never saved a checkpoint: they are deleted instead."""
+        if not (self.is_main and self.replacing):
+            return
+        self.replacing = False
+        aside = self.out / ".replaced"
+        keep = not aside.exists()
+        aside.mkdir(exist_ok=True)
+        for p in self.earlier_run():
+            if keep:
+                os.replace(p, aside / p.name)
+            else:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _on_signal(self, signum, frame):
         if self.stop_requested:  # a second signal: stop now
@@ -139,17 +184,23 @@ class Run:
     def log(self, step, metrics, pbar=None, show=()):
         """Append a step's metrics to metrics.jsonl; with a progress bar, advance it and show the `show` metrics."""
         if self.is_main:
+            self.claim_out()
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics})
 
-    def write_summary(self, summary):
+    def write_summary(self, summary, curve=()):
+        """summary.json (the run's results with its wall time, world size and exact arguments), then curve.png of
+        the `curve` metrics over the steps."""
         if self.is_main:
+            self.claim_out()
             summary = {**summary, "wall_time_s": round(time.time() - self.start_time, 1), "world_size": self.world,
                        "args": vars(self.args)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if curve:
+                plot_curve(self.out, curve)
 
     def wrap(self, model):
         """The model as it trains across ranks; call before make_optimizer. --fsdp: FSDP2, every transformer block
@@ -448,6 +499,47 @@ def step_problems(run, n, data, step, round_=0):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The metrics log and its picture
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl. A line that does not parse is a crash mid-append (a torn last line): it is
+    dropped, not fatal, so the run can still resume."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_curve(out, keys):
+    """out/curve.png: one panel per metric of out/metrics.jsonl among keys (those that were logged), over the steps.
+    matplotlib is not a requirement: without it, one line says how to get the picture."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{out / 'curve.png'} not drawn: matplotlib is not installed (pip install matplotlib)")
+        return
+    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: points for k, points in series.items() if points}
+    if not series:
+        return
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 1 + 1.8 * len(series)), sharex=True, squeeze=False)
+    for ax, (k, points) in zip(axes[:, 0], series.items()):
+        ax.plot(*zip(*points), "o-" if len(points) <= 20 else "-", markersize=3)
+        ax.set_ylabel(k)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.savefig(out / "curve.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints: out/ckpt-000100/ is a Hugging Face folder (loads in transformers) plus training_state.json and
 # optimizer.safetensors (no pickle anywhere). Written to a temporary folder and renamed, so a kill at any moment
 # leaves the previous checkpoint intact; `--resume auto` picks the newest complete one.
@@ -455,10 +547,32 @@ def step_problems(run, n, data, step, round_=0):
 
 def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=None):
     """models / optimizers: {"": policy, "critic": ...}; "" is saved at the top of the folder. Under FSDP the
-    weights are gathered for rank 0 and every rank writes its own optimizer shard."""
+    weights are gathered for rank 0 and every rank writes its own optimizer shard. A save that fails (a full disk)
+    removes its temporary folder and stops the run naming the checkpoint; the previous one stays intact."""
     final = run.out / (name or f"ckpt-{step:06d}")
     tmp = run.out / f".ckpt-{step:06d}.tmp-{os.getpid() if run.is_main else 0}"
     tmp = Path(run.broadcast_str(str(tmp)))  # rank 0's pid names the folder every rank writes into
+    run.claim_out()
+    try:
+        write_checkpoint(run, tmp, models, optimizers, tokenizer, {"step": step, "world_size": run.world, **(state or {})})
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"error: could not save {final}: {e}") from None
+    if run.is_main:
+        replace_dir(tmp, final)
+        shutil.rmtree(run.out / ".replaced", ignore_errors=True)  # a run --overwrite replaced: now really gone
+        if name is None:
+            for old in sorted(run.out.glob("ckpt-*"))[: -run.args.keep_checkpoints]:
+                trash = old.with_name(f".{old.name}.tmp-deleting")  # renamed first: a kill mid-delete leaves no
+                os.replace(old, trash)  # half-deleted ckpt-* behind, only junk the next run clears
+                shutil.rmtree(trash, ignore_errors=True)
+    run.barrier()
+    return final
+
+
+def write_checkpoint(run, tmp, models, optimizers, tokenizer, state):
+    """The checkpoint's files into folder tmp: each model's Hugging Face folder, the optimizers' state (every FSDP
+    rank its own shard) and training_state.json."""
     sharded = run.args.fsdp and run.world > 1
     for sub, model in sorted(models.items()):  # "" first: the top-level save replaces the (empty) folder
         with run.full_params(model) as m:
@@ -473,18 +587,9 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
             (tmp / f"optimizer_{key}{suffix}.json").write_text(json.dumps(meta))
     run.barrier()
     if run.is_main:
-        (tmp / "training_state.json").write_text(json.dumps({"step": step, "world_size": run.world, **(state or {})},
-                                                            indent=2))
+        (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
         for f in tmp.rglob("*"):  # optimizer files too: the same modes as the model folders (safetensors makes 0600)
             f.chmod(0o755 if f.is_dir() else 0o644)
-        replace_dir(tmp, final)
-        if name is None:
-            for old in sorted(run.out.glob("ckpt-*"))[: -run.args.keep_checkpoints]:
-                trash = old.with_name(f".{old.name}.tmp-deleting")  # renamed first: a kill mid-delete leaves no
-                os.replace(old, trash)  # half-deleted ckpt-* behind, only junk the next run clears
-                shutil.rmtree(trash, ignore_errors=True)
-    run.barrier()
-    return final
 
 
 def checkpoint_or_stop(run, step, models, optimizers, tokenizer, state=None):
@@ -529,9 +634,8 @@ def resume(run, models, optimizers):
         opt.load_state_dict(unflatten_optimizer(load_file(path / f"optimizer_{key}{suffix}.safetensors"), meta, params))
     run.barrier()
     if run.is_main and (run.out / "metrics.jsonl").exists():
-        lines = (run.out / "metrics.jsonl").read_text().splitlines()
-        kept = [l for l in lines if json.loads(l).get("step", 0) <= state["step"]]
-        (run.out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+        kept = [r for r in read_metrics(run.out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+        (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     run.print(f"resumed from {path} at step {state['step']}")
     return state
 

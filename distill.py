@@ -463,7 +463,7 @@ def main(argv=None):
     run.print(f"held-out greedy accuracy: teacher {summary['teacher_acc']:.3f}, student "
               f"{summary['student_acc_before']:.3f} -> {summary['student_acc_after']:.3f} ({len(heldout)} problems); "
               f"saved {final}")
-    run.write_summary(summary)
+    run.write_summary(summary, curve=("loss", "eval_loss", "student_sample_acc"))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ divergence"), with d = log pi_ref(y_t) - log pi(y_t) on tokens sampled from pi:
 Rewards (verify.compute_rewards, shared with ppo.py) are described under "rewards" in --help.
 """
 import argparse
-import json
 import random
 import time
 
@@ -257,29 +256,7 @@ def main(argv=None):
     pbar.close()
 
     finish_rl_run(run, args, step, {"": policy}, {"policy": optimizer}, tokenizer, heldout,
-                  {"heldout_acc_before": acc_before})
-    if run.is_main:
-        plot_curve(run.out)
-
-
-def plot_curve(out):
-    """reward and accuracy per step as a PNG, when matplotlib is installed (it is not a requirement)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "reward" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["reward"] for r in train], label="reward")
-    ax.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="sample accuracy")
-    held = [r for r in rows if "heldout_acc" in r]
-    ax.plot([r["step"] for r in held], [r["heldout_acc"] for r in held], "o-", label="held-out greedy accuracy")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.savefig(out / "curve.png", dpi=100, bbox_inches="tight")
+                  {"heldout_acc_before": acc_before}, curve=("reward", "accuracy", "heldout_acc", "completion_len_mean"))
 
 
 if __name__ == "__main__":

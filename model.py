@@ -496,13 +496,17 @@ def save_folder(path, hf_config, tensors, tokenizer=None, extra_json=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    for name, obj in {"config.json": hf_config, **(extra_json or {})}.items():
-        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-    write_safetensors({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for f in [tmp, *tmp.iterdir()]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
-        f.chmod(0o755 if f.is_dir() else 0o644)
+    try:
+        for name, obj in {"config.json": hf_config, **(extra_json or {})}.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        write_safetensors({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in [tmp, *tmp.iterdir()]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
+            f.chmod(0o755 if f.is_dir() else 0o644)
+    except (OSError, SafetensorError) as e:  # a full disk: no half-written folder left behind, `path` untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write {path}: {e}") from None
     replace_dir(tmp, path)
 
 

@@ -280,7 +280,7 @@ def main(argv=None):
     pbar.close()
 
     finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout,
-                  {"heldout_acc_before": acc_before, "kl_coef": kl_coef})
+                  {"heldout_acc_before": acc_before, "kl_coef": kl_coef}, curve=("reward", "accuracy", "heldout_acc", "kl"))
 
 
 if __name__ == "__main__":

@@ -459,7 +459,7 @@ def main(argv=None):
     summary = {**after, "heldout_pair_acc_before": (before or {}).get("heldout_pair_acc"), "steps": step,
                "train_pairs": len(train), "dropped_pairs": dropped, "heldout_pairs": len(evals or []),
                "final_checkpoint": str(final)}
-    run.write_summary(summary)
+    run.write_summary(summary, curve=("loss", "pair_acc", "heldout_pair_acc"))
     if after:
         run.print(f"held-out pairwise accuracy: {summary['heldout_pair_acc_before']:.3f} -> "
                   f"{after['heldout_pair_acc']:.3f}, reward gap {after['heldout_reward_gap']:.2f}")

@@ -372,7 +372,7 @@ def heldout_before(run, args, model, tokenizer, heldout, state):
     return acc
 
 
-def finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout, state):
+def finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout, state, curve=()):
     """The end of an RL run (grpo.py, ppo.py): held-out greedy accuracy after training, the last step's checkpoint
     (with `state`, what resume needs), the final Hugging Face folder and summary.json."""
     policy = models[""]
@@ -384,7 +384,7 @@ def finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout, state
     run.print(f"held-out greedy accuracy: {before:.3f} -> {acc:.3f} ({len(heldout)} problems); saved {final}")
     run.write_summary({"heldout_acc_before": before, "heldout_acc_after": acc, "heldout_mean_length_after": mean_len,
                        "heldout_problems": len(heldout), "steps": step, "final_checkpoint": str(final),
-                       **{f"final_{k}": v for k, v in state.items() if k != "heldout_acc_before"}})
+                       **{f"final_{k}": v for k, v in state.items() if k != "heldout_acc_before"}}, curve)
 
 
 def powers_of_two(n):

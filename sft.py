@@ -237,7 +237,7 @@ def main(argv=None):
     if heldout:
         summary["heldout_acc"], summary["heldout_mean_length"] = heldout_accuracy(run, model, tokenizer, heldout)
         run.print(f"held-out greedy accuracy: {summary['heldout_acc']:.3f} on {len(heldout)} problems")
-    run.write_summary(summary)
+    run.write_summary(summary, curve=("loss", "eval_loss"))
     run.print(f"saved {final}")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from model import ModelConfig, Transformer
+from model import ModelConfig, Tokenizer, Transformer
 
 
 def training_args(argv=()):
@@ -29,8 +29,94 @@ def test_run_start_refuses_an_earlier_run_unless_asked(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit, match="already holds a run"):
         common.Run.start(training_args(["--out", str(tmp_path)]), "test")
-    common.Run.start(training_args(["--out", str(tmp_path), "--overwrite"]), "test")
-    assert not (tmp_path / "metrics.jsonl").exists()
+    run = common.Run.start(training_args(["--out", str(tmp_path), "--overwrite"]), "test")
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"  # nothing is deleted before the new run writes
+    run.log(0, {"loss": 1.0})  # its first write moves the earlier run aside
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 0, "loss": 1.0}
+    assert (tmp_path / ".replaced" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_run_has_a_checkpoint(tmp_path):
+    """--overwrite: the earlier run survives a replacement that dies before its first checkpoint (and a second
+    attempt), and is deleted only once a replacement has saved one."""
+    tok = Tokenizer.byte_level()
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    first = common.Run.start(training_args(["--out", str(tmp_path)]), "test")
+    first.log(1, {"loss": 3.0})
+    common.save_checkpoint(first, 1, {"": model}, {}, tok)
+    for attempt in range(2):  # two replacements that write metrics, then die before a checkpoint
+        run = common.Run.start(training_args(["--out", str(tmp_path), "--overwrite"]), "test")
+        run.log(0, {"loss": 9.0})
+        assert sorted(p.name for p in (tmp_path / ".replaced").iterdir()) == ["ckpt-000001", "metrics.jsonl"]
+        assert common.read_metrics(tmp_path / ".replaced" / "metrics.jsonl") == [{"step": 1, "loss": 3.0}]
+    with pytest.raises(SystemExit, match="moved aside"):  # neither resumed nor replaced by accident
+        common.Run.start(training_args(["--out", str(tmp_path)]), "test")
+    with pytest.raises(SystemExit, match="moved aside"):
+        common.Run.start(training_args(["--out", str(tmp_path), "--resume", "auto"]), "test")
+    run = common.Run.start(training_args(["--out", str(tmp_path), "--overwrite"]), "test")
+    run.log(0, {"loss": 5.0})
+    common.save_checkpoint(run, 2, {"": model}, {}, tok)
+    assert not (tmp_path / ".replaced").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000002", "metrics.jsonl"]
+
+
+def test_out_that_cannot_take_checkpoints_is_refused_at_start(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):  # an existing file; a folder under a file
+        with pytest.raises(SystemExit, match=f"^error: cannot write checkpoints to {out}: "):
+            common.Run.start(training_args(["--out", str(out)]), "test")
+    full = small_tmpfs(tmp_path / "full", "16k")
+    fill(full)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        common.Run.start(training_args(["--out", str(full / "run")]), "test")
+
+
+def test_a_failed_save_leaves_no_temporary_folder_and_the_previous_checkpoint_intact(tmp_path):
+    tok = Tokenizer.byte_level()
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2))
+    out = small_tmpfs(tmp_path / "disk", "600k")  # room for one checkpoint (~0.4 MB), not two
+    run = common.Run.start(training_args(["--out", str(out), "--keep_checkpoints", "5"]), "test")
+    common.save_checkpoint(run, 1, {"": model}, {}, tok)
+    with pytest.raises(SystemExit, match=f"^error: could not save {out / 'ckpt-000002'}: .*No space left on device"):
+        common.save_checkpoint(run, 2, {"": model}, {}, tok)
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt-000001"]  # no .ckpt-*.tmp-*, no half-written folder
+    assert torch.equal(Transformer.from_pretrained(out / "ckpt-000001").embed_tokens.weight, model.embed_tokens.weight)
+
+
+def small_tmpfs(path, size):
+    """A tmpfs of `size` mounted at path for this test (unmounted at exit); skips where mounting is not allowed."""
+    import atexit
+    path.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk case is not checked")
+    atexit.register(subprocess.run, ["umount", "-l", str(path)])
+    return path
+
+
+def fill(folder):
+    """Write until the disk is full."""
+    try:
+        with open(folder / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"x" * 4096)
+    except OSError:
+        pass
+
+
+def test_curve_has_a_panel_per_logged_metric_and_says_how_to_get_it_without_matplotlib(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "heldout_acc": 0.3}\n{"step": 1, "loss": 2.0}\n'
+                                            '{"step": 2, "loss": 1.5, "heldout_acc": 0.5}\n{"step": 3, "lo')  # torn
+    common.plot_curve(tmp_path, ("loss", "heldout_acc", "never_logged"))
+    import matplotlib.image
+    height, width, _ = matplotlib.image.imread(tmp_path / "curve.png").shape
+    assert height > width * 0.4  # two panels stacked (one would be about 7 x 2.8 inches)
+    (tmp_path / "curve.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    common.plot_curve(tmp_path, ("loss",))
+    assert not (tmp_path / "curve.png").exists()
+    assert capsys.readouterr().out == f"{tmp_path / 'curve.png'} not drawn: matplotlib is not installed (pip install matplotlib)\n"
 
 
 def test_unwrap_sees_through_compile():

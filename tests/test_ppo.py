@@ -288,6 +288,7 @@ def test_no_argument_run_raises_heldout_accuracy(tmp_path):
     assert {"reward", "kl", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "explained_variance",
             "entropy", "completion_len_mean", "gen_s", "train_s"} <= set(rows[1])
     assert (tmp_path / "final" / "model.safetensors").exists()
+    assert (tmp_path / "curve.png").exists()
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ def test_r1_recipe_chain(tmp_path):
         "--batch_size", "8", "--out", str(out / "distill_logits"), *SMALL)
     for stage in ("r1zero", "cold_start", "rl1", "rs_sft", "rl2", "distill_traces", "distill_logits"):
         assert (out / stage / "final" / "model.safetensors").exists(), stage
+        assert (out / stage / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stage  # every script draws one
 
     stages = ["checkpoints/tiny-sft"] + [str(out / s / "final") for s in ("r1zero", "rl1", "rl2", "distill_logits")]
     table = run("sample.py", "--eval", "builtin", "--limit", "4", "--n", "2", "--max_new_tokens", "32",

@@ -244,6 +244,7 @@ def test_no_argument_run_reaches_90_percent_heldout_pair_accuracy(tmp_path):
     subprocess.run([sys.executable, "reward_model.py", "--out", str(tmp_path)], check=True, capture_output=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["heldout_pair_acc"] >= 0.90, summary
+    assert (tmp_path / "curve.png").exists()
     rm = load_reward_model(tmp_path / "final")
     chosen, rejected = rm.score(["Compute 2+3."] * 2, ["<think>\n2+3=5\n</think>\n\\boxed{5}", "\\boxed{6}"]).tolist()
     assert chosen > rejected
