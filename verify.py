@@ -1872,29 +1872,30 @@ def _quote(claim, speaker=None, end=""):
     text = _render_claim(claim, speaker)
     return f"\"{text[:1].upper()}{text[1:]}{end}\""
 
-_ATOM = re.compile(r"(\w+) (?:is|am) an? (knight|knave)")
+_ATOM = re.compile(r"(\w+) (?:is|am) an? (knight|knave)", re.I)
 
 def _parse_claim(text, speaker, names):
     """The claim (grammar in knights_problem) that an English sentence as _render_claim writes it states, said by
     speaker ("I" is the speaker); case-insensitive, a final period optional. ValueError names what is wrong."""
-    s = " ".join(text.strip().rstrip(".").split()).lower()
+    s = " ".join(text.strip().rstrip(".").split())
     lookup = {x.lower(): x for x in names}
-    name = lambda w: speaker if w == "i" and speaker else lookup[w] if w in lookup else _unknown_name(w, text)
-    if m := re.fullmatch(r"if (.+?),? then (.+)", s):
+    name = lambda w: (speaker if w.lower() == "i" and speaker else lookup[w.lower()] if w.lower() in lookup
+                      else _unknown_name(w, text))
+    if m := re.fullmatch(r"if (.+?),? then (.+)", s, re.I):
         return ["if", _parse_atom(m[1], name, text), _parse_atom(m[2], name, text)]
-    if m := re.fullmatch(r"exactly one of (.+) (?:is|am) an? (knight|knave)", s):
-        return ["exactly_one", m[2], [name(w) for w in re.split(r",\s*(?:and\s+)?|\s+and\s+", m[1])]]
-    if m := re.fullmatch(r"(\w+) and (\w+) are (?:of )?(the same kind|different kinds)", s):
-        return ["same" if m[3] == "the same kind" else "different", name(m[1]), name(m[2])]
+    if m := re.fullmatch(r"exactly one of (.+) (?:is|am) an? (knight|knave)", s, re.I):
+        return ["exactly_one", m[2].lower(), [name(w) for w in re.split(r",\s*(?:and\s+)?|\s+and\s+", m[1], flags=re.I)]]
+    if m := re.fullmatch(r"(\w+) and (\w+) are (?:of )?(the same kind|different kinds)", s, re.I):
+        return ["same" if m[3].lower() == "the same kind" else "different", name(m[1]), name(m[2])]
     for op in ("and", "or"):
-        if len(parts := s.split(f" {op} ")) == 2:
+        if len(parts := re.split(f" {op} ", s, flags=re.I)) == 2:
             return [op, _parse_atom(parts[0], name, text), _parse_atom(parts[1], name, text)]
     return _parse_atom(s, name, text)
 
 def _parse_atom(s, name, text):
     if not (m := _ATOM.fullmatch(s)):
         raise ValueError(f"cannot read {text!r} as a claim of the knights-and-knaves grammar")
-    return ["is", name(m[1]), m[2]]
+    return ["is", name(m[1]), m[2].lower()]
 
 def _unknown_name(word, text):
     raise ValueError(f"unknown name {word!r} in {text!r}")
@@ -1943,7 +1944,9 @@ def _knights_refute(statements, names, facts, lines):
     short of one, split on the next unsettled inhabitant and refute both cases."""
     if not _knights_propagate(statements, facts, lines):
         return
-    x = next(x for x in names if x not in facts)  # some remain: a full assignment either fails or is the solution
+    if len(facts) == len(names):  # deductions settled everyone without a contradiction: another solution
+        raise ValueError(f"not a puzzle with one solution: {_knights_answer(names, facts)} also fits")
+    x = next(x for x in names if x not in facts)
     for value, word in ((True, "also"), (False, "instead")):
         lines.append(f"Suppose {word} {x} is a {_kind(value)}.")
         _knights_refute(statements, names, {**facts, x: value}, lines)
