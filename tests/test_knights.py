@@ -265,6 +265,10 @@ ANSWERS = [
     ("\\boxed{\\text{Alice: knight, Bob: knave, Carol: knight}}", 1.0),
     ("So the answer is:\n**Alice**: knight\n**Bob**: knave\n**Carol**: knight\n", 1.0),  # no box: the last lines
     ("Therefore Alice is a knight, Bob is a knave and Carol is a knight.", 1.0),
+    ("<think>Suppose Alice is a knave: then Bob lies.</think>\nAlice is a knight. Bob is a knave. Carol is a knight.",
+     1.0),  # only the final lines that read as an answer count ...
+    ("Alice: knave\nWait, let me check that again.\n\nAlice: knight, Bob: knave, Carol: knight\n", 1.0),
+    ("Alice: knight, Bob: knave, Carol: knight\nWait, Alice: knave", 0.0),  # ... all of them
     ("\\boxed{Alice's a knight, Bob's a knave, Carol's a knight}", 1.0),
     # wrong
     ("\\boxed{Alice: knight, Bob: knight, Carol: knight}", 0.0),
@@ -274,6 +278,7 @@ ANSWERS = [
     # partial, extra, unreadable
     ("\\boxed{Alice: knight, Bob: knave}", 0.0),  # Carol missing
     ("\\boxed{Alice: knight, Bob: knave, Carol}", 0.0),  # Carol without a kind
+    ("\\boxed{Alice: knight, Bob: knave, Carol: knight, Bob}", 0.0),  # a name left dangling
     ("\\boxed{Alice: knight, Bob: knave, Carol: knight, Dave: knave}", 0.0),  # a name not in the puzzle
     ("\\boxed{Alice: knight, Bob: knave, Carol: knight, the rest: knaves}", 0.0),
     ("\\boxed{knight, knave, knight}", 0.0),  # kinds without names
@@ -285,12 +290,15 @@ ANSWERS = [
     ("\\boxed{Alice is a knight or a knave, Bob: knave, Carol: knight}", 0.0),
     ("\\boxed{Alice: knight, Bob: knave or knight, Carol: knight}", 0.0),
     ("\\boxed{Alice: knight, Bob: maybe a knave, Carol: knight}", 0.0),
+    ("\\boxed{Alice or Carol is a knight, Bob: knave}", 0.0),
+    ("\\boxed{Alice: knight, Bob: knave or Carol: knight}", 0.0),
     ("\\boxed{Alice: knight, Bob: knave?, Carol: knight}", 0.0),
     ("\\boxed{Alice: knight, Bob: not a knight, Carol: knight}", 0.0),
     ("\\boxed{Alice: knight, Bob: knave, Carol: knight, Bob: knight}", 0.0),  # Bob named with both kinds
     ("\\boxed{knights: Alice, Bob, Carol; knaves: Bob}", 0.0),
     ("\\boxed{Alice: knight, Alice: knight, Bob: knave, Carol: knight}", 1.0),  # repeated, never contradicted
     ("\\boxed{Knights: Alice, Bob: knave, Carol}", 0.0),  # the two forms mixed in one sentence
+    ("\\boxed{Knights: Alice, Carol is a knave, Bob}", 0.0),  # (not "knights: Alice, Carol; knave: Bob")
     ("\\boxed{Alice is a knight knave, Bob: knave, Carol: knight}", 0.0),
     # huge
     ("\\boxed{" + "Alice: knight, " * 300 + "Bob: knave, Carol: knight}", 0.0),
