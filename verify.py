@@ -521,7 +521,7 @@ def knights_problem(rng, n_people=3):
     knight (always tells the truth) or a knave (always lies), each making one statement. Returns {"prompt", "answer",
     "names", "statements", "solution"}: statements are [{"speaker": name, "claim": claim}] with claims from a small
     grammar of JSON lists (an "is" atom is ["is", name, "knight"|"knave"]):
-      ["is", X, kind]                 "X is a knight"              (said by X himself: "I am a knight")
+      ["is", X, kind]                 "X is a knight"              (said by X: "I am a knight")
       ["and", atom, atom]             "X is a knight and Y is a knave"
       ["or", atom, atom]              "X is a knight or Y is a knave" (inclusive: at least one)
       ["if", atom, atom]              "If X is a knight, then Y is a knave" (false only when the first holds and
@@ -590,7 +590,7 @@ def knights_worked_solution(problem, show_steps=True):
             lines += [f"Suppose {x} is a {_kind(not knight[x])}.", *refutations[x], f"So {x} is a {_kind(knight[x])}."]
             facts[x] = knight[x]
             _knights_propagate(statements, facts, lines)
-    return f"<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{problem['answer']}}}"
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{problem['answer']}}}"
 
 BUILTIN_TASKS = ("builtin", "builtin:countdown", "builtin:knights")  # what --data names: arithmetic, Countdown, knights
 
@@ -619,8 +619,9 @@ def task_solution(problem, show_steps=True):
 # the reward of an RL completion: one builder for grpo.py and ppo.py, with the same flags in both
 
 REWARD_HELP = """Each completion's reward is a sum of components, each logged under one name with one meaning:
-  accuracy      accuracy_reward: 1 if the final answer is right, else 0 (math_reward, or countdown_reward for a
-                Countdown problem); for a code problem the fraction of its tests passed; logged as "accuracy"
+  accuracy      accuracy_reward: 1 if the final answer is right, else 0 (math_reward, countdown_reward for a
+                Countdown problem, knights_reward for a knights-and-knaves puzzle); for a code problem the fraction
+                of its tests passed; logged as "accuracy"
   format        format_reward or, with --strict_format, strict_format_reward (0 or 1)
   length        the --length_reward function's value: cosine, lcpo and lcpo_max score correctness and length
                 together, so they take the accuracy term's place; kimi is added to it
