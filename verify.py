@@ -1,8 +1,8 @@
 """
 Verifiable rewards for RL on reasoning LMs (DeepSeek-R1 recipe): answer extraction, a math
 equivalence checker, format / length / language rewards, a sandbox for code rewards, the Countdown
-task (TinyZero's), pass@k and majority voting, and the jsonl loaders every script uses. Only stdlib +
-sympy (imported lazily).
+task (TinyZero's), Knights and Knaves logic puzzles (Logic-RL's), pass@k and majority voting, and the
+jsonl loaders every script uses. Only stdlib + sympy (imported lazily).
 
 Rules that decide rewards (tests in tests/test_verify.py pin each one):
 - Numbers are compared exactly as rationals (0.5 == 1/2 == \\frac{2}{4}). If either side was written
@@ -29,12 +29,14 @@ is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 
 Public API, in file order: extract_answer, extract_gsm8k_answer (answer extraction); is_equiv
 (equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
-extract_code, code_reward, safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the
-one reward that grades any problem dict by its fields); pass_at_k, majority_vote, maj_at_k
-(evaluation); read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in task), with
-countdown_problem, countdown_problems, countdown_worked_solution (Countdown), task_problems and
-task_solution (either, by the --data name); add_reward_args, compute_rewards
-(the reward of an RL completion, for grpo.py and ppo.py). Everything after the "internals" line is private.
+extract_code, code_reward, safe_reward (rewards); countdown_reward, knights_reward, accuracy_reward
+(countdown, knights and knaves, and the one reward that grades any problem dict by its fields);
+pass_at_k, majority_vote, maj_at_k (evaluation); read_jsonl, load_problems (data files);
+arithmetic_problem, builtin_problems, worked_solution (the built-in task), with countdown_problem,
+countdown_problems, countdown_worked_solution (Countdown) and knights_problem, knights_problems,
+knights_worked_solution (Knights and Knaves), task_problems and task_solution (any of them, by the
+--data name: builtin, builtin:countdown, builtin:knights); add_reward_args, compute_rewards (the
+reward of an RL completion, for grpo.py and ppo.py). Everything after the "internals" line is private.
 """
 
 import atexit
@@ -264,7 +266,8 @@ def safe_reward(fn, *args, default=0.0, **kwargs):
         return default
 
 # -----------------------------------------------------------------------------
-# countdown, and the accuracy of any problem (math, countdown or code, chosen by its fields)
+# countdown, knights and knaves, and the accuracy of any problem (math, countdown, knights or code, chosen by
+# its fields)
 
 def countdown_reward(completion, numbers, target):
     """1.0 if the completion's final expression (the last \\boxed{}, else the last <answer></answer>)
@@ -295,19 +298,40 @@ def countdown_reward(completion, numbers, target):
     except (ValueError, ZeroDivisionError):
         return 0.0
 
+def knights_reward(completion, names, solution):
+    """1.0 if the completion's answer assigns every inhabitant its kind in solution ({name: "knight"|"knave"}),
+    else 0.0. The answer is the last \\boxed{} (else the last <answer></answer>; else the final lines of the text
+    that read as an answer). Read leniently, the way people write it:
+    - "Alice is a knight, Bob is a knave", "Alice: knight; Bob: knave", "Alice and Carol are knights", a JSON
+      object {"Alice": "knight"} or list ["Alice: knight", ...], a numbered list, "knights: Alice, Carol; knaves:
+      Bob" (or "none"), "The knights are Alice and Carol. The knave is Bob.", in any order, any case ("Knight",
+      "KNAVES"), singular or plural, LaTeX commands (\\text{...}) and punctuation ignored;
+    - sentences are split at . ; | and line ends, and each is read in one form: names then their kind, or a kind
+      then its names (decided by its first name or kind word); mixing the two in one sentence is unreadable.
+    Scores 0: an unreadable answer (any word besides names, kinds and a few fillers like "is", "the", "and", "so":
+    "or", "not", "maybe", "either", a name not in the puzzle), a "?", a name left without a kind, someone missing
+    (partial), someone named with both kinds (no benefit of the doubt), or an answer over 2000 characters."""
+    if completion is None:
+        return 0.0
+    knight = {x: solution[x] == "knight" for x in names}
+    got = _knights_parse_answer(_knights_answer_text(completion, names), names)
+    return 1.0 if got == knight else 0.0
+
 def accuracy_reward(problem, completion, timeout=5.0):
     """1.0 / 0.0 (the fraction of tests passed for code) for a completion of a problem dict, as
     load_problems, countdown_problems and the built-in tasks make them. The task kind is chosen by the
     record's fields, in this order: "tests" -> code_reward on the assert tests; "inputs" and "outputs"
-    -> code_reward on the stdin/stdout cases; "numbers" and "target" -> countdown_reward; otherwise
-    math_reward against problem["answer"]. timeout bounds each test case (code) or the equivalence
-    check (math)."""
+    -> code_reward on the stdin/stdout cases; "numbers" and "target" -> countdown_reward; "names" and
+    "solution" -> knights_reward; otherwise math_reward against problem["answer"]. timeout bounds each
+    test case (code) or the equivalence check (math)."""
     if "tests" in problem:
         return code_reward(completion, problem["tests"], timeout=timeout)
     if "inputs" in problem and "outputs" in problem:
         return code_reward(completion, {"inputs": problem["inputs"], "outputs": problem["outputs"]}, timeout=timeout)
     if "numbers" in problem and "target" in problem:
         return countdown_reward(completion, problem["numbers"], problem["target"])
+    if "names" in problem and "solution" in problem:
+        return knights_reward(completion, problem["names"], problem["solution"])
     return math_reward(completion, problem["answer"], timeout=timeout)
 
 # -----------------------------------------------------------------------------
@@ -368,9 +392,14 @@ def load_problems(path):
     - code with asserts: {"prompt", "tests": [assert statements, one test each]};
     - code with stdin/stdout: {"prompt", "inputs": [str], "outputs": [str]} (equal lengths);
     - countdown: {"prompt", "numbers": [int], "target": int} ("nums", TinyZero's name, is read as
-      numbers; without a prompt one is written from them), keeping an "answer" if there is one.
-    A record with tests / inputs / outputs is code, one with numbers / target is countdown, the rest
-    math. ValueError names path:line for a bad record."""
+      numbers; without a prompt one is written from them), keeping an "answer" if there is one;
+    - knights and knaves: {"prompt", "answer", "names", "statements", "solution"} from {"names": [str],
+      "statements": [{"speaker": name, "claim": claim}], "solution": {name: "knight"|"knave"}} (claims in
+      knights_problem's grammar, as JSON lists or English sentences; a statement may also be one string
+      'Alice says: "Bob is a knave."'; without a prompt one is written from the statements). The solution must
+      satisfy every statement and be the only assignment that does (all 2^n are tried; at most 12 names).
+    A record with tests / inputs / outputs is code, one with numbers / target is countdown, one with names /
+    statements is knights and knaves, the rest math. ValueError names path:line for a bad record."""
     problems = []
     for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
@@ -380,6 +409,9 @@ def load_problems(path):
             continue
         if any(k in rec for k in ("numbers", "nums", "target")):
             problems.append(_countdown_record(rec, prompt, where))
+            continue
+        if any(k in rec for k in ("names", "statements")):  # before math: MATH records have a "solution" too
+            problems.append(_knights_record(rec, prompt, where))
             continue
         answer = rec.get("answer")
         if isinstance(answer, str) and "####" in answer:
@@ -400,7 +432,8 @@ def load_problems(path):
 # "Compute 7+5-3+8." -> "<think>\n7+5=12\n12-3=9\n9+8=17\n</think>\n\boxed{17}". sft.py mixes step-by-step
 # solutions with terse ones that write only the final equation: a small model gets many terse answers wrong,
 # so RL has something real to find (show the work) and response length grows as it does. Then Countdown
-# (TinyZero's task), graded by countdown_reward.
+# (TinyZero's task), graded by countdown_reward, and Knights and Knaves logic puzzles (Logic-RL's task), graded by
+# knights_reward.
 
 def arithmetic_problem(rng, min_terms=2, max_terms=6, max_value=9, max_total=19):
     """A random problem: {"prompt", "answer", "steps", "expr"}. Running totals stay within [0, max_total], so each
@@ -483,7 +516,83 @@ def countdown_worked_solution(problem, show_steps=True):
     work = "\n".join(problem["steps"]) if show_steps else f"{problem['answer']}={problem['target']}"
     return f"<think>\n{work}\n</think>\n\\boxed{{{problem['answer']}}}"
 
-BUILTIN_TASKS = ("builtin", "builtin:countdown")  # what --data names: the arithmetic task, Countdown
+def knights_problem(rng, n_people=3):
+    """A random Knights and Knaves puzzle (Logic-RL's task, Xie et al. 2025): n_people inhabitants (2..6), each a
+    knight (always tells the truth) or a knave (always lies), each making one statement. Returns {"prompt", "answer",
+    "names", "statements", "solution"}: statements are [{"speaker": name, "claim": claim}] with claims from a small
+    grammar of JSON lists (an "is" atom is ["is", name, "knight"|"knave"]):
+      ["is", X, kind]                 "X is a knight"              (said by X: "I am a knight")
+      ["and", atom, atom]             "X is a knight and Y is a knave"
+      ["or", atom, atom]              "X is a knight or Y is a knave" (inclusive: at least one)
+      ["if", atom, atom]              "If X is a knight, then Y is a knave" (false only when the first holds and
+                                       the second does not)
+      ["exactly_one", kind, [X, ...]] "Exactly one of X and Y is a knight"
+      ["same", X, Y]                  "X and Y are the same kind"
+      ["different", X, Y]             "X and Y are different kinds"
+    A knight's claim is true, a knave's false. A hidden assignment is drawn first and each claim is drawn until it
+    agrees with it (so a solution exists); the puzzle is kept only if exactly one of the 2^n assignments satisfies
+    every statement (enumerated), else it is drawn again. "solution" maps each name to "knight" / "knave" and
+    "answer" writes it out in the names' order ("Alice: knight, Bob: knave")."""
+    if not 2 <= n_people <= 6:
+        raise ValueError(f"n_people must be in 2..6, got {n_people}")
+    while True:
+        names = rng.sample(_KNIGHT_NAMES, n_people)
+        hidden = {x: rng.random() < 0.5 for x in names}  # True = knight
+        statements = []
+        for speaker in names:
+            claim = _knights_random_claim(rng, names, speaker)
+            while _claim_value(claim, hidden) != hidden[speaker]:  # a knight's claim is true, a knave's false
+                claim = _knights_random_claim(rng, names, speaker)
+            statements.append({"speaker": speaker, "claim": claim})
+        if len(_knights_solutions(names, statements)) == 1:
+            return _knights_problem_dict(names, statements, hidden)
+
+def knights_problems(split, n, seed=0, min_people=2, max_people=4, n_people=None):
+    """n Knights and Knaves puzzles from the "train" or "heldout" split; same seed, same puzzles. The number of
+    inhabitants is uniform in [min_people, max_people] (the difficulty), or n_people for all of them. The splits
+    are disjoint by construction: a hash of the puzzle with its names replaced by their positions puts a fixed
+    eighth of all puzzles in heldout, so a held-out puzzle never appears in training, not even renamed."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if n_people is not None:
+        min_people = max_people = n_people
+    rng, out = random.Random(f"knights-{split}-{seed}"), []
+    while len(out) < n:
+        p = knights_problem(rng, rng.randint(min_people, max_people))
+        if _knights_heldout(p["names"], p["statements"]) == (split == "heldout"):
+            out.append(p)
+    return out
+
+def knights_worked_solution(problem, show_steps=True):
+    """The R1-format completion for a Knights and Knaves problem: a case analysis in <think>, then the assignment
+    boxed ("\\boxed{Alice: knight, Bob: knave}"). The case analysis first writes what follows from the statements
+    alone, then settles one inhabitant at a time: "Suppose X is a <the wrong kind>." and the deductions from it
+    ("Y is a knave, so "..." is false: Z is a knight.") up to a contradiction, then "So X is a <kind>." and what
+    follows from that. Each deduction is forced (unit propagation: one statement, its speaker and the people it
+    names); when they stop short of a contradiction the supposition is split again on the next unsettled
+    inhabitant ("Suppose also ... Suppose instead ... Both cases fail."). The inhabitant settled next is the one
+    whose refutation is shortest, which keeps the text to a few lines per inhabitant. show_steps=False writes only
+    the check of the answer: one line per statement, its speaker's kind and whether the claim is true."""
+    names, statements = problem["names"], problem["statements"]
+    knight = {x: problem["solution"][x] == "knight" for x in names}
+    if not show_steps:
+        lines = [f"{s['speaker']} is a {_kind(knight[s['speaker']])}: {_quote(s['claim'])} is "
+                 f"{'true' if _claim_value(s['claim'], knight) else 'false'}." for s in statements]
+    else:
+        facts, lines = {}, []
+        _knights_propagate(statements, facts, lines)  # what the statements force without any supposition
+        while len(facts) < len(names):
+            refutations = {}  # unsettled inhabitant -> the lines refuting their wrong kind
+            for x in names:
+                if x not in facts:
+                    _knights_refute(statements, names, {**facts, x: not knight[x]}, refutations.setdefault(x, []))
+            x = min(refutations, key=lambda x: len(refutations[x]))  # the shortest; ties: the first named
+            lines += [f"Suppose {x} is a {_kind(not knight[x])}.", *refutations[x], f"So {x} is a {_kind(knight[x])}."]
+            facts[x] = knight[x]
+            _knights_propagate(statements, facts, lines)
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{problem['answer']}}}"
+
+BUILTIN_TASKS = ("builtin", "builtin:countdown", "builtin:knights")  # what --data names: arithmetic, Countdown, knights
 
 
 def is_builtin(data):
@@ -491,14 +600,18 @@ def is_builtin(data):
 
 
 def task_problems(data, split, n, seed=0):
-    """n problems of the built-in task that --data names: 'builtin' (arithmetic) or 'builtin:countdown'."""
+    """n problems of the built-in task that --data names: 'builtin' (arithmetic), 'builtin:countdown' or
+    'builtin:knights'."""
     if data not in BUILTIN_TASKS:
         raise ValueError(f"--data {data}: not a built-in task ({', '.join(BUILTIN_TASKS)}) and not a file")
-    return (countdown_problems if data == "builtin:countdown" else builtin_problems)(split, n, seed)
+    make = {"builtin:countdown": countdown_problems, "builtin:knights": knights_problems}.get(data, builtin_problems)
+    return make(split, n, seed)
 
 
 def task_solution(problem, show_steps=True):
-    """The worked solution of a built-in problem of either task."""
+    """The worked solution of a built-in problem of any task."""
+    if "statements" in problem:
+        return knights_worked_solution(problem, show_steps)
     return (countdown_worked_solution if "numbers" in problem else worked_solution)(problem, show_steps)
 
 
@@ -506,8 +619,9 @@ def task_solution(problem, show_steps=True):
 # the reward of an RL completion: one builder for grpo.py and ppo.py, with the same flags in both
 
 REWARD_HELP = """Each completion's reward is a sum of components, each logged under one name with one meaning:
-  accuracy      accuracy_reward: 1 if the final answer is right, else 0 (math_reward, or countdown_reward for a
-                Countdown problem); for a code problem the fraction of its tests passed; logged as "accuracy"
+  accuracy      accuracy_reward: 1 if the final answer is right, else 0 (math_reward, countdown_reward for a
+                Countdown problem, knights_reward for a knights-and-knaves puzzle); for a code problem the fraction
+                of its tests passed; logged as "accuracy"
   format        format_reward or, with --strict_format, strict_format_reward (0 or 1)
   length        the --length_reward function's value: cosine, lcpo and lcpo_max score correctness and length
                 together, so they take the accuracy term's place; kimi is added to it
@@ -1461,7 +1575,7 @@ def _worker_main():
         out.flush()
 
 # -----------------------------------------------------------------------------
-# data files: code and countdown records (load_problems)
+# data files: code, countdown and knights-and-knaves records (load_problems)
 
 def _code_record(rec, prompt, where):
     if not isinstance(prompt, str):
@@ -1493,6 +1607,79 @@ def _countdown_record(rec, prompt, where):
     if rec.get("answer") is not None:
         out["answer"] = str(rec["answer"])
     return out
+
+def _knights_record(rec, prompt, where):
+    """A knights-and-knaves record, checked: names, statements (structured or English), a solution that satisfies
+    every statement and is the only one. The prompt is written from the statements when missing."""
+    names, statements, solution = rec.get("names"), rec.get("statements"), rec.get("solution")
+    if not (isinstance(names, list) and 1 <= len(names) <= 12 and all(
+            isinstance(x, str) and re.fullmatch(r"[A-Za-z]+", x) for x in names)):
+        raise ValueError(f"{where}: a knights task needs names: a list of 1 to 12 one-word names (letters only)")
+    if len({x.lower() for x in names}) < len(names):
+        raise ValueError(f"{where}: names must be distinct (case-insensitively), got {names}")
+    if reserved := [x for x in names if x.lower() in _KNIGHT_RESERVED]:  # they would make the English ambiguous
+        raise ValueError(f"{where}: {reserved[0]!r} cannot be a name (a word of the puzzle's grammar)")
+    if not isinstance(statements, list):
+        raise ValueError(f"{where}: a knights task needs statements: a list of {{\"speaker\", \"claim\"}} objects")
+    statements = [_knights_statement(s, names, f"{where}: statement {i}") for i, s in enumerate(statements, 1)]
+    if not (isinstance(solution, dict) and set(solution) == set(names) and all(v in _KINDS for v in solution.values())):
+        missing = [x for x in names if x not in solution] if isinstance(solution, dict) else names
+        extra = [x for x in solution if x not in names] if isinstance(solution, dict) else []
+        raise ValueError(f"{where}: solution must map every name to \"knight\" or \"knave\""
+                         + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+    knight = {x: solution[x] == "knight" for x in names}
+    for i, s in enumerate(statements, 1):
+        if _claim_value(s["claim"], knight) != knight[s["speaker"]]:
+            raise ValueError(f"{where}: the solution does not satisfy statement {i}: {s['speaker']} is a "
+                             f"{solution[s['speaker']]} but {_quote(s['claim'])} is "
+                             f"{'true' if not knight[s['speaker']] else 'false'}")
+    if others := [t for t in _knights_solutions(names, statements) if t != knight]:
+        raise ValueError(f"{where}: the solution is not unique: {_knights_answer(names, others[0])} also "
+                         f"satisfies every statement")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"{where}: prompt must be a string")
+    return _knights_problem_dict(names, statements, knight, prompt)
+
+def _knights_statement(s, names, where):
+    """{"speaker", "claim"} from a record's statement: that object with a structured or English claim, or one
+    English string 'Alice says: "Bob is a knave."'. ValueError (prefixed with where) for a bad one."""
+    lookup = {x.lower(): x for x in names}
+    if isinstance(s, str):
+        if not (m := re.fullmatch(r"\s*(\w+) says:?\s*\"?(.*?)\"?\s*", s, re.S)):
+            raise ValueError(f"{where}: expected 'Name says: \"claim\"', got {s!r}")
+        s = {"speaker": lookup.get(m[1].lower(), m[1]), "claim": m[2]}
+    if not (isinstance(s, dict) and set(s) == {"speaker", "claim"}):
+        raise ValueError(f"{where}: expected {{\"speaker\", \"claim\"}}, got {s!r}")
+    if s["speaker"] not in names:
+        raise ValueError(f"{where}: unknown speaker {s['speaker']!r} (names: {', '.join(names)})")
+    try:
+        claim = s["claim"]
+        claim = _parse_claim(claim, s["speaker"], names) if isinstance(claim, str) else _check_claim(claim, names)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return {"speaker": s["speaker"], "claim": claim}
+
+def _check_claim(claim, names, atom=False):
+    """A copy of the claim if it follows the grammar (knights_problem), else ValueError saying what does not.
+    "and" / "or" / "if" combine two "is" atoms only, which keeps their English unambiguous."""
+    c = claim if isinstance(claim, list) and claim else [None]
+    op, args = c[0], c[1:]
+    name = lambda x: x if isinstance(x, str) and x in names else _unknown_name(x, json.dumps(claim))
+    if op == "is" and len(args) == 2 and args[1] in _KINDS:
+        return ["is", name(args[0]), args[1]]
+    if atom:
+        raise ValueError(f"\"and\" / \"or\" / \"if\" combine two [\"is\", name, kind] atoms, got {json.dumps(claim)}")
+    if op in ("and", "or", "if") and len(args) == 2:
+        return [op, _check_claim(args[0], names, True), _check_claim(args[1], names, True)]
+    group = args[1] if op == "exactly_one" and len(args) == 2 and args[0] in _KINDS else args
+    if not (isinstance(group, list) and all(isinstance(x, str) for x in group) and len(set(group)) == len(group)):
+        raise ValueError(f"a claim names each person once, as a string: {json.dumps(claim)}")
+    if op == "exactly_one" and group is not args and len(group) >= 2:
+        return ["exactly_one", args[0], [name(x) for x in group]]
+    if op in ("same", "different") and len(args) == 2:
+        return [op, name(args[0]), name(args[1])]
+    raise ValueError(f"not a claim of the grammar (is, and, or, if, exactly_one, same, different): "
+                     f"{json.dumps(claim)}")
 
 # -----------------------------------------------------------------------------
 # countdown: a tokenizer and exact evaluator for + - * / ( ) over integer literals, nothing else
@@ -1576,6 +1763,268 @@ class _CountdownParser:
             raise ValueError("unbalanced parentheses")
         self.depth -= 1
         return v
+
+# -----------------------------------------------------------------------------
+# knights and knaves: the claim grammar (evaluate, render, parse), the generator's helpers, the worked solution's
+# deductions and the answer parser. A claim is a JSON list (grammar in knights_problem); truth is a {name: bool}
+# with True for a knight.
+
+_KNIGHT_NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Gina", "Hank", "Ivy", "Jack", "Kate", "Leo",
+                 "Mia", "Nick", "Olga", "Paul")
+_KNIGHT_CLAIMS = ("is", "and", "or", "if", "exactly_one", "same", "different")
+_KINDS = ("knight", "knave")
+_KNIGHT_RESERVED = {"knight", "knights", "knave", "knaves", "i", "am", "is", "are", "and", "or", "if", "then", "of"}
+
+def _kind(is_knight):
+    return "knight" if is_knight else "knave"
+
+def _claim_value(claim, knight):
+    """The claim's truth when knight[x] says whether x is a knight."""
+    op = claim[0]
+    if op == "is":
+        return knight[claim[1]] == (claim[2] == "knight")
+    if op == "exactly_one":
+        return sum(knight[x] == (claim[1] == "knight") for x in claim[2]) == 1
+    if op in ("same", "different"):
+        return (knight[claim[1]] == knight[claim[2]]) == (op == "same")
+    a, b = _claim_value(claim[1], knight), _claim_value(claim[2], knight)
+    return a and b if op == "and" else a or b if op == "or" else (not a) or b  # "if": a -> b
+
+def _claim_names(claim):
+    """The people a claim is about, in order of mention, each once."""
+    if claim[0] == "is":
+        return [claim[1]]
+    if claim[0] == "exactly_one":
+        return list(dict.fromkeys(claim[2]))
+    if claim[0] in ("same", "different"):
+        return list(dict.fromkeys(claim[1:]))
+    return list(dict.fromkeys(_claim_names(claim[1]) + _claim_names(claim[2])))
+
+def _knights_random_claim(rng, names, speaker):
+    """A random claim about the inhabitants. A bare "is" claim is about someone else ("I am a knight" says nothing,
+    "I am a knave" is a paradox); a compound one is about the speaker too a quarter of the time (always with two
+    inhabitants). Self-reference gives facts away ("Bob and I are the same kind" says, whoever says it, that Bob
+    is a knight), so more of it would leave little for the case analysis to do."""
+    op = rng.choice(_KNIGHT_CLAIMS)
+    others = [x for x in names if x != speaker]
+    if op == "is":
+        return ["is", rng.choice(others), rng.choice(_KINDS)]
+    pool = names if len(others) < 2 or rng.random() < 0.25 else others
+    if op in ("and", "or", "if"):  # two atoms about two different people
+        x, y = rng.sample(pool, 2)
+        return [op, ["is", x, rng.choice(_KINDS)], ["is", y, rng.choice(_KINDS)]]
+    group = rng.sample(pool, 2 if op != "exactly_one" else rng.randint(2, min(3, len(pool))))
+    group.sort(key=names.index)
+    return ["exactly_one", rng.choice(_KINDS), group] if op == "exactly_one" else [op, *group]
+
+def _knights_solutions(names, statements):
+    """Every assignment ({name: bool}) of the 2^n under which each statement's truth equals its speaker's kind."""
+    out = []
+    for bits in range(2 ** len(names)):
+        knight = {x: bool(bits >> i & 1) for i, x in enumerate(names)}
+        if all(_claim_value(s["claim"], knight) == knight[s["speaker"]] for s in statements):
+            out.append(knight)
+    return out
+
+def _knights_answer(names, knight):
+    return ", ".join(f"{x}: {_kind(knight[x])}" for x in names)
+
+def _knights_problem_dict(names, statements, knight, prompt=None):
+    return {"prompt": prompt if prompt is not None else _knights_prompt(names, statements),
+            "answer": _knights_answer(names, knight), "names": list(names), "statements": statements,
+            "solution": {x: _kind(knight[x]) for x in names}}
+
+def _knights_heldout(names, statements):
+    """The split of a puzzle, by a hash of its statements with each name replaced by its position in names."""
+    index = {x: i for i, x in enumerate(names)}
+    anon = lambda c: [anon(d) for d in c] if isinstance(c, list) else index.get(c, c)
+    key = json.dumps([len(names)] + [[index[s["speaker"]], anon(s["claim"])] for s in statements])
+    return zlib.crc32(key.encode()) % 8 == 0  # a fixed eighth of all puzzles never appears in training
+
+def _join_names(xs):
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1]
+
+def _render_claim(claim, speaker=None):
+    """The claim in English, in the speaker's words when speaker is given (their own name becomes "I", listed
+    last), else in the third person. Atoms are never nested inside "and" / "or" / "if", so the text is unambiguous
+    and _parse_claim reads it back."""
+    op = claim[0]
+    me = lambda x: "I" if x == speaker else x
+    group = lambda xs: [me(x) for x in xs if x != speaker] + ["I"] * (speaker in xs)
+    if op == "is":
+        return f"I am a {claim[2]}" if claim[1] == speaker else f"{claim[1]} is a {claim[2]}"
+    if op == "and" or op == "or":
+        return f"{_render_claim(claim[1], speaker)} {op} {_render_claim(claim[2], speaker)}"
+    if op == "if":
+        return f"if {_render_claim(claim[1], speaker)}, then {_render_claim(claim[2], speaker)}"
+    if op == "exactly_one":
+        return f"exactly one of {_join_names(group(claim[2]))} is a {claim[1]}"
+    kinds = "the same kind" if op == "same" else "different kinds"
+    return f"{_join_names(group(claim[1:]))} are {kinds}"
+
+def _knights_prompt(names, statements):
+    said = " ".join(f"{s['speaker']} says: {_quote(s['claim'], s['speaker'], '.')}" for s in statements)
+    return (f"On an island live knights, who always tell the truth, and knaves, who always lie (\"A or B\" means "
+            f"at least one of them). You meet {len(names)} inhabitants: {_join_names(names)}. {said} "
+            f"Who is a knight and who is a knave?")
+
+def _quote(claim, speaker=None, end=""):
+    """The claim as a quoted sentence: "Bob is a knave." (end=".") in a prompt, "Bob is a knave" in a solution."""
+    text = _render_claim(claim, speaker)
+    return f"\"{text[:1].upper()}{text[1:]}{end}\""
+
+_ATOM = re.compile(r"(\w+) (?:is|am) an? (knight|knave)", re.I)
+
+def _parse_claim(text, speaker, names):
+    """The claim (grammar in knights_problem) that an English sentence as _render_claim writes it states, said by
+    speaker ("I" is the speaker); case-insensitive, a final period optional. ValueError names what is wrong."""
+    s = " ".join(text.strip().rstrip(".").split())
+    lookup = {x.lower(): x for x in names}
+    name = lambda w: (speaker if w.lower() == "i" and speaker else lookup[w.lower()] if w.lower() in lookup
+                      else _unknown_name(w, text))
+    if m := re.fullmatch(r"if (.+?),? then (.+)", s, re.I):
+        return ["if", _parse_atom(m[1], name, text), _parse_atom(m[2], name, text)]
+    if m := re.fullmatch(r"exactly one of (.+) (?:is|am) an? (knight|knave)", s, re.I):
+        return ["exactly_one", m[2].lower(), [name(w) for w in re.split(r",\s*(?:and\s+)?|\s+and\s+", m[1], flags=re.I)]]
+    if m := re.fullmatch(r"(\w+) and (\w+) are (?:of )?(the same kind|different kinds)", s, re.I):
+        return ["same" if m[3].lower() == "the same kind" else "different", name(m[1]), name(m[2])]
+    for op in ("and", "or"):
+        if len(parts := re.split(f" {op} ", s, flags=re.I)) == 2:
+            return [op, _parse_atom(parts[0], name, text), _parse_atom(parts[1], name, text)]
+    return _parse_atom(s, name, text)
+
+def _parse_atom(s, name, text):
+    if not (m := _ATOM.fullmatch(s)):
+        raise ValueError(f"cannot read {text!r} as a claim of the knights-and-knaves grammar")
+    return ["is", name(m[1]), m[2].lower()]
+
+def _unknown_name(word, text):
+    raise ValueError(f"unknown name {word!r} in {text!r}")
+
+def _knights_propagate(statements, facts, lines):
+    """Unit propagation: extend facts ({name: bool}, in place) with every kind that one statement forces given the
+    facts so far -- its speaker and the people it names take the same value in every way of completing them that
+    makes the claim's truth equal the speaker's kind -- until nothing changes, writing one line per step. Returns
+    False (with a line saying why) at a statement that no completion satisfies: a contradiction."""
+    changed = True
+    while changed:
+        changed = False
+        for s in statements:
+            speaker, claim = s["speaker"], s["claim"]
+            open_ = [x for x in dict.fromkeys([speaker] + _claim_names(claim)) if x not in facts]
+            fits = [t for bits in range(2 ** len(open_))
+                    if _claim_value(claim, t := {**facts, **{x: bool(bits >> i & 1) for i, x in enumerate(open_)}})
+                    == t[speaker]]
+            if not fits or (forced := {x: fits[0][x] for x in open_ if all(t[x] == fits[0][x] for t in fits)}):
+                lines.append(_knights_step(speaker, claim, facts, forced if fits else None))
+                if not fits:
+                    return False
+                facts.update(forced)
+                changed = True
+    return True
+
+def _knights_step(speaker, claim, facts, forced):
+    """One line of the case analysis: what the statement forces (None: a contradiction)."""
+    quoted = _quote(claim)
+    if forced is None and speaker in facts:
+        truth = facts[speaker]
+        return (f"{speaker} is a {_kind(truth)}, so {quoted} must be {'true' if truth else 'false'}, but it is "
+                f"{'false' if truth else 'true'}: contradiction.")
+    if forced is None:
+        return f"{speaker} can be neither a knight nor a knave saying {quoted}: contradiction."
+    said = " and ".join(f"{x} is a {_kind(v)}" for x, v in forced.items())
+    if speaker in facts:
+        truth = "true" if facts[speaker] else "false"
+        return f"{speaker} is a {_kind(facts[speaker])}, so {quoted} is {truth}: {said}."
+    if set(forced) == {speaker} and speaker not in _claim_names(claim):  # the claim is settled by the facts
+        return f"{quoted} is {'true' if forced[speaker] else 'false'}, so {said}."
+    return f"{speaker} can only say {quoted} if {said}."
+
+def _knights_refute(statements, names, facts, lines):
+    """Write the deductions from facts (a supposition no solution agrees with) up to a contradiction; where they stop
+    short of one, split on the next unsettled inhabitant and refute both cases."""
+    if not _knights_propagate(statements, facts, lines):
+        return
+    if len(facts) == len(names):  # deductions settled everyone without a contradiction: another solution
+        raise ValueError(f"not a puzzle with one solution: {_knights_answer(names, facts)} also fits")
+    x = next(x for x in names if x not in facts)
+    for value, word in ((True, "also"), (False, "instead")):
+        lines.append(f"Suppose {word} {x} is a {_kind(value)}.")
+        _knights_refute(statements, names, {**facts, x: value}, lines)
+    lines.append("Both cases fail.")
+
+# The answer parser (rules in knights_reward). Words an answer may hold besides names and kinds; anything else
+# ("or", "not", "maybe", "either", "unknown", an unknown name) makes it unreadable.
+_KIND_WORDS = {"knight": True, "knights": True, "knave": False, "knaves": False}
+_COPULAS = {"is", "are", "was", "were"}
+_FILLERS = _COPULAS | {"a", "an", "the", "and", "both", "all", "so", "thus", "therefore", "hence", "answer",
+                       "final", "solution", "conclusion", "in", "we", "have", "conclude", "that", "then", "i", "s",
+                       "none", "nobody", "but", "while", "whereas"}
+_KNIGHTS_MAX_ANSWER = 2000  # characters: longer answers score 0 unread
+
+def _knights_answer_text(completion, names):
+    """The answer part of a completion: the last \\boxed{} (else <answer>), else its final lines that read as an
+    answer (walking back from the end while each line holds only names, kinds and filler words)."""
+    text = str(completion)
+    if (answer := extract_answer(text)) is not None:
+        return answer
+    block = []
+    for line in reversed(re.sub(r"<[^>]*>", " ", text[-20000:]).splitlines()[-50:]):
+        if line.strip() or block:
+            words = _knights_words(line, names)
+            if not words or any(w is None for w in words):
+                break
+            block.insert(0, line)
+    return "\n".join(block)
+
+def _knights_words(text, names):
+    """Each word classified: ("name", name) | ("kind", is_knight) | ("filler", word) | ("mark", ":" or "=") |
+    None for any other word. A name written exactly as given wins over a filler word (a person called "A");
+    otherwise names are case-insensitive."""
+    exact, lower = set(names), {x.lower(): x for x in names}
+    out = []
+    for w in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?|[:=]", re.sub(r"\\[a-zA-Z]+", " ", text)):
+        w = w[:-2] if w.lower().endswith("'s") else w  # "Alice's a knight"
+        low = w.lower()
+        out.append(("mark", w) if w in ":=" else ("name", w) if w in exact else
+                   ("kind", _KIND_WORDS[low]) if low in _KIND_WORDS else ("filler", low) if low in _FILLERS else
+                   ("name", lower[low]) if low in lower else None)
+    return out
+
+def _knights_parse_answer(text, names):
+    """{name: is_knight} that the answer states, or None if any part of it is unreadable or contradictory."""
+    if "?" in text or len(text) > _KNIGHTS_MAX_ANSWER:
+        return None
+    out = {}
+    for segment in re.split(r"[;.|\n]", re.sub(r"\bno one\b", "none", text, flags=re.I)):
+        words = _knights_words(segment, names)
+        if any(w is None for w in words) or not _knights_segment(words, out):
+            return None
+    return out
+
+def _knights_segment(words, out):
+    """Read one sentence into out; False if it is unreadable or contradicts what out holds. The first name or kind
+    word decides its form: names then their kind ("Alice and Bob are knights", "Alice: knight, Bob: knave", a JSON
+    object) or a kind then its names ("knights: Alice, Bob; knaves: none")."""
+    header_form, kind, pending, last = None, None, [], None
+    for what, value in words:
+        if what in ("filler", "mark"):
+            if header_form and last == "name" and (what == "mark" or value in _COPULAS):
+                return False  # "knights: Alice is ..." or "knights: Alice, Bob: knave": the two forms mixed
+            continue
+        header_form = (what == "kind") if header_form is None else header_form
+        if what == "kind" and not header_form and not pending:  # "Alice is a knight knave"
+            return False
+        if what == "kind":
+            kind, assigned, pending = value, pending, []
+        else:
+            assigned = [value] if header_form else []
+            pending += [] if header_form else [value]
+        for x in assigned:
+            if out.setdefault(x, kind) != kind:  # a person named twice with both kinds
+                return False
+        last = what
+    return not pending  # names left without a kind: a partial answer
 
 # -----------------------------------------------------------------------------
 # code sandbox. Each test case runs in a fresh `python -I` process that (see _HARNESS):
