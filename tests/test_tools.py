@@ -1,0 +1,150 @@
+"""Tests for tools.py: the tool formats, BM25 search and the corpus loader, the built-in knowledge base, and the
+builtin:search and builtin:tool_arithmetic tasks with their worked solutions. No torch; a few seconds.
+Run: python -m pytest tests/test_tools.py -q"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tools
+from tools import (NO_RESULTS, PYTHON_FORMAT, SEARCH_FORMAT, BM25Index, Document, format_results, load_corpus,
+                   search_observation_body, tokenize)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool_turns(text, fmt):
+    """[(call text, observation body)] read from a completion the way the rollout engine reads one: a call
+    ends at call_close after a call_open, and what follows it must be result_open + body + result_close."""
+    turns, pos = [], 0
+    while (start := text.find(fmt.call_open, pos)) >= 0:
+        end = text.index(fmt.call_close, start + len(fmt.call_open))
+        call, pos = text[start + len(fmt.call_open):end], end + len(fmt.call_close)
+        assert text.startswith(fmt.result_open, pos), text[pos:pos + 40]
+        body_end = text.index(fmt.result_close, pos + len(fmt.result_open))
+        turns.append((call, text[pos + len(fmt.result_open):body_end]))
+        pos = body_end + len(fmt.result_close)
+    return turns
+
+
+def test_no_torch():
+    """tools.py is data only: the engine and the tests import it without torch."""
+    code = "import sys, tools; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+# -----------------------------------------------------------------------------
+# formats
+
+
+def test_formats():
+    assert PYTHON_FORMAT.call("print(1)\n") == "```python\nprint(1)\n```"
+    assert PYTHON_FORMAT.observation("3\n") == "\n```output\n3\n```\n"  # print's newline is not doubled
+    assert SEARCH_FORMAT.call("Ostrava") == "<search>Ostrava</search>"
+    assert SEARCH_FORMAT.observation("[A] b") == "\n<information>[A] b</information>\n"
+
+
+def test_prompt_templates():
+    for template, syntax in ((tools.SEARCH_PROMPT_TEMPLATE, "<search>"), (tools.PYTHON_PROMPT_TEMPLATE, "```python")):
+        assert template.count("{question}") == 1 and template.startswith("{question}\n")
+        assert "\\boxed{}" in template and syntax in template and "<think>" in template
+
+# -----------------------------------------------------------------------------
+# BM25 and the corpus
+
+THREE_DOCS = [Document("a", "Apple", "apple pie"), Document("b", "Pie", "cherry pie recipe"),
+              Document("c", "Stone", "river stone")]
+
+
+def test_bm25_hand_computed():
+    # tokens: a = apple apple pie (3), b = pie cherry pie recipe (4), c = stone river stone (3); avgdl = 10/3
+    index = BM25Index(THREE_DOCS)
+    idf_apple = math.log((3 - 1 + 0.5) / (1 + 0.5) + 1)  # n(apple) = 1
+    idf_pie = math.log((3 - 2 + 0.5) / (2 + 0.5) + 1)  # n(pie) = 2
+    norm_a, norm_b = 1 - 0.75 + 0.75 * 3 / (10 / 3), 1 - 0.75 + 0.75 * 4 / (10 / 3)
+    expected_a = idf_apple * 2 * 2.5 / (2 + 1.5 * norm_a) + idf_pie * 1 * 2.5 / (1 + 1.5 * norm_a)
+    expected_b = idf_pie * 2 * 2.5 / (2 + 1.5 * norm_b)
+    assert index.score("apple pie", 0) == pytest.approx(expected_a, rel=1e-12)
+    assert index.score("Apple, PIE!", 0) == pytest.approx(1.93986885, abs=1e-8)  # the same, worked by hand
+    assert index.score("apple pie", 1) == pytest.approx(expected_b, rel=1e-12)
+    assert index.score("apple pie", 2) == 0.0
+    assert index.score("pie pie apple", 0) == index.score("apple pie", 0)  # a repeated query term counts once
+    assert index.search("apple pie", k=3) == THREE_DOCS[:2]  # c holds no query term: not returned
+
+
+def test_bm25_rare_term_ranks_first():
+    docs = [Document(str(i), f"Note {i}", "the market opens at dawn and the market closes at dusk") for i in range(6)]
+    docs.append(Document("rare", "Harbour", "the harbour opens at dawn"))
+    index = BM25Index(docs)
+    assert index.search("market harbour", k=1)[0].id == "rare"  # one rare term beats two common ones
+    assert [d.id for d in index.search("market", k=7)] == [str(i) for i in range(6)]
+
+
+def test_bm25_ties_in_corpus_order_and_k():
+    docs = [Document(i, "Same", "identical text") for i in ("z", "y", "x")]
+    index = BM25Index(docs)
+    assert [d.id for d in index.search("identical", k=3)] == ["z", "y", "x"]
+    assert [d.id for d in index.search("identical", k=2)] == ["z", "y"]
+    assert index.search("identical", k=0) == []
+
+
+def test_empty_and_unmatched_queries():
+    index = BM25Index(THREE_DOCS)
+    for query in ("", "   ", "?!", "banana"):
+        assert index.search(query, k=2) == []
+        assert search_observation_body(index, query) == NO_RESULTS
+    assert BM25Index([]).search("apple") == []
+
+
+def test_tokenize():
+    assert tokenize("Vorin Kessaly, b. 1874 (Ostrava)") == ["vorin", "kessaly", "b", "1874", "ostrava"]
+    assert tokenize("") == []
+
+
+def test_format_results_and_cutting():
+    docs = [Document("1", "Long", "word " * 100), Document("2", "Short", "tiny text")]
+    body = format_results(docs, max_chars=30)
+    first, second = body.split("\n")
+    assert second == "[Short] tiny text"
+    text = first[len("[Long] "):]
+    assert text == "word word word word word..."  # cut between words, 27 <= 30 characters
+    assert tools.shorten("one two three four", 10) == "one two..."  # the cut falls at a space: both words kept
+    assert tools.shorten("abcdefghijklmnop", 10) == "abcdefg..."  # one overlong word: cut inside it
+    assert tools.shorten("exactly ten", 11) == "exactly ten"
+    assert format_results([]) == NO_RESULTS
+
+
+def write_jsonl(tmp_path, lines):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return str(path)
+
+
+def test_load_corpus(tmp_path):
+    path = write_jsonl(tmp_path, [{"id": "d1", "title": "Apple", "text": "apple pie"}, "",
+                                  {"id": "d2", "title": "Pie", "text": "cherry pie", "extra": 1}])
+    assert load_corpus(path) == [Document("d1", "Apple", "apple pie"), Document("d2", "Pie", "cherry pie")]
+
+
+@pytest.mark.parametrize("second_line, message", [
+    ({"id": "d2", "title": "Pie"}, ":2: 'text' must be a non-empty string"),
+    ({"id": "d2", "title": "  ", "text": "t"}, ":2: 'title' must be a non-empty string"),
+    ({"id": 7, "title": "Pie", "text": "t"}, ":2: 'id' must be a non-empty string"),
+    ({"id": "d1", "title": "Pie", "text": "t"}, ":2: duplicate id 'd1' (first at line 1)"),
+    ('{"id": "d2", ', ":2: malformed JSON"),
+    ('["d2"]', ":2: expected a JSON object"),
+])
+def test_load_corpus_errors_name_the_line(tmp_path, second_line, message):
+    path = write_jsonl(tmp_path, [{"id": "d1", "title": "Apple", "text": "apple pie"}, second_line])
+    with pytest.raises(ValueError) as error:
+        load_corpus(path)
+    assert str(error.value).startswith(path) and message in str(error.value)
+
+
+def test_load_corpus_empty_file(tmp_path):
+    path = write_jsonl(tmp_path, [""])
+    with pytest.raises(ValueError, match="no documents"):
+        load_corpus(path)
