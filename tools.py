@@ -13,15 +13,26 @@ Top to bottom:
   k1 = 1.5, b = 0.75; title and text both indexed), shorten and format_results (the observation body: one
   "[title] text" line per document, each text cut to DEFAULT_MAX_CHARS at a word boundary, or NO_RESULTS) and
   search_observation_body (what the search tool returns for a query: DEFAULT_SEARCH_K documents).
+- The built-in knowledge base. Invented people and cities (Person, City, KnowledgeBase), generated from a fixed
+  seed (KNOWLEDGE_BASE_SEED) so that no pretrained model can know them: knowledge_base_facts() and
+  knowledge_base() (one short document per entity: 360 documents of 45-82 characters).
+- Task builtin:search. Questions about the knowledge base needing one lookup ("In which city was X born?") or
+  two ("Which river flows through the city where X was born?"): search_problems, search_worked_solution.
 
 How the engine uses a format: a row pauses when its text ends with call_close after a call_open; the call is
 the text between them; the engine appends observation(output), i.e. result_open + output + result_close,
 where output loses its trailing newlines (Python's stdout "42\\n" is shown as "```output\\n42\\n```").
+
+The search task has disjoint "train" and "heldout" splits fixed by a crc32 hash of the city a question is about
+(an eighth of the cities held out, with every question about them or about the people born there).
+Problems are plain dicts graded by verify.accuracy_reward (math_reward on "answer").
 """
 
 import collections
 import math
+import random
 import re
+import zlib
 from dataclasses import dataclass
 
 import verify
@@ -158,3 +169,153 @@ def format_results(documents, max_chars=DEFAULT_MAX_CHARS):
 def search_observation_body(index, query, k=DEFAULT_SEARCH_K, max_chars=DEFAULT_MAX_CHARS):
     """What the search tool returns for a query: format_results of the index's top k."""
     return format_results(index.search(query, k), max_chars)
+
+# -----------------------------------------------------------------------------
+# the built-in knowledge base: invented people and cities, the same every run
+
+KNOWLEDGE_BASE_SEED = "tools-knowledge-base-v1"
+PROFESSIONS = ("baker", "weaver", "potter", "sculptor", "cartographer", "glassblower", "astronomer", "clockmaker",
+               "bookbinder", "shipwright", "herbalist", "engraver", "violinist", "architect", "tanner", "beekeeper")
+_ONSETS = ("b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "ae", "ei", "ou")
+_CODAS = ("", "", "", "", "n", "r", "s", "l", "th")
+_DOCUMENT_WORDS = {"is", "a", "an", "born", "in", "city", "on", "the", "river", "founded", "by"}
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    profession: str
+    birthplace: str  # a City's name
+    birth_year: int
+
+    def document(self):
+        article = "an" if self.profession[0] in "aeiou" else "a"
+        return Document(_slug("person", self.name), self.name,
+                        f"{self.name} is {article} {self.profession} born in {self.birthplace} in {self.birth_year}.")
+
+
+@dataclass(frozen=True)
+class City:
+    name: str
+    country: str
+    river: str
+    founder: str  # an invented person who has no document of their own
+
+    def document(self):
+        text = f"{self.name} is a city in {self.country} on the {self.river} river, founded by {self.founder}."
+        return Document(_slug("city", self.name), self.name, text)
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    people: tuple
+    cities: tuple
+
+    def city(self, name):
+        return next(c for c in self.cities if c.name == name)
+
+    def documents(self):
+        return [p.document() for p in self.people] + [c.document() for c in self.cities]
+
+
+def knowledge_base_facts(seed=KNOWLEDGE_BASE_SEED, n_people=300, n_cities=60, n_countries=8, n_rivers=24):
+    """People and cities with invented names (every name word used once across countries, rivers, cities and
+    person names, so an entity's exact name finds its own document first) and random facts: a person's
+    profession, birthplace and birth year; a city's country, river and founder. Same seed, same facts."""
+    rng, taken = random.Random(seed), set(_DOCUMENT_WORDS) | set(PROFESSIONS)
+    countries = _invented_words(rng, n_countries, taken)
+    rivers = _invented_words(rng, n_rivers, taken)
+    city_names = _invented_words(rng, n_cities, taken)
+    first_names, surnames = _invented_words(rng, n_people // 5, taken), _invented_words(rng, n_people // 2, taken)
+    full_names = set()
+    while len(full_names) < n_people + n_cities:  # people, then the cities' founders
+        full_names.add(f"{rng.choice(first_names)} {rng.choice(surnames)}")
+    full_names = sorted(full_names)
+    rng.shuffle(full_names)
+    cities = tuple(City(name, rng.choice(countries), rng.choice(rivers), founder)
+                   for name, founder in zip(city_names, full_names[n_people:]))
+    people = tuple(Person(name, rng.choice(PROFESSIONS), rng.choice(city_names), rng.randint(1650, 1950))
+                   for name in full_names[:n_people])
+    return KnowledgeBase(people, cities)
+
+
+def knowledge_base():
+    """The built-in corpus: one Document per person and per city of knowledge_base_facts()."""
+    return knowledge_base_facts().documents()
+
+
+def _invented_words(rng, count, taken):
+    """count new capitalised pseudo-words of 4-8 letters (2-3 syllables), none in taken; adds them to taken."""
+    words = []
+    while len(words) < count:
+        syllables = rng.choice((2, 2, 3))
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+        if 4 <= len(word) <= 8 and word not in taken:
+            taken.add(word)
+            words.append(word.capitalize())
+    return words
+
+
+def _slug(kind, name):
+    return f"{kind}-{'-'.join(tokenize(name))}"
+
+# -----------------------------------------------------------------------------
+# builtin:search: questions about the knowledge base, answered by one or two searches
+
+
+def search_problems(split, n, seed=0, hops=(1, 2)):
+    """n problems from the "train" or "heldout" split, of the given hop counts; same seed, same problems
+    (distinct while n is at most the split's size, then repeating). Each is {"prompt", "answer", "hops",
+    "entity", "queries"}: entity is the person or city asked about (its exact name is in the question),
+    queries the searches that answer it (the entity, then for two hops the city its document names).
+    Splits: a question is held out when the city it is about (a person's birthplace, or the city itself) is
+    held out, an eighth of the cities chosen by a hash of their names; so no fact a held-out question needs
+    (its person's document or its city's) is read in any training question's worked solution at k=1 (at
+    larger k a neighbour's document may show one)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    kb = knowledge_base_facts()
+    questions = [(c.name, q) for c in kb.cities for q in _city_questions(c)]  # (the city it is about, question)
+    questions += [(p.birthplace, q) for p in kb.people for q in _person_questions(p, kb.city(p.birthplace))]
+    heldout_cities = set(sorted((c.name for c in kb.cities), key=lambda name: zlib.crc32(name.encode()))[
+        :len(kb.cities) // 8])  # exactly an eighth (crc32 % 8 would hold out a few cities more or less)
+    pool = [q for city, q in questions if q["hops"] in hops and (city in heldout_cities) == (split == "heldout")]
+    if not pool:
+        raise ValueError(f"no {split} search problems with hops in {hops}")
+    rng, out = random.Random(f"search-{split}-{seed}"), []
+    while len(out) < n:
+        batch = list(pool)
+        rng.shuffle(batch)
+        out += batch
+    return out[:n]
+
+
+def _person_questions(person, city):
+    name, chain = person.name, [person.name, city.name]  # two hops: the person's document names the city
+    return [_search_problem(f"In which city was {name} born?", city.name, [name]),
+            _search_problem(f"What is the profession of {name}?", person.profession, [name]),
+            _search_problem(f"In which country was {name} born?", city.country, chain),
+            _search_problem(f"Which river flows through the city where {name} was born?", city.river, chain),
+            _search_problem(f"Who founded the city where {name} was born?", city.founder, chain)]
+
+
+def _city_questions(city):
+    return [_search_problem(f"In which country is the city of {city.name}?", city.country, [city.name]),
+            _search_problem(f"Which river flows through {city.name}?", city.river, [city.name]),
+            _search_problem(f"Who founded {city.name}?", city.founder, [city.name])]
+
+
+def _search_problem(prompt, answer, queries):
+    return {"prompt": prompt, "answer": answer, "hops": len(queries), "entity": queries[0],
+            "queries": list(queries)}
+
+
+def search_worked_solution(problem, index, k=DEFAULT_SEARCH_K, max_chars=DEFAULT_MAX_CHARS):
+    """The R1-format completion of a search problem with real tool calls: in <think>, each of the problem's
+    queries as a search call followed by exactly what the search tool returns for it (the index's top k,
+    format_results), then the boxed answer:
+    "<think>\\n<search>X</search>\\n<information>[X] X is ...</information>\\n</think>\\n\\boxed{...}"."""
+    calls = "".join(SEARCH_FORMAT.call(query) + SEARCH_FORMAT.observation(
+        search_observation_body(index, query, k, max_chars)) for query in problem["queries"])
+    return f"<think>\n{calls}</think>\n\\boxed{{{problem['answer']}}}"

@@ -7,12 +7,14 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 
 import tools
 from tools import (NO_RESULTS, PYTHON_FORMAT, SEARCH_FORMAT, BM25Index, Document, format_results, load_corpus,
                    search_observation_body, tokenize)
+from verify import accuracy_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,3 +150,145 @@ def test_load_corpus_empty_file(tmp_path):
     path = write_jsonl(tmp_path, [""])
     with pytest.raises(ValueError, match="no documents"):
         load_corpus(path)
+
+# -----------------------------------------------------------------------------
+# the built-in knowledge base
+
+
+@pytest.fixture(scope="module")
+def kb():
+    return tools.knowledge_base_facts()
+
+
+@pytest.fixture(scope="module")
+def index():
+    return BM25Index(tools.knowledge_base())
+
+
+def test_knowledge_base_is_fixed(kb):
+    assert tools.knowledge_base() == tools.knowledge_base() == kb.documents()
+    assert len(kb.people) == 300 and len(kb.cities) == 60
+    assert tools.knowledge_base_facts(seed="another") != kb
+    # pinned: the built-in corpus must not drift between versions (worked solutions and checkpoints depend on it)
+    assert kb.people[0].document().text == "Foufeth Routeth is a shipwright born in Pirdivei in 1871."
+    assert kb.cities[0].document().text == "Nusi is a city in Brinnor on the Vesdre river, founded by Drupir Dethlen."
+
+
+def test_knowledge_base_names_unique(kb):
+    documents = kb.documents()
+    assert len({d.title for d in documents}) == len({d.id for d in documents}) == len(documents)
+    founders = {c.founder for c in kb.cities}
+    assert len(founders) == len(kb.cities) and not founders & {p.name for p in kb.people}
+    city_words = {c.name for c in kb.cities} | {c.country for c in kb.cities} | {c.river for c in kb.cities}
+    name_words = {w for name in [p.name for p in kb.people] + list(founders) for w in name.split()}
+    assert not city_words & name_words  # a place name never doubles as part of a person's name
+    assert all(p.birthplace in {c.name for c in kb.cities} for p in kb.people)
+    assert all(len(tokenize(d.title)) == len(d.title.split()) for d in documents)  # plain words only
+
+
+def test_every_exact_name_finds_its_own_document_first(kb, index):
+    for document in kb.documents():
+        assert index.search(document.title, k=1) == [document], document.title
+    for city in kb.cities:  # a founder, who has no document, finds the city they founded
+        assert index.search(city.founder, k=1) == [city.document()]
+
+# -----------------------------------------------------------------------------
+# builtin:search
+
+
+@pytest.fixture(scope="module")
+def all_search_problems():
+    return {split: tools.search_problems(split, 10_000) for split in ("train", "heldout")}
+
+
+def test_search_splits(kb, all_search_problems):
+    train, heldout = ({p["prompt"] for p in all_search_problems[s]} for s in ("train", "heldout"))
+    assert len(train) + len(heldout) == 5 * len(kb.people) + 3 * len(kb.cities)  # every question in one split
+    assert not train & heldout
+    assert 0.08 < len(heldout) / (len(train) + len(heldout)) < 0.17
+    assert tools.search_problems("train", 50, seed=3) == tools.search_problems("train", 50, seed=3)
+    assert tools.search_problems("train", 50, seed=3) != tools.search_problems("train", 50, seed=4)
+    assert len({p["prompt"] for p in tools.search_problems("heldout", len(heldout))}) == len(heldout)  # no repeats
+    assert {p["hops"] for p in tools.search_problems("train", 200, hops=(2,))} == {2}
+    with pytest.raises(ValueError):
+        tools.search_problems("test", 1)
+
+
+def test_search_heldout_facts_never_read_in_training(kb, index, all_search_problems):
+    heldout_cities = {kb.city(p["queries"][-1]).name if p["hops"] == 2 else _city_of(kb, p["entity"])
+                      for p in all_search_problems["heldout"]}
+    assert heldout_cities == set(sorted((c.name for c in kb.cities), key=lambda n: zlib.crc32(n.encode()))[:7])
+    for problem in all_search_problems["train"]:
+        solution = tools.search_worked_solution(problem, index, k=1)
+        assert not any(city in solution for city in heldout_cities), problem
+
+
+def _city_of(kb, entity):
+    people = {p.name: p.birthplace for p in kb.people}
+    return people.get(entity, entity)
+
+
+def test_search_chains(kb, index, all_search_problems):
+    people = {p.name: p for p in kb.people}
+    for problem in all_search_problems["train"] + all_search_problems["heldout"]:
+        entity, queries = problem["entity"], problem["queries"]
+        assert entity in problem["prompt"] and queries[0] == entity and len(queries) == problem["hops"]
+        if problem["hops"] == 2:  # person -> their birthplace (named in the person's document) -> the city
+            person = people[entity]
+            assert queries[1] == person.birthplace and person.birthplace in person.document().text
+            city = kb.city(queries[1])
+            assert problem["answer"] in {city.country, city.river, city.founder}
+        last_document = index.search(queries[-1], k=1)[0]
+        assert last_document.title == queries[-1] and problem["answer"] in last_document.text
+
+
+def test_search_worked_solutions(index, all_search_problems):
+    problems = all_search_problems["train"][:300] + all_search_problems["heldout"][:100]
+    for k in (1, 2):
+        for problem in problems:
+            solution = tools.search_worked_solution(problem, index, k)
+            assert solution.startswith("<think>\n<search>")
+            assert solution.endswith(f"</think>\n\\boxed{{{problem['answer']}}}")
+            turns = tool_turns(solution, SEARCH_FORMAT)
+            assert [call for call, _ in turns] == problem["queries"]
+            for query, body in turns:  # exactly what the search tool returns for that query
+                assert body == format_results(index.search(query, k), tools.DEFAULT_MAX_CHARS)
+                assert body.count("\n") == k - 1
+            assert accuracy_reward(problem, solution) == 1.0
+
+
+def test_search_pinned_example(index):
+    problem = next(p for p in tools.search_problems("train", 100, hops=(2,)) if "river" in p["prompt"])
+    assert problem == {"prompt": "Which river flows through the city where Vospu Posthu was born?", "answer": "Starkel",
+                       "hops": 2, "entity": "Vospu Posthu", "queries": ["Vospu Posthu", "Deintar"]}
+    assert tools.search_worked_solution(problem, index, k=1) == (
+        "<think>\n"
+        "<search>Vospu Posthu</search>\n"
+        "<information>[Vospu Posthu] Vospu Posthu is an engraver born in Deintar in 1825.</information>\n"
+        "<search>Deintar</search>\n"
+        "<information>[Deintar] Deintar is a city in Vuleikes on the Starkel river, founded by Vamus Hortin."
+        "</information>\n"
+        "</think>\n\\boxed{Starkel}")
+
+
+def test_search_answers_grade_as_text(kb, all_search_problems):
+    """Each answer, boxed, earns 1.0 in any case; every other answer of the same kind earns 0.0."""
+    answers_of_kind = {"city": {c.name for c in kb.cities}, "country": {c.country for c in kb.cities},
+                       "river": {c.river for c in kb.cities}, "founder": {c.founder for c in kb.cities},
+                       "profession": set(tools.PROFESSIONS)}
+    for kind, answers in answers_of_kind.items():
+        answers = sorted(answers)
+        for answer, wrong in zip(answers, answers[1:] + answers[:1]):
+            problem = {"prompt": "?", "answer": answer}
+            assert accuracy_reward(problem, f"</think>\n\\boxed{{{answer.upper()}}}") == 1.0, answer
+            assert accuracy_reward(problem, f"</think>\n\\boxed{{{wrong}}}") == 0.0, (answer, wrong)
+    problem = all_search_problems["train"][0]
+    assert accuracy_reward(problem, "</think>\n\\boxed{}") == 0.0
+    assert accuracy_reward(problem, f"no box: {problem['answer']}") == 0.0
+
+
+def test_search_observation_sizes(kb, index):
+    """Observations stay short enough for a small model's context: ~90-120 characters at k=1, ~150-200 at k=2."""
+    for k, limit in ((1, 130), (2, 210)):
+        sizes = [len(SEARCH_FORMAT.observation(search_observation_body(index, d.title, k))) for d in kb.documents()]
+        assert max(sizes) <= limit, (k, max(sizes))
