@@ -18,16 +18,20 @@ Top to bottom:
   knowledge_base() (one short document per entity: 360 documents of 45-82 characters).
 - Task builtin:search. Questions about the knowledge base needing one lookup ("In which city was X born?") or
   two ("Which river flows through the city where X was born?"): search_problems, search_worked_solution.
+- Task builtin:tool_arithmetic. Sums and products of 3-5 digit numbers, one line of Python with the tool:
+  tool_arithmetic_problem, tool_arithmetic_problems, evaluate_arithmetic, tool_arithmetic_worked_solution.
 
 How the engine uses a format: a row pauses when its text ends with call_close after a call_open; the call is
 the text between them; the engine appends observation(output), i.e. result_open + output + result_close,
 where output loses its trailing newlines (Python's stdout "42\\n" is shown as "```output\\n42\\n```").
 
-The search task has disjoint "train" and "heldout" splits fixed by a crc32 hash of the city a question is about
-(an eighth of the cities held out, with every question about them or about the people born there).
+Each task has disjoint "train" and "heldout" splits fixed by a crc32 hash, however the problems were generated:
+of the expression (tool_arithmetic: an eighth of all expressions held out), or of the city a question is about
+(search: an eighth of the cities held out, with every question about them or about the people born there).
 Problems are plain dicts graded by verify.accuracy_reward (math_reward on "answer").
 """
 
+import ast
 import collections
 import math
 import random
@@ -319,3 +323,64 @@ def search_worked_solution(problem, index, k=DEFAULT_SEARCH_K, max_chars=DEFAULT
     calls = "".join(SEARCH_FORMAT.call(query) + SEARCH_FORMAT.observation(
         search_observation_body(index, query, k, max_chars)) for query in problem["queries"])
     return f"<think>\n{calls}</think>\n\\boxed{{{problem['answer']}}}"
+
+# -----------------------------------------------------------------------------
+# builtin:tool_arithmetic: sums and products of big numbers, one line of Python with the tool
+
+
+def tool_arithmetic_problem(rng, min_operands=2, max_operands=3, min_digits=3, max_digits=5, operators="+*"):
+    """A random problem: {"prompt", "answer", "expr"}, e.g. "Compute 48213*7719+5126." with answer
+    "372161273". Operands have min_digits..max_digits digits (no leading zero), joined by random operators
+    (Python's precedence: * before +). operators="+-*" adds subtraction, and with it negative answers."""
+    digits = [rng.randint(min_digits, max_digits) for _ in range(rng.randint(min_operands, max_operands))]
+    operands = [rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits]
+    expr = str(operands[0]) + "".join(rng.choice(operators) + str(x) for x in operands[1:])
+    return {"prompt": f"Compute {expr}.", "answer": str(evaluate_arithmetic(expr)), "expr": expr}
+
+
+def tool_arithmetic_problems(split, n, seed=0, **difficulty):
+    """n problems from the "train" or "heldout" split; same seed, same problems. The splits are disjoint by
+    construction: a hash of the expression puts a fixed eighth of all expressions in heldout."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng, out = random.Random(f"tool_arithmetic-{split}-{seed}"), []
+    while len(out) < n:
+        problem = tool_arithmetic_problem(rng, **difficulty)
+        heldout = zlib.crc32(problem["expr"].encode()) % 8 == 0  # a fixed eighth never appears in training
+        if heldout == (split == "heldout"):
+            out.append(problem)
+    return out
+
+
+def evaluate_arithmetic(expr):
+    """The exact integer value of an expression of integer literals, + - * and parentheses, as Python computes
+    it; ValueError on anything else (it is parsed, never executed)."""
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC_OPERATORS:
+            return _ARITHMETIC_OPERATORS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f"not integer + - * arithmetic: {ast.unparse(node)!r}")
+    try:
+        return value(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ValueError(f"not an expression: {expr[:100]!r}") from e
+
+
+_ARITHMETIC_OPERATORS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}
+
+
+def tool_arithmetic_worked_solution(problem, use_tool=True):
+    """The R1-format completion of a tool_arithmetic problem. With the tool: one Python call printing the
+    expression, followed by exactly the observation the interpreter's output gives (PYTHON_FORMAT), then the
+    boxed answer: "<think>\\n```python\\nprint(1+2)\\n```\\n```output\\n3\\n```\\n</think>\\n\\boxed{3}". Without:
+    the equation written directly, "<think>\\n1+2=3\\n</think>\\n\\boxed{3}" (a no-tool baseline on the same
+    problems)."""
+    answer = problem["answer"]
+    if not use_tool:
+        return f"<think>\n{problem['expr']}={answer}\n</think>\n\\boxed{{{answer}}}"
+    printed = f"{evaluate_arithmetic(problem['expr'])}\n"  # what print() writes for an int
+    call = PYTHON_FORMAT.call(f"print({problem['expr']})\n")
+    return f"<think>\n{call}{PYTHON_FORMAT.observation(printed)}</think>\n\\boxed{{{answer}}}"

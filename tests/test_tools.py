@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_tools.py -q"""
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import zlib
@@ -292,3 +293,60 @@ def test_search_observation_sizes(kb, index):
     for k, limit in ((1, 130), (2, 210)):
         sizes = [len(SEARCH_FORMAT.observation(search_observation_body(index, d.title, k))) for d in kb.documents()]
         assert max(sizes) <= limit, (k, max(sizes))
+
+# -----------------------------------------------------------------------------
+# builtin:tool_arithmetic
+
+
+def test_tool_arithmetic_pinned_example():
+    problem = {"prompt": "Compute 48213*7719+5126.", "answer": "372161273", "expr": "48213*7719+5126"}
+    assert tools.tool_arithmetic_worked_solution(problem) == (
+        "<think>\n```python\nprint(48213*7719+5126)\n```\n```output\n372161273\n```\n</think>\n\\boxed{372161273}")
+    assert tools.tool_arithmetic_worked_solution(problem, use_tool=False) == (
+        "<think>\n48213*7719+5126=372161273\n</think>\n\\boxed{372161273}")
+
+
+def test_tool_arithmetic_problems():
+    train, heldout = tools.tool_arithmetic_problems("train", 400), tools.tool_arithmetic_problems("heldout", 100)
+    assert not {p["expr"] for p in train} & {p["expr"] for p in heldout}
+    assert all(zlib.crc32(p["expr"].encode()) % 8 == 0 for p in heldout)
+    assert train == tools.tool_arithmetic_problems("train", 400) != tools.tool_arithmetic_problems("train", 400, seed=1)
+    for p in train + heldout:
+        numbers = p["expr"].replace("*", "+").split("+")
+        assert 2 <= len(numbers) <= 3 and all(3 <= len(n) <= 5 and n[0] != "0" for n in numbers)
+        assert p["prompt"] == f"Compute {p['expr']}." and p["answer"] == str(eval(p["expr"]))
+    assert {op for p in train for op in p["expr"] if not op.isdigit()} == {"+", "*"}
+    hard = tools.tool_arithmetic_problems("train", 50, min_digits=6, max_digits=6, operators="-")
+    assert all(len(n) == 6 for p in hard for n in p["expr"].split("-")) and any(p["answer"][0] == "-" for p in hard)
+
+
+def test_evaluate_arithmetic():
+    rng = random.Random(0)
+    for _ in range(200):
+        expr = "".join(str(rng.randint(0, 10 ** 6)) + rng.choice("+-*") for _ in range(rng.randint(1, 5)))[:-1]
+        assert tools.evaluate_arithmetic(expr) == eval(expr)
+    assert tools.evaluate_arithmetic("(2+3)*-4") == -20
+    for bad in ("2**3", "1/2", "7//2", "x+1", "1+", "__import__('os').getpid()", "1.5*2", "True+1", ""):
+        with pytest.raises(ValueError):
+            tools.evaluate_arithmetic(bad)
+
+
+def test_tool_arithmetic_worked_solutions():
+    problems = (tools.tool_arithmetic_problems("train", 150)
+                + tools.tool_arithmetic_problems("heldout", 50, operators="+-*"))
+    for problem in problems:
+        solution = tools.tool_arithmetic_worked_solution(problem)
+        [(code, output)] = tool_turns(solution, PYTHON_FORMAT)
+        assert code == f"print({problem['expr']})\n" and output == str(eval(problem["expr"]))
+        assert solution == ("<think>\n" + PYTHON_FORMAT.call(code) + PYTHON_FORMAT.observation(output + "\n")
+                            + f"</think>\n\\boxed{{{problem['answer']}}}")
+        for use_tool in (True, False):
+            text = tools.tool_arithmetic_worked_solution(problem, use_tool)
+            assert accuracy_reward(problem, text) == 1.0
+            assert accuracy_reward(problem, text.replace(problem["answer"], str(int(problem["answer"]) + 1))) == 0.0
+    # the real interpreter prints exactly the observed output (a handful, in one process)
+    sample = problems[::25]
+    program = "".join(tool_turns(tools.tool_arithmetic_worked_solution(p), PYTHON_FORMAT)[0][0] for p in sample)
+    printed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert printed.splitlines() == [tool_turns(tools.tool_arithmetic_worked_solution(p), PYTHON_FORMAT)[0][1]
+                                    for p in sample]
