@@ -36,11 +36,11 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm import tqdm
 
-from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir
+from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir, tokenizer_mismatch
 from verify import task_problems
 
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "final", "curve.png")  # with ckpt-*: what a run writes to --out
+RUN_FILES = ("metrics.jsonl", "summary.json", "final", "curve.png", "traces.jsonl", "traces.stats.json")  # + ckpt-*
 
 
 def world_size():
@@ -117,6 +117,17 @@ class Run:
             return (f"{self.out} already holds a run ({', '.join(p.name for p in earlier)}): pass --resume auto to "
                     "continue it, --overwrite to replace it, or another --out")
         self.replacing = self.args.resume is None and bool(earlier or aside.exists())
+        return self.check_resume()
+
+    def check_resume(self):
+        """--resume, checked before anything is loaded: "" if it names a checkpoint of this run (or is 'auto'), else
+        why not. resume() loads it later, and with 'auto' checks each candidate as it tries it."""
+        if self.args.resume in (None, "auto"):
+            return ""
+        try:
+            check_same_run(self, Path(self.args.resume), read_training_state(Path(self.args.resume)))
+        except (ValueError, OSError) as e:
+            return f"--resume {self.args.resume}: {e}"
         return ""
 
     def earlier_run(self):
@@ -266,12 +277,55 @@ def unwrap(model):
 
 @contextmanager
 def user_input():
-    """Around a script's setup (flags, data files, model folders): a mistake there is the user's, reported as one
-    line naming the file or flag and exit status 1 instead of a traceback. Errors in training keep theirs."""
+    """Around a script's setup (data files, model folders, resuming): a mistake there is the user's, or the machine's
+    (a full disk), reported as one line naming the file or flag and exit status 1 instead of a traceback. Errors in
+    training keep theirs."""
     try:
         yield
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, SafetensorError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: argparse with one-line errors, and the types that check each flag's range as it is parsed
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the flag and why) instead of the usage message of forty flags."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def flag_type(convert, ok, needs):
+    """An argparse type: convert(text), accepted when ok(value), else 'must be <needs>, got <text>'."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {needs}, got {text!r}")
+        return value
+    return parse
+
+
+count = flag_type(int, lambda n: n >= 1, "an integer >= 1")
+non_negative_int = flag_type(int, lambda n: n >= 0, "an integer >= 0")
+positive = flag_type(float, lambda x: 0 < x < math.inf, "a number > 0")
+non_negative = flag_type(float, lambda x: 0 <= x < math.inf, "a number >= 0")
+probability = flag_type(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+fraction = flag_type(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+dtype_name = flag_type(lambda s: s if parse_dtype_or_none(s) else None, bool, "float32, bfloat16 or float16")
+prompt_template = flag_type(str, lambda t: "{question}" in t, "a template containing {question} (where the problem "
+                            "goes)")
+
+
+def parse_dtype_or_none(name):
+    try:
+        return parse_dtype(name)
+    except ValueError:
+        return None
 
 
 def json_object(text):
@@ -315,27 +369,34 @@ def add_training_args(p, script, lr, max_steps, batch_size):
     add_prompt_args(p)
     p.add_argument("--out", default=f"out/{script}", help="output folder: checkpoints, metrics.jsonl, summary.json")
     p.add_argument("--seed", type=int, default=0, help="random seed (each rank derives its own)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", help="parameter dtype; on CUDA, matmuls also run under bf16 autocast")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine schedule floor, as a fraction of --lr")
-    p.add_argument("--warmup_steps", type=int, default=10, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    p.add_argument("--max_steps", type=int, default=max_steps, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=batch_size, help="global batch (all ranks together)")
-    p.add_argument("--micro_batch_tokens", type=int, default=8192,
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                   help="cpu or cuda")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="parameter dtype (float32, bfloat16, float16); "
+                   "on CUDA, matmuls also run under bf16 autocast")
+    p.add_argument("--lr", type=positive, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--min_lr_ratio", type=fraction, default=0.1, help="cosine schedule floor, as a fraction of --lr")
+    p.add_argument("--warmup_steps", type=non_negative_int, default=10, help="linear warmup steps")
+    p.add_argument("--weight_decay", type=non_negative, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=positive, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--max_steps", type=count, default=max_steps, help="optimizer steps")
+    p.add_argument("--batch_size", type=count, default=batch_size, help="global batch (all ranks together)")
+    p.add_argument("--micro_batch_tokens", type=count, default=8192,
                    help="padded tokens per forward/backward pass; larger steps accumulate gradients")
-    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep_checkpoints", type=int, default=2, help="how many step checkpoints to keep")
-    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing")
+    p.add_argument("--save_every", type=non_negative_int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep_checkpoints", type=count, default=2, help="how many step checkpoints to keep (>= 1; the "
+                   "final folder is extra)")
+    p.add_argument("--resume", default=None, help="a checkpoint folder to continue from, or 'auto' (newest in --out); "
+                   "the run's arguments must be the saved ones (see --allow_changed)")
+    p.add_argument("--allow_changed", default="", metavar="FLAGS", help="--resume: flags that may differ from the "
+                   "checkpoint's run, comma-separated (e.g. lr,data: a deliberate change); others are refused")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of refusing (it "
+                   "is moved to OUT/.replaced and deleted once this run has saved a checkpoint)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_compile_decode_arg(p)
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over ranks "
                    "(FSDP2) instead of replicating them (DDP): for models that do not fit one GPU with DDP")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many consecutive NaN/inf steps")
+    p.add_argument("--max_bad_steps", type=count, default=5, help="stop after this many consecutive NaN/inf steps")
     return p
 
 
@@ -360,9 +421,21 @@ def load_model(run, path, config=None):
 
 def load_policy(run, args, kl_coef):
     """An RL run's policy (args.model) and tokenizer, and its frozen KL reference (args.ref_model, default the
-    policy's starting point), loaded only when kl_coef > 0: no memory and no forward pass otherwise."""
+    policy's starting point), loaded only when kl_coef > 0: no memory and no forward pass otherwise. The reference
+    reads the policy's token ids, so its tokenizer must be the policy's."""
     policy, tokenizer = load_model(run, args.model)
+    if kl_coef > 0 and args.ref_model is not None:
+        check_same_tokenizer(Tokenizer.from_pretrained(args.ref_model), tokenizer, what="reference model")
     return policy, tokenizer, load_frozen(run, args.ref_model or args.model) if kl_coef > 0 else None
+
+
+def check_same_tokenizer(model_tokenizer, policy_tokenizer, what="reward model"):
+    """A model that reads the policy's token ids (reference, critic, reward model) must share its tokenizer."""
+    why = tokenizer_mismatch(model_tokenizer, policy_tokenizer)
+    if why:
+        raise ValueError(f"the {what}'s tokenizer ({model_tokenizer.name_or_path}) differs from the policy's "
+                         f"({policy_tokenizer.name_or_path}): {why}. Use a {what} made from the policy's checkpoint "
+                         "(or one with the same tokenizer).")
 
 
 def load_frozen(run, path):
@@ -554,7 +627,8 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
     tmp = Path(run.broadcast_str(str(tmp)))  # rank 0's pid names the folder every rank writes into
     run.claim_out()
     try:
-        write_checkpoint(run, tmp, models, optimizers, tokenizer, {"step": step, "world_size": run.world, **(state or {})})
+        write_checkpoint(run, tmp, models, optimizers, tokenizer,
+                         {"step": step, "world_size": run.world, "identity": run_identity(run), **(state or {})})
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"error: could not save {final}: {e}") from None
@@ -603,28 +677,96 @@ def checkpoint_or_stop(run, step, models, optimizers, tokenizer, state=None):
         raise SystemExit(130)
 
 
+# Flags that change how a run executes or reports, not what it computes: free to differ on --resume. Every other
+# flag defines the run and must match the checkpoint's, unless named in --allow_changed.
+OPERATIONAL_FLAGS = {"resume", "allow_changed", "overwrite", "out", "max_steps", "save_every", "keep_checkpoints",
+                     "eval_every", "device", "compile", "compile_decode", "micro_batch_tokens",
+                     "teacher_micro_batch_tokens", "gen_batch_size", "grad_checkpointing", "max_bad_steps", "fsdp",
+                     "require_sandbox"}
+
+
+def run_identity(run):
+    """What a checkpoint records of the run that made it, and resume checks: the script and its defining flags."""
+    args = {k: v for k, v in vars(run.args).items() if k not in OPERATIONAL_FLAGS}
+    return {"script": run.script, "args": json.loads(json.dumps(args))}  # as JSON will give it back
+
+
+def checkpoints(out):
+    """The complete step checkpoints in out, newest first."""
+    return sorted((p for p in Path(out).glob("ckpt-*") if (p / "training_state.json").exists()), reverse=True)
+
+
 def latest_checkpoint(out):
-    ckpts = sorted(p for p in Path(out).glob("ckpt-*") if (p / "training_state.json").exists())
-    return ckpts[-1] if ckpts else None
+    found = checkpoints(out)
+    return found[0] if found else None
 
 
 def resume(run, models, optimizers):
-    """Restore weights and optimizer state from --resume; returns the saved training state ({} if none).
-    metrics.jsonl lines past the checkpoint are dropped so the log reads as one uninterrupted run."""
-    path = run.args.resume
-    if path is None:
+    """Restore weights and optimizer state from --resume; returns the saved training state ({} if none). The
+    checkpoint must come from the same script with the same defining flags (--allow_changed names exceptions). With
+    --resume auto a checkpoint that does not load (truncated, corrupt, of another shape) gives way to the previous
+    one, saying so. metrics.jsonl lines past the checkpoint are dropped so the log reads as one uninterrupted run."""
+    if run.args.resume is None:
         return {}
-    path = latest_checkpoint(run.out) if path == "auto" else Path(path)
-    if path is None:
+    auto = run.args.resume == "auto"
+    candidates = checkpoints(run.out) if auto else [Path(run.args.resume)]
+    if not candidates:  # the steps an earlier attempt logged will be run (and logged) again: not twice in the log
         run.print(f"--resume auto: no checkpoint in {run.out}, starting fresh")
+        if run.is_main:
+            (run.out / "metrics.jsonl").unlink(missing_ok=True)
         return {}
+    for i, path in enumerate(candidates):
+        try:
+            state = read_training_state(path)
+            check_same_run(run, path, state)
+            load_checkpoint(run, path, state, models, optimizers)
+            error = ""
+        except (ValueError, OSError, SafetensorError, KeyError) as e:
+            error = f"--resume {path}: {e}"
+        if run.all_max(float(bool(error))) == 0:  # every rank loaded it
+            break
+        if not auto or i == len(candidates) - 1 or error.startswith(f"--resume {path}: another run"):
+            raise SystemExit(f"error: {error or f'--resume {path}: another rank could not load it'}")
+        run.print(f"{error or f'{path}: another rank could not load it'}; falling back to {candidates[i + 1]}")
+    if run.is_main and (run.out / "metrics.jsonl").exists():
+        kept = [r for r in read_metrics(run.out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
+        (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    run.print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def read_training_state(path):
     if not (path / "training_state.json").exists():
-        raise SystemExit(f"--resume {path}: not a checkpoint folder (no training_state.json)")
+        raise ValueError("not a checkpoint folder (no training_state.json)")
     state = json.loads((path / "training_state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("training_state.json has no step")
+    return state
+
+
+def check_same_run(run, path, state):
+    """A checkpoint continues only the run that saved it: the same script and defining flags."""
+    saved, now = state.get("identity"), run_identity(run)
+    if saved is None:  # written before checkpoints recorded their run: nothing to compare
+        run.print(f"{path} does not record the run that made it: its flags cannot be checked")
+        return
+    if saved["script"] != now["script"]:
+        raise ValueError(f"another run: saved by {saved['script']}.py, not {now['script']}.py")
+    allowed = {f.strip().lstrip("-") for f in run.args.allow_changed.split(",") if f.strip()}
+    changed = [k for k in sorted(set(saved["args"]) | set(now["args"]))
+               if saved["args"].get(k) != now["args"].get(k) and k not in allowed]
+    if changed:
+        diffs = ", ".join(f"--{k} {saved['args'].get(k)!r} -> {now['args'].get(k)!r}" for k in changed)
+        raise ValueError(f"another run: its flags differ ({diffs}); pass --allow_changed {','.join(changed)} if "
+                         "that is deliberate")
+
+
+def load_checkpoint(run, path, state, models, optimizers):
+    """Weights and optimizer state of checkpoint path into models and optimizers (in place)."""
     sharded = run.args.fsdp and run.world > 1
     if sharded and state.get("world_size") != run.world:
-        raise SystemExit(f"--resume {path}: saved by {state.get('world_size')} FSDP ranks, this run has {run.world} "
-                         "(sharded optimizer state needs the same number)")
+        raise ValueError(f"saved by {state.get('world_size')} FSDP ranks, this run has {run.world} (sharded "
+                         "optimizer state needs the same number)")
     for sub, model in models.items():
         load_weights(unwrap(model), path / sub if sub else path)
     for key, opt in optimizers.items():
@@ -632,12 +774,6 @@ def resume(run, models, optimizers):
         meta = json.loads((path / f"optimizer_{key}{suffix}.json").read_text())
         params = [p for g in opt.param_groups for p in g["params"]]
         opt.load_state_dict(unflatten_optimizer(load_file(path / f"optimizer_{key}{suffix}.safetensors"), meta, params))
-    run.barrier()
-    if run.is_main and (run.out / "metrics.jsonl").exists():
-        kept = [r for r in read_metrics(run.out / "metrics.jsonl") if r.get("step", 0) <= state["step"]]
-        (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    run.print(f"resumed from {path} at step {state['step']}")
-    return state
 
 
 def load_weights(model, folder):
@@ -671,9 +807,14 @@ def flatten_optimizer(sd):
 
 
 def unflatten_optimizer(tensors, meta, params=None):
+    """The inverse of flatten_optimizer; with params, a saved moment whose shape is not its parameter's (a checkpoint
+    of another model) is refused here rather than at the first optimizer step."""
     state = {}
     for key, v in [*tensors.items(), *meta["scalars"].items()]:
         idx, k = key.split(".", 1)
+        if params is not None and (int(idx) >= len(params) or torch.is_tensor(v) and v.dim() and key not in
+                                   meta.get("placements", {}) and v.shape != params[int(idx)].shape):
+            raise ValueError(f"optimizer state {key} does not fit this model's parameter {idx} (another model?)")
         if key in meta.get("placements", {}):
             saved = meta["placements"][key]
             places = [Replicate() if p == "Replicate()" else Shard(int(re.search(r"\d+", p).group()))

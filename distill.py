@@ -54,11 +54,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import verify
-from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_frozen, load_model,
-                    load_tokenizer, lr_at, make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint,
-                    step_problems, user_input)
-from model import ModelConfig
-from sample import PROMPT_TEMPLATE, heldout_accuracy, prompt_ids, rl_problems, rollout
+from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, first_loss_position, fraction,
+                    load_frozen, load_model, load_tokenizer, lr_at, make_optimizer, micro_batches, non_negative_int,
+                    optimizer_step, positive, resume, save_checkpoint, step_problems, user_input)
+from model import ModelConfig, tokenizer_mismatch
+from sample import add_rl_data_args, heldout_accuracy, prompt_ids, rl_problems, rollout
 from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
 
@@ -67,33 +67,24 @@ CHUNK_ELEMENTS = 2**24  # float32 elements of one [rows, V] chunk of the diverge
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["traces", "logits"], default="traces",
                    help="traces: rejection-sampled teacher traces + SFT; logits: token-level KD (see above)")
     p.add_argument("--teacher", default=None, help="teacher model folder (default: the first of "
                    f"{', '.join(DEFAULT_TEACHERS)} that exists)")
     p.add_argument("--student", default=None, help="student model folder (default: a fresh model of --n_layer, "
                    "--n_embd, --n_head with the byte-level tokenizer)")
-    p.add_argument("--n_layer", type=int, default=2, help="fresh student: layers")
-    p.add_argument("--n_embd", type=int, default=64, help="fresh student: hidden size")
-    p.add_argument("--n_head", type=int, default=4, help="fresh student: attention heads")
-    p.add_argument("--data", default="builtin", help="prompts: problems JSONL (prompt/answer, GSM8K or MATH; code or "
-                   "Countdown records) or a built-in task's training split ('builtin', 'builtin:countdown')")
-    p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
-    p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out split)")
-    p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
-    p.add_argument("--max_new_tokens", type=int, default=96, help="completion length limit (sampling and evaluation)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature (default: 0.7 for traces, 1.0 for logits: the student's own "
-                   "distribution)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--gen_batch_size", type=int, default=256, help="sequences per generate call")
+    p.add_argument("--n_layer", type=count, default=2, help="fresh student: layers")
+    p.add_argument("--n_embd", type=count, default=64, help="fresh student: hidden size")
+    p.add_argument("--n_head", type=count, default=4, help="fresh student: attention heads")
+    add_rl_data_args(p, max_new_tokens=96, temperature=None)  # --temperature: 0.7 for traces, 1.0 for logits
+    p.add_argument("--gen_batch_size", type=count, default=256, help="sequences per generate call")
     # traces mode
-    p.add_argument("--num_prompts", type=int, default=2000, help="traces: prompts the teacher answers (all ranks)")
-    p.add_argument("--samples_per_prompt", type=int, default=4, help="traces: k, traces sampled per prompt")
+    p.add_argument("--num_prompts", type=count, default=2000, help="traces: prompts the teacher answers (all ranks)")
+    p.add_argument("--samples_per_prompt", type=count, default=4, help="traces: k, traces sampled per prompt")
     p.add_argument("--keep", choices=["all", "shortest"], default="all",
                    help="traces: keep every verified trace, or only the shortest (--max_per_prompt shortest if set)")
-    p.add_argument("--max_per_prompt", type=int, default=0,
+    p.add_argument("--max_per_prompt", type=non_negative_int, default=0,
                    help="traces: keep at most this many per prompt (0: no cap)")
     p.add_argument("--format", choices=["strict", "lenient", "none"], default="strict",
                    help="traces: format check besides a correct answer (verify.strict_format_reward / format_reward)")
@@ -101,20 +92,20 @@ def parser():
     p.add_argument("--traces_only", action="store_true", help="traces: write the dataset and stop (no student)")
     p.add_argument("--mix_data", action="append", default=[],
                    help="traces: chat JSONL of extra SFT examples trained on together with the traces (repeatable)")
-    p.add_argument("--max_len", type=int, default=1024,
+    p.add_argument("--max_len", type=count, default=1024,
                    help="longer SFT (traces, --mix_data) and --kd_data examples are truncated")
     # logits mode
     p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
                    help="logits: the divergence (see above)")
     p.add_argument("--beta", type=float, default=0.5, help="logits: JSD's beta, in (0, 1)")
-    p.add_argument("--kd_temperature", type=float, default=1.0, help="logits: tau, softmax temperature of both models")
-    p.add_argument("--on_policy_frac", type=float, default=0.5,
+    p.add_argument("--kd_temperature", type=positive, default=1.0, help="logits: tau, softmax temperature of both models")
+    p.add_argument("--on_policy_frac", type=fraction, default=0.5,
                    help="logits: lambda, the fraction of each step's sequences sampled by the student")
     p.add_argument("--kd_data", default=None, help="logits: the other (teacher-forced) sequences: 'teacher' (the "
                    "teacher samples completions of --data prompts), 'builtin' (the built-in task's worked solutions) "
                    "or a chat JSONL whose assistant turns are scored (default: builtin with --data builtin, else "
                    "teacher)")
-    p.add_argument("--teacher_micro_batch_tokens", type=int, default=None,
+    p.add_argument("--teacher_micro_batch_tokens", type=count, default=None,
                    help="logits: padded tokens per teacher forward pass (default: --micro_batch_tokens)")
     add_training_args(p, "distill", lr=3e-3, max_steps=400, batch_size=64)
     return p
@@ -211,23 +202,6 @@ def teacher_logits(run, teacher, x, max_tokens, logits_from=0):
         return torch.cat([teacher(x[i:i + rows], logits_from=logits_from) for i in range(0, x.shape[0], rows)])
 
 
-def vocab_mismatch(a, b):
-    """Why tokenizers a and b do not give every id the same token (None if they do). Compares sizes, special tokens
-    and the text of every id."""
-    if a.vocab_size != b.vocab_size:
-        return f"vocabulary sizes {a.vocab_size} and {b.vocab_size}"
-    if a.special_tokens != b.special_tokens:
-        return "different special tokens"
-
-    def text(tok, i):
-        try:
-            return tok.decode([i])
-        except KeyError:  # an id with no token (a gap in the vocabulary)
-            return None
-    diff = next((i for i in range(a.vocab_size) if text(a, i) != text(b, i)), None)
-    return None if diff is None else f"token {diff} is {text(a, diff)!r} in one and {text(b, diff)!r} in the other"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Trace distillation: rejection sampling
 
@@ -303,6 +277,7 @@ def make_traces(run, args, teacher, tokenizer, problems):
              "mean_sample_len": run.all_sum(sum(n for g in samples for _, n, _ in g)) / max(1, n_samples),
              "truncated_frac": run.all_sum(sum(t for g in samples for _, _, t in g)) / max(1, n_samples)}
     if run.is_main:
+        run.claim_out()  # the run's first write: an --overwrite-n earlier run moves aside now
         write_traces(args.traces_file, kept)
         Path(args.traces_file).with_suffix(".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     run.barrier()
@@ -395,7 +370,7 @@ def main(argv=None):
                                  num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
                                  num_key_value_heads=args.n_head, max_position_embeddings=512)
             student, student_tok = load_model(run, args.student, config)
-        reason = vocab_mismatch(teacher_tok, student_tok) if args.mode == "logits" and student else None
+        reason = tokenizer_mismatch(teacher_tok, student_tok) if args.mode == "logits" and student else None
         if reason:
             student_name = args.student or "byte_level (a fresh student)"
             raise SystemExit(f"--mode logits needs one vocabulary, but the teacher's tokenizer ({args.teacher}) and "

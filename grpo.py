@@ -36,38 +36,34 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (Run, add_training_args, checkpoint_or_stop, load_policy, lr_at, make_optimizer, optimizer_step,
-                    resume, shared_prompt_micro_batches, step_problems, user_input, world_size)
+from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, load_policy, lr_at,
+                    make_optimizer, non_negative, non_negative_int, optimizer_step, positive, resume,
+                    shared_prompt_micro_batches, step_problems, user_input, world_size)
 from reward_model import load_reward_model
-from sample import (PROMPT_TEMPLATE, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
+from sample import (add_rl_data_args, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
                     sample_groups)
 from verify import add_reward_args
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL term (default: --model)")
-    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
-                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
-    p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out)")
-    p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
-    p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
+    add_rl_data_args(p, max_new_tokens=64)
     p.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="grpo", help="loss variant (see above)")
     p.add_argument("--group_size", type=int, default=8, help="G: completions per prompt")
-    p.add_argument("--mu", type=int, default=1, help="optimisation iterations per rollout batch")
-    p.add_argument("--epsilon", type=float, default=0.2, help="clip range: ratio in [1 - eps, 1 + eps_high]")
-    p.add_argument("--epsilon_high", type=float, default=None, help="upper clip (default: --epsilon; dapo: 0.28)")
-    p.add_argument("--beta", type=float, default=0.0, help="KL(pi || pi_ref) coefficient; 0 skips the reference model")
+    p.add_argument("--mu", type=count, default=1, help="optimisation iterations per rollout batch")
+    p.add_argument("--epsilon", type=positive, default=0.2, help="clip range: ratio in [1 - eps, 1 + eps_high]")
+    p.add_argument("--epsilon_high", type=positive, default=None, help="upper clip (default: --epsilon; dapo: 0.28)")
+    p.add_argument("--beta", type=non_negative, default=0.0, help="KL(pi || pi_ref) coefficient; 0 skips the "
+                   "reference model")
     p.add_argument("--kl_estimator", choices=["k1", "k2", "k3"], default="k3", help="per-token KL estimate (see above)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="completion length limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    p.add_argument("--top_p", type=float, default=None, help="rollout nucleus sampling")
     p.add_argument("--mask_truncated", action="store_true", help="no loss on completions that hit max_new_tokens")
-    p.add_argument("--dynamic_sampling", type=int, default=None, help="drop all-equal groups and resample (1/0; "
-                   "default: on for dapo)")
-    p.add_argument("--max_sampling_rounds", type=int, default=3, help="dynamic sampling: rollout rounds per step")
-    p.add_argument("--eval_every", type=int, default=5, help="held-out accuracy every N steps (0: start and end)")
+    p.add_argument("--dynamic_sampling", type=int, choices=(0, 1), default=None, help="drop all-equal groups and "
+                   "resample (1/0; default: on for dapo)")
+    p.add_argument("--max_sampling_rounds", type=count, default=3, help="dynamic sampling: rollout rounds per step")
+    p.add_argument("--eval_every", type=non_negative_int, default=5, help="held-out accuracy every N steps (0: start "
+                   "and end)")
     add_training_args(p, "grpo", lr=1e-4, max_steps=25, batch_size=256)
     add_reward_args(p)
     args = p.parse_args(argv)

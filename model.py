@@ -468,6 +468,8 @@ class Transformer(nn.Module):
             if tuple(tensors[name].shape) != tuple(p.shape):
                 raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                  f"config.json implies {tuple(p.shape)}")
+            if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"{source}: tensor {name} holds NaN or inf values (saved from a diverged run?)")
         state = {n: tensors[hf_name(n)] for n, _ in self.named_parameters()}
         self.load_state_dict(state, strict=False, assign=assign)
         if self.config.tie_word_embeddings:
@@ -958,3 +960,31 @@ class Tokenizer:
                 messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise ValueError(f"the chat template of {self.name_or_path or 'this tokenizer'} failed: {e}") from e
+
+
+_PROBE = "The quick brown fox: 7+5-3=9 \\boxed{17} <think>\n</think> naïve café 数学 🙂 \t  x = [1, 2]; "
+
+
+def tokenizer_mismatch(a, b):
+    """Why tokenizers a and b do not give the same ids to the same text and the same text to every id (a short
+    reason), or None if they do: models that read each other's token ids (a KL reference, a critic, a teacher whose
+    logits a student matches) need that. Compares sizes, special tokens, eos/pad ids, the text of every id, and how
+    a probe text is split (the merges)."""
+    if a.vocab_size != b.vocab_size:
+        return f"vocabulary sizes {a.vocab_size} vs {b.vocab_size}"
+    if a.special_tokens != b.special_tokens:
+        return "different special tokens"
+    if (a.eos_token_id, a.pad_token_id) != (b.eos_token_id, b.pad_token_id):
+        return f"eos/pad ids {(a.eos_token_id, a.pad_token_id)} vs {(b.eos_token_id, b.pad_token_id)}"
+
+    def text(tok, i):
+        try:
+            return tok.decode([i])
+        except KeyError:  # an id with no token (a gap in the vocabulary)
+            return None
+    diff = next((i for i in range(a.vocab_size) if text(a, i) != text(b, i)), None)
+    if diff is not None:
+        return f"token {diff} is {text(a, diff)!r} in one and {text(b, diff)!r} in the other"
+    if a.encode(_PROBE) != b.encode(_PROBE):
+        return "they split the same text into different tokens"
+    return None

@@ -37,47 +37,40 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, length_buckets, load_policy,
-                    lr_at, make_optimizer, micro_batches, optimizer_step, resume, step_problems,
-                    user_input, world_size)
+from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, count, first_loss_position, fraction,
+                    length_buckets, load_policy, lr_at, make_optimizer, micro_batches, non_negative, non_negative_int,
+                    optimizer_step, positive, resume, step_problems, user_input, world_size)
 from grpo import clipped_surrogate
 from model import Tokenizer
-from reward_model import RewardModel, check_same_tokenizer, last_token_index, load_reward_model
-from sample import (PROMPT_TEMPLATE, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
+from reward_model import RewardModel, last_token_index, load_reward_model
+from sample import (add_rl_data_args, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
                     sample_groups)
 from verify import add_reward_args
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL penalty (default: --model)")
     p.add_argument("--critic_model", default=None, help="value model init: a reward-model or causal LM folder "
                    "(default: --reward_model if given, else --model)")
-    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
-                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
-    p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: built-in held-out)")
-    p.add_argument("--heldout_problems", type=int, default=500, help="held-out problems for greedy accuracy")
-    p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="how a --data problem becomes the user turn")
-    p.add_argument("--group_size", type=int, default=1, help="completions sampled per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="completion length limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    p.add_argument("--top_p", type=float, default=None, help="rollout nucleus sampling")
-    p.add_argument("--kl_coef", type=float, default=0.02, help="beta: initial KL(pi || pi_ref) penalty per token")
-    p.add_argument("--target_kl", type=float, default=0.0, help="adaptive KL controller target (nats per "
+    add_rl_data_args(p, max_new_tokens=64)
+    p.add_argument("--group_size", type=count, default=1, help="completions sampled per prompt")
+    p.add_argument("--kl_coef", type=non_negative, default=0.02, help="beta: initial KL(pi || pi_ref) penalty per token")
+    p.add_argument("--target_kl", type=non_negative, default=0.0, help="adaptive KL controller target (nats per "
                    "sequence; 0: fixed beta)")
-    p.add_argument("--kl_horizon", type=int, default=10000, help="adaptive KL controller horizon (sequences)")
-    p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
-    p.add_argument("--lam", type=float, default=1.0, help="GAE lambda (1: the critic is only a baseline, which a "
+    p.add_argument("--kl_horizon", type=count, default=10000, help="adaptive KL controller horizon (sequences)")
+    p.add_argument("--gamma", type=fraction, default=1.0, help="GAE discount")
+    p.add_argument("--lam", type=fraction, default=1.0, help="GAE lambda (1: the critic is only a baseline, which a "
                    "fresh critic can be; lower values lean on its estimates and cut variance once it is good)")
-    p.add_argument("--epsilon", type=float, default=0.2, help="policy clip range: ratio in [1 - eps, 1 + eps]")
-    p.add_argument("--value_clip", type=float, default=0.2, help="value clip range around the rollout values")
-    p.add_argument("--entropy_coef", type=float, default=0.0, help="entropy bonus coefficient")
-    p.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch (more reuse each sample; "
+    p.add_argument("--epsilon", type=positive, default=0.2, help="policy clip range: ratio in [1 - eps, 1 + eps]")
+    p.add_argument("--value_clip", type=positive, default=0.2, help="value clip range around the rollout values")
+    p.add_argument("--entropy_coef", type=non_negative, default=0.0, help="entropy bonus coefficient")
+    p.add_argument("--ppo_epochs", type=count, default=1, help="passes over each rollout batch (more reuse each sample; "
                    "on CPU the default spends the time on fresh samples instead)")
-    p.add_argument("--n_minibatches", type=int, default=2, help="optimizer steps per pass (minibatches per rank)")
-    p.add_argument("--critic_lr", type=float, default=1e-3, help="critic peak learning rate (--lr is the policy's)")
-    p.add_argument("--eval_every", type=int, default=5, help="held-out accuracy every N steps (0: start and end)")
+    p.add_argument("--n_minibatches", type=count, default=2, help="optimizer steps per pass (minibatches per rank)")
+    p.add_argument("--critic_lr", type=positive, default=1e-3, help="critic peak learning rate (--lr is the policy's)")
+    p.add_argument("--eval_every", type=non_negative_int, default=5, help="held-out accuracy every N steps (0: start and end)")
     add_training_args(p, "ppo", lr=1e-4, max_steps=25, batch_size=256)
     add_reward_args(p)
     return p

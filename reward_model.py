@@ -43,9 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Run, add_training_args, checkpoint_or_stop, length_buckets, load_tokenizer, lr_at,
-                    make_optimizer, optimizer_step, pad_right, resume, save_checkpoint, step_indices, user_input)
-from model import ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_safetensors, rope_inv_freq, save_folder
+from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, count,
+                    length_buckets, load_tokenizer,
+                    lr_at, make_optimizer, non_negative_int, optimizer_step, pad_right, resume, save_checkpoint,
+                    step_indices, user_input)
+from model import (ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_json, read_safetensors, rope_inv_freq,
+                   save_folder)
 from sample import render
 from verify import builtin_problems, read_jsonl, worked_solution
 
@@ -147,37 +150,16 @@ def last_token_values(values, mask):
     return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
-# Any byte sequence a chat might hold: two tokenizers that encode it identically and agree on vocabulary size
-# and special tokens are the same tokenizer for our purposes.
-_PROBE = "The quick brown fox: 7+5-3=9 \\boxed{17} <think>\n</think> naïve café 数学 🙂 \t  x = [1, 2]; "
-
-
-def tokenizer_mismatch(a, b):
-    """Why tokenizers a and b differ (a short reason), or None if they are the same."""
-    if a.vocab_size != b.vocab_size:
-        return f"vocabulary sizes {a.vocab_size} vs {b.vocab_size}"
-    if a.special_tokens != b.special_tokens:
-        return "different special tokens"
-    if (a.eos_token_id, a.pad_token_id) != (b.eos_token_id, b.pad_token_id):
-        return f"eos/pad ids {(a.eos_token_id, a.pad_token_id)} vs {(b.eos_token_id, b.pad_token_id)}"
-    if a.encode(_PROBE) != b.encode(_PROBE):
-        return "they split the same text into different tokens"
-    return None
-
-
-def check_same_tokenizer(model_tokenizer, policy_tokenizer, what="reward model"):
-    why = tokenizer_mismatch(model_tokenizer, policy_tokenizer)
-    if why:
-        raise ValueError(f"the {what}'s tokenizer ({model_tokenizer.name_or_path}) differs from the policy's "
-                         f"({policy_tokenizer.name_or_path}): {why}. Train the {what} from the policy's "
-                         f"checkpoint (or one with the same tokenizer).")
-
-
 def load_reward_model(path, device="cpu", tokenizer_of_policy=None, dtype=None):
-    """A trained reward model ready to .score(prompts, responses), frozen, in eval mode (None for path None). With
-    tokenizer_of_policy, a reward model whose tokenizer differs from the policy's is refused."""
+    """A trained reward model ready to .score(prompts, responses), frozen, in eval mode (None for path None). A folder
+    without a score head (a causal LM, whose fresh head would score every response 0) is refused, and so, with
+    tokenizer_of_policy, is a reward model whose tokenizer differs from the policy's."""
     if path is None:
         return None
+    arch = (read_json(Path(path) / "config.json").get("architectures") or ["?"])[0]
+    if not arch.endswith("ForSequenceClassification"):
+        raise ValueError(f"--reward_model {path}: a {arch} folder, not a reward model (no score head, so every reward "
+                         "would be 0); train one with reward_model.py")
     tokenizer = Tokenizer.from_pretrained(path)
     if tokenizer_of_policy is not None:
         check_same_tokenizer(tokenizer, tokenizer_of_policy)
@@ -196,7 +178,8 @@ def as_messages(x, role, where):
     """A string (one turn of `role`) or a message list -> message list."""
     if isinstance(x, str):
         return [{"role": role, "content": x}]
-    if isinstance(x, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in x):
+    if isinstance(x, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                   and isinstance(m["content"], str) for m in x):
         return x
     raise ValueError(f"{where}: expected a string or a list of {{'role', 'content'}} messages, got {x!r:.80}")
 
@@ -220,9 +203,12 @@ def load_pairs(path):
         margin = rec.get("margin")
         if margin is not None and not isinstance(margin, (int, float)):
             raise ValueError(f"{where}: 'margin' must be a number, got {margin!r}")
-        pairs.append({"prompt": as_messages(rec.get("prompt", []), "user", where), "margin": margin,
-                      "chosen": as_messages(rec["chosen"], "assistant", where),
-                      "rejected": as_messages(rec["rejected"], "assistant", where), "kind": rec.get("kind", "all")})
+        pair = {"prompt": as_messages(rec.get("prompt", []), "user", where), "margin": margin,
+                "chosen": as_messages(rec["chosen"], "assistant", where),
+                "rejected": as_messages(rec["rejected"], "assistant", where), "kind": rec.get("kind", "all")}
+        if pair["chosen"] == pair["rejected"]:
+            raise ValueError(f"{where}: 'chosen' and 'rejected' are the same response (the pair teaches nothing)")
+        pairs.append(pair)
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs
@@ -373,19 +359,19 @@ def evaluate(run, model, pairs, micro_batch_tokens, pad_id):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft",
                    help="checkpoint to start from: any causal LM folder (fresh head) or a reward-model folder")
     p.add_argument("--data", default="builtin", help="preference JSONL (prompt/chosen/rejected), or 'builtin'")
     p.add_argument("--eval_data", default=None, help="held-out preference JSONL (default: built-in held-out, or none)")
-    p.add_argument("--builtin_size", type=int, default=5000, help="built-in training pairs")
-    p.add_argument("--heldout_pairs", type=int, default=500, help="built-in held-out pairs")
+    p.add_argument("--builtin_size", type=count, default=5000, help="built-in training pairs")
+    p.add_argument("--heldout_pairs", type=count, default=500, help="built-in held-out pairs")
     p.add_argument("--builtin_kinds", default=DEFAULT_KINDS, help=f"built-in rejected kinds, comma-separated, from "
                    f"{', '.join(KINDS)} (see the source)")
     p.add_argument("--margin", type=float, default=0.0, help="margin m in -log sigmoid(r_c - r_r - m) for pairs "
                    "without their own 'margin' field")
-    p.add_argument("--max_len", type=int, default=1024, help="pairs with a side longer than this are dropped (counted)")
-    p.add_argument("--eval_every", type=int, default=20, help="held-out metrics every N steps (0: start and end)")
+    p.add_argument("--max_len", type=count, default=1024, help="pairs with a side longer than this are dropped (counted)")
+    p.add_argument("--eval_every", type=non_negative_int, default=20, help="held-out metrics every N steps (0: start and end)")
     p.add_argument("--export_builtin", default=None, metavar="DIR", help="write the built-in pairs as JSONL and exit")
     add_training_args(p, "reward_model", lr=1e-3, max_steps=60, batch_size=32)
     return p

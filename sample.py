@@ -16,6 +16,7 @@ GPU (one device is enough for sampling; --compile_decode auto replays the decode
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 import verify
-from common import Run, add_compile_decode_arg, add_prompt_args, load_tokenizer, save_checkpoint, unwrap, user_input
+from common import (ArgumentParser, Run, add_compile_decode_arg, add_prompt_args, count, dtype_name, load_tokenizer,
+                    non_negative, positive, probability, prompt_template, save_checkpoint, unwrap, user_input)
 from model import KVCache, Transformer
 
 
@@ -336,6 +338,22 @@ def load_eval_problems(source, template, n=500):
     return verify.task_problems(source, "heldout", n) if verify.is_builtin(source) else templated_problems(source, template)
 
 
+def add_rl_data_args(p, max_new_tokens, temperature=1.0):
+    """The problem and rollout flags of every script that samples from prompts (grpo.py, ppo.py, distill.py), read by
+    rl_problems and the rollouts. temperature None: the script chooses (and checks) its own default."""
+    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
+                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
+    p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: the task's held-out split)")
+    p.add_argument("--heldout_problems", type=count, default=500, help="held-out problems for greedy accuracy")
+    p.add_argument("--prompt_template", type=prompt_template, default=PROMPT_TEMPLATE,
+                   help="how a --data problem becomes the user turn ({question} is replaced)")
+    p.add_argument("--max_new_tokens", type=count, default=max_new_tokens, help="completion length limit")
+    p.add_argument("--temperature", type=positive, default=temperature, help="rollout sampling temperature (> 0: "
+                   "RL learns from the differences between samples)")
+    p.add_argument("--top_p", type=probability, default=None, help="rollout nucleus sampling mass, in (0, 1]")
+    return p
+
+
 def rl_problems(args, models):
     """The problems of an RL (or distillation) run: (training problems, None for the built-in task's endless
     stream; held-out problems). models: [(tokenizer, max_positions)]; prompts that leave no room for
@@ -424,32 +442,37 @@ def evaluate(run, model, tokenizer, problems, n=1, max_new_tokens=512, temperatu
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="Hugging Face model folder")
     p.add_argument("--prompt", default="Compute 7+5-3+8.", help="user message (or raw text with --no_chat_template)")
     p.add_argument("--no_chat_template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0, or 0.6 with --eval)")
-    p.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--max_new_tokens", type=count, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=non_negative, default=None, help="0 = greedy (default: 0, or 0.6 with --eval)")
+    p.add_argument("--top_k", type=count, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top_p", type=probability, default=None, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on "
-                   "a GPU, whatever the checkpoint stores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                   help="cpu or cuda")
+    p.add_argument("--dtype", type=dtype_name, default=None, help="float32, bfloat16 or float16 (default: float32 on a "
+                   "CPU, bfloat16 on a GPU, whatever the checkpoint stores)")
     add_compile_decode_arg(p)
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
                    "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
                    "'builtin:countdown')")
-    p.add_argument("--n", type=int, default=1, help="--eval: samples per problem (pass@k and maj@k for k = 1, 2, 4.. n)")
-    p.add_argument("--limit", type=int, default=None, help="--eval: only the first N problems")
-    p.add_argument("--batch_size", type=int, default=64, help="--eval: sequences generated together")
-    p.add_argument("--prompt_template", default=PROMPT_TEMPLATE, help="--eval: how a file's question becomes the "
-                   "user turn ({question} is replaced)")
+    p.add_argument("--n", type=count, default=1, help="--eval: samples per problem (pass@k and maj@k for k = 1, 2, "
+                   "4.. n)")
+    p.add_argument("--limit", type=count, default=None, help="--eval: only the first N problems")
+    p.add_argument("--batch_size", type=count, default=64, help="--eval: sequences generated together")
+    p.add_argument("--prompt_template", type=prompt_template, default=PROMPT_TEMPLATE, help="--eval: how a file's "
+                   "question becomes the user turn ({question} is replaced)")
     p.add_argument("--out", default="out/eval", help="--eval: folder for samples.jsonl and summary.json")
+    p.add_argument("--overwrite", action="store_true", help="--eval: replace an evaluation already in --out")
     add_prompt_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR", help="--eval: several checkpoints, one "
                    "table (same data, same seeds)")
     args = p.parse_args(argv)
+    if args.compare and not args.eval:
+        p.error("--compare needs --eval DATA (the problems to compare the checkpoints on)")
     if args.temperature is None:
         args.temperature = 0.6 if args.eval else 0.0
     if args.dtype is None:  # float32 on a CPU (bf16 matmuls are slow there), bf16 on a GPU
@@ -457,21 +480,37 @@ def parse_args(argv=None):
     return args
 
 
+def eval_folders(args):
+    """{checkpoint: the folder its samples.jsonl and summary.json go to}, checked before anything is evaluated: an
+    evaluation already there is refused unless --overwrite, and each folder must be writable."""
+    folders = {str(path): Path(args.out) / (str(path).strip("/").replace("/", "_") if args.compare else "")
+               for path in args.compare or [args.model]}  # --compare out/grpo/final -> OUT/out_grpo_final
+    for folder in folders.values():
+        done = [f for f in ("summary.json", "samples.jsonl") if (folder / f).exists()]
+        if done and not args.overwrite:
+            raise ValueError(f"{folder} already holds an evaluation ({', '.join(done)}): pass --overwrite to replace "
+                             "it, or another --out")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    return folders
+
+
 def run_eval(args):
     run = Run(args, "sample")
     with user_input():
+        folders = eval_folders(args)
         problems = load_eval_problems(args.eval, args.prompt_template)[:args.limit]
     results = {}
-    for path in args.compare or [args.model]:
+    for name, out in folders.items():
         with user_input():
-            tokenizer = load_tokenizer(args, path)
-            model = Transformer.from_pretrained(path, dtype=args.dtype, device=args.device)
-        name = str(path)
-        out = Path(args.out) / (name.strip("/").replace("/", "_") if args.compare else "")  # out/grpo/final -> out_grpo_final
+            tokenizer = load_tokenizer(args, name)
+            model = Transformer.from_pretrained(name, dtype=args.dtype, device=args.device)
         results[name] = evaluate(run, model, tokenizer, problems, n=args.n, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                  batch_size=args.batch_size, samples_file=out / "samples.jsonl")
-        (out / "summary.json").write_text(json.dumps({"model": str(path), "data": args.eval, **results[name],
+        (out / "summary.json").write_text(json.dumps({"model": name, "data": args.eval, **results[name],
                                                       "args": vars(args)}, indent=2) + "\n")
         del model
     keys = list(next(iter(results.values())))
@@ -484,9 +523,7 @@ def run_eval(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.eval or args.compare:
-        if not args.eval:
-            raise SystemExit("--compare needs --eval DATA (the problems to compare the checkpoints on)")
+    if args.eval:
         return run_eval(args)
     with user_input():
         tokenizer = load_tokenizer(args, args.model)

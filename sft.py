@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Run, add_training_args, checkpoint_or_stop, first_loss_position, load_model, lr_at,
-                    make_optimizer, micro_batches, optimizer_step, resume, save_checkpoint, step_indices, user_input)
+from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, first_loss_position, fraction,
+                    load_model, lr_at, make_optimizer, micro_batches, non_negative_int, optimizer_step, resume,
+                    save_checkpoint, step_indices, user_input)
 from model import ModelConfig
 from sample import heldout_accuracy, render
 from verify import is_builtin, read_jsonl, task_problems, task_solution
@@ -78,12 +79,25 @@ def load_chats(path):
             msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
         else:
             raise ValueError(f"{path}:{lineno}: needs 'messages' or 'prompt' and 'completion' (found {sorted(rec)})")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError(f"{path}:{lineno}: no assistant message to train on")
+        check_messages(msgs, f"{path}:{lineno}")
         chats.append(msgs)
     if not chats:
         raise ValueError(f"{path}: no records")
     return chats
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(msgs, where):
+    """A chat to train on: known roles, string contents, at least one assistant turn (ValueError naming where)."""
+    for m in msgs:
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}: unknown role {m['role']!r} (roles: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}: a {m['role']} message's content must be a string, got {m['content']!r:.60}")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError(f"{where}: no assistant message to train on")
 
 
 def tokenize_chat(tokenizer, messages):
@@ -148,23 +162,23 @@ def eval_loss(run, model, examples, micro_batch_tokens, pad_id):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Hugging Face folder to fine-tune (default: a fresh small model)")
     p.add_argument("--data", default="builtin", help="chat JSONL file, or a built-in task: 'builtin' (arithmetic) or "
                    "'builtin:countdown'")
     p.add_argument("--eval_data", default=None, help="held-out chat JSONL (default: builtin held-out, or none)")
-    p.add_argument("--builtin_size", type=int, default=50000, help="training examples of the built-in task")
-    p.add_argument("--step_fraction", type=float, default=0.4,
+    p.add_argument("--builtin_size", type=count, default=50000, help="training examples of the built-in task")
+    p.add_argument("--step_fraction", type=fraction, default=0.4,
                    help="built-in task: fraction of solutions that show every step (the rest are terse)")
-    p.add_argument("--heldout_problems", type=int, default=500, help="built-in task: held-out problems for greedy "
+    p.add_argument("--heldout_problems", type=count, default=500, help="built-in task: held-out problems for greedy "
                    "accuracy, and as many held-out chats for the held-out loss")
-    p.add_argument("--max_len", type=int, default=1024, help="longer examples are truncated (and counted)")
-    p.add_argument("--eval_every", type=int, default=100, help="held-out loss every N steps (0: never)")
+    p.add_argument("--max_len", type=count, default=1024, help="longer examples are truncated (and counted)")
+    p.add_argument("--eval_every", type=non_negative_int, default=100, help="held-out loss every N steps (0: never)")
     p.add_argument("--export_builtin", default=None, metavar="DIR", help="write the built-in task as JSONL "
                    "(SFT chats, RL problems; train and held-out) into DIR and exit")
-    p.add_argument("--n_layer", type=int, default=4, help="fresh model: layers")
-    p.add_argument("--n_embd", type=int, default=128, help="fresh model: hidden size")
-    p.add_argument("--n_head", type=int, default=4, help="fresh model: attention heads")
+    p.add_argument("--n_layer", type=count, default=4, help="fresh model: layers")
+    p.add_argument("--n_embd", type=count, default=128, help="fresh model: hidden size")
+    p.add_argument("--n_head", type=count, default=4, help="fresh model: attention heads")
     add_training_args(p, "sft", lr=3e-3, max_steps=500, batch_size=64)
     return p.parse_args(argv)
 

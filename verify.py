@@ -371,8 +371,13 @@ def maj_at_k(answers, gold, k=None):
 def read_jsonl(path):
     """[(line_number, record)] for every non-blank line; ValueError names path:line on bad lines."""
     out = []
-    with open(path, encoding="utf-8") as f:  # FileNotFoundError names the path
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # FileNotFoundError names the path
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -421,6 +426,9 @@ def load_problems(path):
         if not isinstance(prompt, str) or answer is None or str(answer).strip() == "":
             raise ValueError(f"{where}: expected prompt/question/problem and answer (or a "
                              f"solution with \\boxed{{}}), got keys {sorted(rec)}")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or answer != answer:
+            raise ValueError(f"{where}: the answer must be a string or a number, got {answer!r:.80} (nothing a "
+                             "completion writes could match it)")
         problems.append({"prompt": prompt, "answer": str(answer).strip()})
     if not problems:
         raise ValueError(f"{path}: no problems found (empty file)")

@@ -300,3 +300,91 @@ while True:
             assert json.loads((c / "training_state.json").read_text())["step"] == int(c.name[5:])
     common.Run.start(training_args(["--out", str(tmp_path), "--resume", "auto"]), "test")  # clears killed saves' leftovers
     assert not list(tmp_path.glob(".ckpt-*"))
+
+
+def tiny_model():
+    tok = Tokenizer.byte_level()
+    return Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1)), tok
+
+
+def saved_run(tmp_path, steps=(1, 2), argv=(), script="test"):
+    """A run in tmp_path with checkpoints at `steps` (weights and AdamW state differing per step) and metrics."""
+    model, tok = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = common.Run.start(training_args(["--out", str(tmp_path), "--keep_checkpoints", "5", *argv]), script)
+    for step in steps:
+        model(torch.randint(0, 200, (1, 8))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        run.log(step, {"loss": float(step)})
+        common.save_checkpoint(run, step, {"": model}, {"policy": opt}, tok)
+    return model
+
+
+def resumed(tmp_path, argv=(), script="test"):
+    """(model, state, what it printed) after --resume auto into a fresh model and optimizer."""
+    model, _ = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = common.Run.start(training_args(["--out", str(tmp_path), "--resume", "auto", *argv]), script)
+    printed = []
+    run.print = lambda *a: printed.append(" ".join(map(str, a)))
+    return model, common.resume(run, {"": model}, {"policy": opt}), printed
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_differing_flags(tmp_path):
+    saved_run(tmp_path, argv=["--lr", "1e-3", "--seed", "3"])
+    with pytest.raises(SystemExit, match=r"^error: --resume .*ckpt-000002: another run: its flags differ \(--lr 0.001 "
+                                         r"-> 0.002, --seed 3 -> 0\); pass --allow_changed lr,seed"):
+        resumed(tmp_path, ["--lr", "2e-3"])
+    with pytest.raises(SystemExit, match="saved by test.py, not sft.py"):  # another script's checkpoint
+        resumed(tmp_path, ["--lr", "1e-3", "--seed", "3"], script="sft")
+    with pytest.raises(SystemExit, match=r"another run: its flags differ \(--seed 3 -> 0\)"):  # a deliberate lr change
+        resumed(tmp_path, ["--lr", "2e-3", "--allow_changed", "lr"])  # is allowed, not the seed
+    _, state, _ = resumed(tmp_path, ["--lr", "2e-3", "--seed", "3", "--allow_changed", "lr", "--max_steps", "99"])
+    assert state["step"] == 2  # and operational flags (max_steps here) may change freely
+    with pytest.raises(SystemExit, match="another run: its flags differ"):  # an explicit path is checked at start
+        common.Run.start(training_args(["--out", str(tmp_path), "--resume", str(tmp_path / "ckpt-000001")]), "test")
+
+
+def test_resume_drops_a_torn_metrics_line_and_falls_back_from_a_corrupt_checkpoint(tmp_path):
+    saved_run(tmp_path, steps=(1, 2, 3))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a crash mid-append
+    weights = tmp_path / "ckpt-000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    (tmp_path / "ckpt-000002" / "optimizer_policy.safetensors").unlink()  # partial
+    model, state, printed = resumed(tmp_path)
+    assert state["step"] == 1
+    assert "ckpt-000003" in printed[0] and "not a readable safetensors file" in printed[0] and \
+        printed[0].endswith("falling back to " + str(tmp_path / "ckpt-000002"))
+    assert "optimizer_policy.safetensors" in printed[1] and printed[1].endswith("ckpt-000001")
+    assert common.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+    reference = Transformer.from_pretrained(tmp_path / "ckpt-000001")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    for c in ("ckpt-000001",):  # nothing left to fall back to: one line, naming the checkpoint
+        (tmp_path / c / "training_state.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"^error: --resume .*ckpt-000001: .*"):
+        resumed(tmp_path)
+
+
+def test_resume_refuses_optimizer_state_of_another_shape(tmp_path):
+    saved_run(tmp_path, steps=(1,))
+    tok = Tokenizer.byte_level()
+    other = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=48, intermediate_size=64, num_hidden_layers=1))
+    opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    run = common.Run.start(training_args(["--out", str(tmp_path), "--resume", "auto"]), "test")
+    with pytest.raises(SystemExit, match="has shape"):  # the weights are refused first, naming the tensor
+        common.resume(run, {"": other}, {"policy": opt})
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in other.parameters()]
+    tensors, meta = common.flatten_optimizer(torch.optim.AdamW(tiny_model()[0].parameters()).state_dict())
+    with pytest.raises(ValueError, match="does not fit this model's parameter"):
+        common.unflatten_optimizer({"0.exp_avg": torch.zeros(5, 5)}, meta, params)
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_without_the_earlier_attempts_metrics(tmp_path):
+    run = common.Run.start(training_args(["--out", str(tmp_path)]), "test")
+    run.log(0, {"heldout_acc": 0.5})
+    run.log(1, {"loss": 1.0})  # then killed before any checkpoint
+    _, state, printed = resumed(tmp_path)
+    assert state == {} and "starting fresh" in printed[0] and not (tmp_path / "metrics.jsonl").exists()
