@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm import tqdm
 
 from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir, tokenizer_mismatch
-from verify import task_problems
+from tools import task_problems
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "final", "curve.png", "traces.jsonl", "traces.stats.json")  # + ckpt-*

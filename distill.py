@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import tools
 import verify
 from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, first_loss_position, fraction,
                     load_frozen, load_model, load_tokenizer, lr_at, make_optimizer, micro_batches, non_negative_int,
@@ -116,7 +117,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.teacher = args.teacher or next((t for t in DEFAULT_TEACHERS if Path(t, "config.json").exists()),
                                         DEFAULT_TEACHERS[-1])
-    args.kd_data = args.kd_data or ("builtin" if verify.is_builtin(args.data) else "teacher")
+    args.kd_data = args.kd_data or ("builtin" if tools.is_builtin(args.data) else "teacher")
     args.temperature = args.temperature if args.temperature is not None else (0.7 if args.mode == "traces" else 1.0)
     args.traces_file = args.traces_file or os.path.join(args.out, "traces.jsonl")
     args.teacher_micro_batch_tokens = args.teacher_micro_batch_tokens or args.micro_batch_tokens
@@ -395,7 +396,7 @@ def main(argv=None):
         if reuse:
             stats = json.loads(stats_file.read_text())
         else:
-            problems = (verify.task_problems(args.data, "train", args.num_prompts, args.seed) if data is None
+            problems = (tools.task_problems(args.data, "train", args.num_prompts, args.seed) if data is None
                         else random.Random(args.seed).sample(data, min(args.num_prompts, len(data))))
             t0 = time.time()
             stats = make_traces(run, args, teacher, teacher_tok, problems)
@@ -426,7 +427,7 @@ def main(argv=None):
     else:
         kd_examples = None
         if args.kd_data != "teacher":
-            task = args.data if verify.is_builtin(args.data) else "builtin"
+            task = args.data if tools.is_builtin(args.data) else "builtin"
             chats = builtin_chats(task, "train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
             kd_examples = tokenize_dataset(student_tok, chats, args.max_len)[0]
         steps = train_logits(run, args, student, teacher, student_tok, data, kd_examples)

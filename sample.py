@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import tools
 import verify
 from common import (ArgumentParser, Run, add_compile_decode_arg, add_prompt_args, count, dtype_name, load_tokenizer,
                     non_negative, positive, probability, prompt_template, save_checkpoint, unwrap, user_input)
@@ -335,7 +336,7 @@ def load_eval_problems(source, template, n=500):
     """Problems from a JSONL file (the template turns each question into the user turn), or the built-in task's
     held-out split of a built-in task ('builtin', 'builtin:countdown': prompts used as they are, the way the built-in
     models were trained)."""
-    return verify.task_problems(source, "heldout", n) if verify.is_builtin(source) else templated_problems(source, template)
+    return tools.task_problems(source, "heldout", n) if tools.is_builtin(source) else templated_problems(source, template)
 
 
 def add_rl_data_args(p, max_new_tokens, temperature=1.0):
@@ -362,10 +363,10 @@ def rl_problems(args, models):
         for tokenizer, max_positions in models:
             problems = drop_long_prompts(problems, tokenizer, args.max_new_tokens, max_positions, source)
         return problems
-    builtin = verify.is_builtin(args.data)
+    builtin = tools.is_builtin(args.data)
     data = None if builtin else fitting(templated_problems(args.data, args.prompt_template), args.data)
     if args.heldout_data is None:  # the task's own held-out split (the arithmetic task's for a file)
-        return data, verify.task_problems(args.data if builtin else "builtin", "heldout", args.heldout_problems)
+        return data, tools.task_problems(args.data if builtin else "builtin", "heldout", args.heldout_problems)
     heldout = load_eval_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems]
     return data, fitting(heldout, args.heldout_data)
 

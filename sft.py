@@ -32,7 +32,8 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     save_checkpoint, step_indices, user_input)
 from model import ModelConfig
 from sample import heldout_accuracy, render
-from verify import is_builtin, read_jsonl, task_problems, task_solution
+from tools import is_builtin, task_problems, task_solution
+from verify import read_jsonl
 
 # ----------------------------------------------------------------------------------------------------
 # The built-in task as chats. The SFT data mixes step-by-step solutions with terse ones that write only the final
@@ -40,10 +41,11 @@ from verify import is_builtin, read_jsonl, task_problems, task_solution
 
 
 def builtin_chats(task, split, n, seed=0, step_fraction=0.4):
-    """Chats of a built-in task (--data builtin or builtin:countdown), a step_fraction of them showing every step."""
+    """Chats of a built-in task (tools.TASKS), a step_fraction of them showing every step (for a tool task: calling
+    the tool)."""
     rng = random.Random(f"style-{split}-{seed}")
     return [[{"role": "user", "content": p["prompt"]},
-             {"role": "assistant", "content": task_solution(p, show_steps=rng.random() < step_fraction)}]
+             {"role": "assistant", "content": task_solution(task, p, show_steps=rng.random() < step_fraction)}]
             for p in task_problems(task, split, n, seed)]
 
 
@@ -51,7 +53,8 @@ def export_builtin(folder, task="builtin", n_train=20000, n_heldout=500, seed=0,
     """The task as JSONL files: SFT chats and RL problems (what verify.load_problems reads back), train and held-out."""
     folder, name = Path(folder), task.split(":")[-1]  # builtin_*.jsonl, countdown_*.jsonl
     folder.mkdir(parents=True, exist_ok=True)
-    record = lambda p: {k: p[k] for k in ("prompt", "answer", "numbers", "target") if k in p}
+    record = lambda p: {k: p[k] for k in ("prompt", "answer", "numbers", "target", "names", "statements", "solution")
+                        if k in p}
     files = {f"{name}_sft_train.jsonl": [{"messages": m} for m in builtin_chats(task, "train", n_train, seed,
                                                                                  step_fraction)],
              f"{name}_sft_heldout.jsonl": [{"messages": m} for m in builtin_chats(task, "heldout", n_heldout, seed,

@@ -33,6 +33,7 @@ Problems are plain dicts graded by verify.accuracy_reward (math_reward on "answe
 
 import ast
 import collections
+import functools
 import math
 import random
 import re
@@ -80,7 +81,7 @@ PYTHON_PROMPT_TEMPLATE = (
 # -----------------------------------------------------------------------------
 # search: a JSONL corpus and a BM25 index over it
 
-DEFAULT_SEARCH_K = 2  # documents per search
+DEFAULT_SEARCH_K = 1  # documents per search (the built-in questions name their entity exactly: its document is first)
 DEFAULT_MAX_CHARS = 300  # characters of each document's text in an observation
 NO_RESULTS = "No documents found."  # the observation body of a search that matches nothing
 
@@ -384,3 +385,45 @@ def tool_arithmetic_worked_solution(problem, use_tool=True):
     printed = f"{evaluate_arithmetic(problem['expr'])}\n"  # what print() writes for an int
     call = PYTHON_FORMAT.call(f"print({problem['expr']})\n")
     return f"<think>\n{call}{PYTHON_FORMAT.observation(printed)}</think>\n\\boxed{{{answer}}}"
+
+
+def search_no_tool_solution(problem):
+    """The completion of a search problem without the tool (the no-tool baseline: the answer from memory)."""
+    return f"<think>\nI recall the answer.\n</think>\n\\boxed{{{problem['answer']}}}"
+
+# -----------------------------------------------------------------------------
+# every built-in task by its --data name: generated problems (train / held-out) and worked solutions
+
+TASKS = {  # name -> (problems(split, n, seed), worked solution(problem, show_steps))
+    "builtin": (verify.builtin_problems, verify.worked_solution),
+    "builtin:countdown": (verify.countdown_problems, verify.countdown_worked_solution),
+    "builtin:knights": (verify.knights_problems, verify.knights_worked_solution),
+    TOOL_ARITHMETIC_TASK: (tool_arithmetic_problems, tool_arithmetic_worked_solution),
+    SEARCH_TASK: (search_problems, lambda problem, show_steps=True: search_worked_solution(
+        problem, builtin_search_index()) if show_steps else search_no_tool_solution(problem)),
+}
+BUILTIN_TASKS = tuple(TASKS)
+TOOL_OF_TASK = {TOOL_ARITHMETIC_TASK: "python", SEARCH_TASK: "search"}  # what each tool task's solutions call
+
+
+def is_builtin(data):
+    return data in TASKS
+
+
+def task_problems(data, split, n, seed=0):
+    """n problems of the split ("train" or "heldout") of the built-in task that --data names."""
+    if data not in TASKS:
+        raise ValueError(f"--data {data}: not a built-in task ({', '.join(TASKS)}) and not a file")
+    return TASKS[data][0](split, n, seed)
+
+
+def task_solution(data, problem, show_steps=True):
+    """The worked solution of a built-in problem. show_steps=False is the terse one (for the tool tasks: without
+    the tool, the no-tool baseline's data)."""
+    return TASKS[data][1](problem, show_steps)
+
+
+@functools.cache
+def builtin_search_index():
+    """The BM25 index of the built-in knowledge base (built once: it is the same every run)."""
+    return BM25Index(knowledge_base())

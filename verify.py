@@ -34,9 +34,9 @@ extract_code, code_reward, safe_reward (rewards); countdown_reward, knights_rewa
 pass_at_k, majority_vote, maj_at_k (evaluation); read_jsonl, load_problems (data files);
 arithmetic_problem, builtin_problems, worked_solution (the built-in task), with countdown_problem,
 countdown_problems, countdown_worked_solution (Countdown) and knights_problem, knights_problems,
-knights_worked_solution (Knights and Knaves), task_problems and task_solution (any of them, by the
---data name: builtin, builtin:countdown, builtin:knights); add_reward_args, compute_rewards (the
-reward of an RL completion, for grpo.py and ppo.py). Everything after the "internals" line is private.
+knights_worked_solution (Knights and Knaves; tools.py names every built-in task for --data);
+add_reward_args, compute_rewards (the reward of an RL completion, for grpo.py and ppo.py). Everything
+after the "internals" line is private.
 """
 
 import atexit
@@ -599,29 +599,6 @@ def knights_worked_solution(problem, show_steps=True):
             facts[x] = knight[x]
             _knights_propagate(statements, facts, lines)
     return "<think>\n" + "\n".join(lines) + f"\n</think>\n\\boxed{{{problem['answer']}}}"
-
-BUILTIN_TASKS = ("builtin", "builtin:countdown", "builtin:knights")  # what --data names: arithmetic, Countdown, knights
-
-
-def is_builtin(data):
-    return data in BUILTIN_TASKS
-
-
-def task_problems(data, split, n, seed=0):
-    """n problems of the built-in task that --data names: 'builtin' (arithmetic), 'builtin:countdown' or
-    'builtin:knights'."""
-    if data not in BUILTIN_TASKS:
-        raise ValueError(f"--data {data}: not a built-in task ({', '.join(BUILTIN_TASKS)}) and not a file")
-    make = {"builtin:countdown": countdown_problems, "builtin:knights": knights_problems}.get(data, builtin_problems)
-    return make(split, n, seed)
-
-
-def task_solution(problem, show_steps=True):
-    """The worked solution of a built-in problem of any task."""
-    if "statements" in problem:
-        return knights_worked_solution(problem, show_steps)
-    return (countdown_worked_solution if "numbers" in problem else worked_solution)(problem, show_steps)
-
 
 # -----------------------------------------------------------------------------
 # the reward of an RL completion: one builder for grpo.py and ppo.py, with the same flags in both

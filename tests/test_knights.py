@@ -12,9 +12,11 @@ import time
 
 import pytest
 
+import tools
 import verify
+from tools import task_problems, task_solution
 from verify import (accuracy_reward, knights_problem, knights_problems, knights_reward, knights_worked_solution,
-                    load_problems, strict_format_reward, task_problems, task_solution)
+                    load_problems, strict_format_reward)
 
 # -----------------------------------------------------------------------------
 # an independent model of the puzzles: the claim grammar's truth, written out case by case
@@ -183,7 +185,7 @@ def test_worked_solutions_grade_one_and_argue_correctly():
             solution = knights_worked_solution(p, show_steps)
             assert solution.startswith("<think>\n") and solution.endswith(f"</think>\n\\boxed{{{p['answer']}}}")
             assert knights_reward(solution, p["names"], p["solution"]) == 1.0
-            assert accuracy_reward(p, solution) == 1.0 and task_solution(p, show_steps) == solution
+            assert accuracy_reward(p, solution) == 1.0 and task_solution("builtin:knights", p, show_steps) == solution
             assert strict_format_reward(solution) == 1.0
         lines = knights_worked_solution(p).split("\n")[1:-2]
         assert len(lines) <= 6 * len(p["names"]) + 12, lines  # a few lines per inhabitant
@@ -333,10 +335,10 @@ def test_huge_answers_are_fast():
 
 
 def test_builtin_knights_by_data_name():
-    assert verify.is_builtin("builtin:knights") and "builtin:knights" in verify.BUILTIN_TASKS
+    assert tools.is_builtin("builtin:knights") and "builtin:knights" in tools.BUILTIN_TASKS
     problems = task_problems("builtin:knights", "heldout", 5, seed=2)
     assert problems == knights_problems("heldout", 5, seed=2)
-    assert all(accuracy_reward(p, task_solution(p, False)) == 1.0 for p in problems)
+    assert all(accuracy_reward(p, task_solution("builtin:knights", p, False)) == 1.0 for p in problems)
 
 
 GOOD = [
