@@ -666,6 +666,17 @@ def write_checkpoint(run, tmp, models, optimizers, tokenizer, state):
             f.chmod(0o755 if f.is_dir() else 0o644)
 
 
+def finish_run(run, step, models, optimizers, tokenizer, state=None, summary=None, curve=()):
+    """The end of a training run: the last step's checkpoint (with `state`, what resume needs), the final Hugging Face
+    folder of models[""], summary.json (`summary` with the steps and the final folder) and curve.png of the `curve`
+    metrics. -> the final folder."""
+    save_checkpoint(run, step, models, optimizers, tokenizer, state)
+    final = save_checkpoint(run, step, {"": models[""]}, {}, tokenizer, name="final")
+    run.write_summary({**(summary or {}), "steps": step, "final_checkpoint": str(final)}, curve)
+    run.print(f"saved {final}")
+    return final
+
+
 def checkpoint_or_stop(run, step, models, optimizers, tokenizer, state=None):
     """End of a training step: a checkpoint every --save_every steps; on SIGINT / SIGTERM a checkpoint, then exit
     130 (continue with --resume auto)."""

@@ -59,7 +59,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     load_frozen, load_model, load_tokenizer, lr_at, make_optimizer, micro_batches, non_negative_int,
                     optimizer_step, positive, resume, save_checkpoint, step_problems, user_input)
 from model import ModelConfig, tokenizer_mismatch
-from sample import add_rl_data_args, heldout_accuracy, prompt_ids, rl_problems, rollout
+from sample import Engine, ToolUse, add_rl_data_args, add_tool_args, heldout_accuracy, prompt_ids, rl_problems, rollout
 from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
 
@@ -109,6 +109,7 @@ def parser():
     p.add_argument("--teacher_micro_batch_tokens", type=count, default=None,
                    help="logits: padded tokens per teacher forward pass (default: --micro_batch_tokens)")
     add_training_args(p, "distill", lr=3e-3, max_steps=400, batch_size=64)
+    add_tool_args(p)
     return p
 
 
@@ -219,17 +220,18 @@ def is_verified(problem, text, truncated, fmt="strict"):
 
 
 def select_traces(problems, samples, keep="all", max_per_prompt=0, fmt="strict"):
-    """Rejection sampling. samples[i] = [(text, n_tokens, truncated)] sampled for problems[i]. Per problem, of the
-    verified traces keep all (in sampling order, at most max_per_prompt if > 0) or, with keep='shortest', the shortest
-    one (the max_per_prompt shortest if > 0; ties in sampling order). Returns [(problem, text, n_tokens)]."""
+    """Rejection sampling. samples[i] = the Rollouts sampled for problems[i], graded on the model's own text. Per
+    problem, of the verified traces keep all (in sampling order, at most max_per_prompt if > 0) or, with
+    keep='shortest', the shortest one (the max_per_prompt shortest if > 0; ties in sampling order). Returns
+    [(problem, text, n_tokens)]: the whole text, tool calls and their outputs included (sft.py masks the outputs)."""
     kept = []
     for problem, group in zip(problems, samples):
-        ok = [s for s in group if is_verified(problem, s[0], s[2], fmt)]
+        ok = [r for r in group if is_verified(problem, r.own_text, r.truncated, fmt)]
         if keep == "shortest":
-            ok = sorted(ok, key=lambda s: s[1])[:max_per_prompt or 1]  # sorted() is stable
+            ok = sorted(ok, key=lambda r: len(r.ids))[:max_per_prompt or 1]  # sorted() is stable
         elif max_per_prompt:
             ok = ok[:max_per_prompt]
-        kept += [(problem, text, n) for text, n, _ in ok]
+        kept += [(problem, r.text, len(r.ids)) for r in ok]
     return kept
 
 
@@ -247,23 +249,20 @@ def write_traces(path, kept):
     os.replace(tmp, path)
 
 
-def sample_completions(run, args, model, tokenizer, problems, n, seed):
-    """n samples per problem (sample.rollout, --gen_batch_size rows at a time) -> per problem [(text, n_tokens,
-    truncated)] (the text without its stop token, n_tokens with it), plus the prompts' and completions' token ids
-    (flat lists)."""
-    flat = [prompt_ids(tokenizer, p["prompt"]) for p in problems for _ in range(n)]
-    outs, texts, truncated = rollout(run, model, tokenizer, flat, args.max_new_tokens, args.temperature, args.top_p,
-                                     seed=seed, batch_size=args.gen_batch_size)
-    flat_samples = list(zip(texts, map(len, outs), truncated))
-    return [flat_samples[j * n:(j + 1) * n] for j in range(len(problems))], flat, outs
+def sample_completions(run, args, engine, tokenizer, problems, n, seed, tool_use=None):
+    """n samples per problem (sample.rollout, --gen_batch_size rows at a time) -> per problem, its n Rollouts."""
+    prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems]
+    records = rollout(run, engine, tokenizer, [q for q in prompts for _ in range(n)], args.max_new_tokens,
+                      args.temperature, args.top_p, seed=seed, batch_size=args.gen_batch_size, tool_use=tool_use)
+    return [records[j * n:(j + 1) * n] for j in range(len(problems))]
 
 
-def make_traces(run, args, teacher, tokenizer, problems):
+def make_traces(run, args, engine, tokenizer, problems, tool_use=None):
     """Every rank samples its shard of the prompts, the kept traces are gathered, rank 0 writes the dataset.
     Returns the statistics (keep rate, lengths)."""
     mine = problems[run.rank::run.world]
     seed = random.Random(f"traces-{args.seed}-{run.rank}").randrange(2**31)
-    samples = sample_completions(run, args, teacher, tokenizer, mine, args.samples_per_prompt, seed)[0]
+    samples = sample_completions(run, args, engine, tokenizer, mine, args.samples_per_prompt, seed, tool_use)
     kept = select_traces(mine, samples, args.keep, args.max_per_prompt, args.format)
     with_trace = run.all_sum(len({id(p) for p, _, _ in kept}))  # prompts with at least one kept trace
     if run.world > 1:
@@ -275,8 +274,8 @@ def make_traces(run, args, teacher, tokenizer, problems):
              "prompts_with_trace": with_trace / max(1, len(problems)),
              "mean_trace_len": sum(n for _, _, n in kept) / max(1, len(kept)),
              "max_trace_len": max((n for _, _, n in kept), default=0),
-             "mean_sample_len": run.all_sum(sum(n for g in samples for _, n, _ in g)) / max(1, n_samples),
-             "truncated_frac": run.all_sum(sum(t for g in samples for _, _, t in g)) / max(1, n_samples)}
+             "mean_sample_len": run.all_sum(sum(len(r.ids) for g in samples for r in g)) / max(1, n_samples),
+             "truncated_frac": run.all_sum(sum(r.truncated for g in samples for r in g)) / max(1, n_samples)}
     if run.is_main:
         run.claim_out()  # the run's first write: an --overwrite-n earlier run moves aside now
         write_traces(args.traces_file, kept)
@@ -289,7 +288,7 @@ def make_traces(run, args, teacher, tokenizer, problems):
 # Logit distillation: each step's sequences
 
 
-def step_sequences(run, args, student, teacher, tokenizer, data, kd_examples, step):
+def step_sequences(run, args, engines, tokenizer, data, kd_examples, step, tool_use=None):
     """This rank's sequences for a step, as (ids, mask) with the mask on completion tokens: a fraction lambda sampled
     by the student (on-policy), the rest sampled by the teacher or taken from --kd_data. GKD flips a lambda-coin per
     batch; a fixed fraction per batch has the same expectation and less variance. The prompts are a function of
@@ -299,23 +298,23 @@ def step_sequences(run, args, student, teacher, tokenizer, data, kd_examples, st
     rng = random.Random(f"kd-{args.seed}-{step}-{run.rank}")
     problems = step_problems(run, n, data, step)
     examples, stats = [], {}
-    for who, model, part in (("student", student, problems[:n_on]), ("teacher", teacher, problems[n_on:])):
+    for who, part in (("student", problems[:n_on]), ("teacher", problems[n_on:])):
         if not part:
             continue
         if who == "teacher" and kd_examples is not None:  # dataset completions
             examples += [kd_examples[rng.randrange(len(kd_examples))] for _ in part]
             continue
         seed = random.Random(f"kd-{args.seed}-{step}-{run.rank}-{who}").randrange(2**31)
-        samples, prompts, outs = sample_completions(run, args, model, tokenizer, part, 1, seed)
-        examples += [(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outs)]
-        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.accuracy_reward, p, g[0][0])
-                                         for g, p in zip(samples, part))
-        stats[f"{who}_sample_len"] = float(sum(len(o) for o in outs))
+        records = [g[0] for g in sample_completions(run, args, engines[who], tokenizer, part, 1, seed, tool_use)]
+        examples += [(r.prompt + r.ids, [0] * len(r.prompt) + r.mask) for r in records]  # observations: no loss
+        stats[f"{who}_sample_acc"] = sum(verify.safe_reward(verify.accuracy_reward, p, r.own_text)
+                                         for r, p in zip(records, part))
+        stats[f"{who}_sample_len"] = float(sum(sum(r.mask) for r in records))
         stats[f"{who}_samples"] = float(len(part))
     return examples, stats
 
 
-def train_logits(run, args, student, teacher, tokenizer, data, kd_examples):
+def train_logits(run, args, student, teacher, engines, tokenizer, data, kd_examples, tool_use=None):
     """The KD loop, shaped like sft.train: per step, sample sequences, score them with the teacher micro-batch by
     micro-batch, and step on the token-mean divergence. Returns the number of steps done."""
     train_model = run.wrap(student)  # DDP / FSDP (which shards the student in place) / compile: before the optimizer
@@ -324,7 +323,7 @@ def train_logits(run, args, student, teacher, tokenizer, data, kd_examples):
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=f"distill {args.loss}")
     while step < args.max_steps:
         t0 = time.time()
-        examples, stats = step_sequences(run, args, student, teacher, tokenizer, data, kd_examples, step)
+        examples, stats = step_sequences(run, args, engines, tokenizer, data, kd_examples, step, tool_use)
         t_gen = time.time() - t0
         n_tokens = run.all_sum(sum(sum(m[1:]) for _, m in examples))
         loss_sum = 0.0
@@ -380,14 +379,21 @@ def main(argv=None):
         # prompts that leave no room for max_new_tokens in either model's context are dropped (and reported)
         models = [(teacher, teacher_tok)] + ([(student, student_tok)] if student is not None else [])
         data, heldout = rl_problems(args, [(tok, m.config.max_position_embeddings) for m, tok in models])
+        formats = tools.tool_formats(args.tools, args.tool_formats).values()  # their outputs: no loss
+        teacher_tools = ToolUse.from_args(args, teacher_tok)
+        student_tools = ToolUse.from_args(args, student_tok) if student is not None else None
+    teacher_engine = Engine.for_run(run, teacher)
+    student_engine = Engine.for_run(run, student) if student is not None else None
 
     summary = {"mode": args.mode, "teacher": args.teacher, "student": args.student or "fresh"}
-    summary["teacher_acc"] = heldout_accuracy(run, teacher, teacher_tok, heldout, args.max_new_tokens)[0]
+    summary["teacher_acc"] = heldout_accuracy(run, teacher_engine, teacher_tok, heldout, args.max_new_tokens,
+                                              tool_use=teacher_tools)[0]
     run.print(f"teacher {args.teacher}: held-out greedy accuracy {summary['teacher_acc']:.3f} "
               f"({len(heldout)} problems)")
     if student is not None:
         run.print(f"student: {student.num_params() / 1e6:.2f}M parameters (teacher {teacher.num_params() / 1e6:.2f}M)")
-        summary["student_acc_before"] = heldout_accuracy(run, student, student_tok, heldout, args.max_new_tokens)[0]
+        summary["student_acc_before"] = heldout_accuracy(run, student_engine, student_tok, heldout,
+                                                         args.max_new_tokens, tool_use=student_tools)[0]
         run.print(f"student held-out greedy accuracy before: {summary['student_acc_before']:.3f}")
 
     if args.mode == "traces":
@@ -399,7 +405,7 @@ def main(argv=None):
             problems = (tools.task_problems(args.data, "train", args.num_prompts, args.seed) if data is None
                         else random.Random(args.seed).sample(data, min(args.num_prompts, len(data))))
             t0 = time.time()
-            stats = make_traces(run, args, teacher, teacher_tok, problems)
+            stats = make_traces(run, args, teacher_engine, teacher_tok, problems, teacher_tools)
             stats["sampling_s"] = round(time.time() - t0, 1)
         summary.update(stats)
         run.print(f"traces: kept {stats['kept']} of {stats['sampled']} (keep rate {stats['keep_rate']:.3f}; "
@@ -407,7 +413,7 @@ def main(argv=None):
                   f"tokens (all samples {stats['mean_sample_len']:.1f}, {stats['truncated_frac']:.1%} truncated); "
                   f"{'reused' if reuse else 'wrote'} {args.traces_file}")
         summary["traces_file"] = args.traces_file
-        del teacher  # not needed any more: free its memory before training
+        del teacher, teacher_engine  # not needed any more: free its memory before training
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
         if args.traces_only:
@@ -416,7 +422,7 @@ def main(argv=None):
         # read the file back: every rank trains on exactly the dataset a user can inspect and reuse
         chats = load_chats(args.traces_file) if stats["kept"] else []
         chats += [c for f in args.mix_data for c in load_chats(f)]
-        examples, tok_stats = tokenize_dataset(student_tok, chats, args.max_len)
+        examples, tok_stats = tokenize_dataset(student_tok, chats, args.max_len, formats)
         if not examples:
             raise SystemExit("no training examples: no trace passed verification (try more --samples_per_prompt, "
                              "another --temperature or --format lenient) and no --mix_data")
@@ -429,11 +435,12 @@ def main(argv=None):
         if args.kd_data != "teacher":
             task = args.data if tools.is_builtin(args.data) else "builtin"
             chats = builtin_chats(task, "train", 20000, args.seed) if args.kd_data == "builtin" else load_chats(args.kd_data)
-            kd_examples = tokenize_dataset(student_tok, chats, args.max_len)[0]
-        steps = train_logits(run, args, student, teacher, student_tok, data, kd_examples)
+            kd_examples = tokenize_dataset(student_tok, chats, args.max_len, formats)[0]
+        engines = {"student": student_engine, "teacher": teacher_engine}
+        steps = train_logits(run, args, student, teacher, engines, student_tok, data, kd_examples, student_tools)
 
     summary["student_acc_after"], summary["student_mean_length_after"] = heldout_accuracy(
-        run, student, student_tok, heldout, args.max_new_tokens)
+        run, student_engine, student_tok, heldout, args.max_new_tokens, tool_use=student_tools)
     final = save_checkpoint(run, steps, {"": student}, {}, student_tok, name="final")
     summary.update(steps=steps, final_checkpoint=str(final))
     run.print(f"held-out greedy accuracy: teacher {summary['teacher_acc']:.3f}, student "

@@ -32,16 +32,17 @@ Rewards (verify.compute_rewards, shared with ppo.py) are described under "reward
 import argparse
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, load_policy, lr_at,
+from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, finish_run, load_policy, lr_at,
                     make_optimizer, non_negative, non_negative_int, optimizer_step, positive, resume,
                     shared_prompt_micro_batches, step_problems, user_input, world_size)
 from reward_model import load_reward_model
-from sample import (add_rl_data_args, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
-                    sample_groups)
+from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, heldout_accuracy, log_heldout, rl_problems,
+                    rollout_metrics, sample_groups)
 from verify import add_reward_args
 
 
@@ -66,6 +67,7 @@ def parse_args(argv=None):
                    "and end)")
     add_training_args(p, "grpo", lr=1e-4, max_steps=25, batch_size=256)
     add_reward_args(p)
+    add_tool_args(p)
     args = p.parse_args(argv)
     dapo = args.loss == "dapo"
     args.epsilon_high = args.epsilon_high if args.epsilon_high is not None else (0.28 if dapo else args.epsilon)
@@ -139,7 +141,26 @@ def all_equal_groups(rewards, group_size):
 # Rollouts
 
 
-def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
+@dataclass
+class Group:
+    """The G samples of one prompt: their Rollouts, rewards and reward components."""
+    records: list
+    rewards: list
+    parts: dict
+
+
+@dataclass
+class Batch:
+    """One step's rollouts (a prompt's samples adjacent), their rewards and components, the fraction of groups
+    whose rewards were all equal and the tokens the policy generated (dropped groups' too)."""
+    records: list
+    rewards: list
+    parts: dict
+    all_equal_frac: float
+    generated_tokens: int
+
+
+def fill_batch(run, args, engine, tokenizer, data, step, reward_model, tool_use=None):
     """One step's rollouts. With dynamic sampling (DAPO) groups whose rewards are all equal are dropped and more
     prompts are sampled until the batch is full (at most --max_sampling_rounds rounds; then dropped groups
     fill the gap, with zero advantage). Every rank runs the same number of rounds: until all of them are full."""
@@ -148,40 +169,39 @@ def fill_batch(run, args, policy, tokenizer, data, step, reward_model):
     for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
         problems = step_problems(run, need, data, step, round_)
         seed = random.Random(f"sample-{args.seed}-{step}-{round_}-{run.rank}").randrange(2**31)
-        r = sample_groups(run, args, policy, tokenizer, problems, seed, reward_model)
-        equal = all_equal_groups(torch.tensor(r["rewards"]), G).tolist()
-        generated += sum(map(len, r["completions"]))  # dropped groups cost tokens too
+        records, rewards, parts = sample_groups(run, args, engine, tokenizer, problems, seed, reward_model, tool_use)
+        equal = all_equal_groups(torch.tensor(rewards), G).tolist()
+        generated += sum(sum(r.mask) for r in records)  # dropped groups cost tokens too
         n_equal, n_groups = n_equal + sum(equal), n_groups + len(equal)
         for g, eq in enumerate(equal):
-            group = {k: (v[g * G:(g + 1) * G] if k != "parts" else {c: x[g * G:(g + 1) * G] for c, x in v.items()})
-                     for k, v in r.items()}
+            s = slice(g * G, (g + 1) * G)
+            group = Group(records[s], rewards[s], {c: x[s] for c, x in parts.items()})
             (dropped if eq and args.dynamic_sampling else kept).append(group)
         if run.all_sum(float(len(kept) < need)) == 0:  # decided together: FSDP gathers weights in every round
             break
     groups = (kept + dropped)[:need]
-    batch = {k: [x for g in groups for x in g[k]] for k in ("prompts", "completions", "texts", "truncated", "rewards")}
-    batch["parts"] = {c: [x for g in groups for x in g["parts"][c]] for c in groups[0]["parts"]}
-    batch["all_equal_frac"], batch["generated_tokens"] = n_equal / n_groups, generated
-    return batch
+    return Batch([r for g in groups for r in g.records], [x for g in groups for x in g.rewards],
+                 {c: [x for g in groups for x in g.parts[c]] for c in groups[0].parts}, n_equal / n_groups, generated)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
 
 
-def policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr):
-    """mu optimisation iterations on one rollout batch. pi_old (and pi_ref) log-probs come from the trainer's own
-    forward pass, computed once without gradient (for mu = 1, pi_old = pi_theta detached: the ratio is exactly 1).
-    Each micro-batch forwards each of its distinct prompts once for all of the prompt's samples."""
-    weights = [[0 if args.mask_truncated and t else 1] * len(c)
-               for c, t in zip(batch["completions"], batch["truncated"])]
-    adv = group_advantages(torch.tensor(batch["rewards"]), args.group_size, scale=args.loss != "dr_grpo").to(run.device)
+def policy_loss_step(run, args, train_model, ref_model, optimizer, records, rewards, lr):
+    """mu optimisation iterations on one rollout batch (Rollouts, their rewards). pi_old (and pi_ref) log-probs come
+    from the trainer's own forward pass, computed once without gradient (for mu = 1, pi_old = pi_theta detached: the
+    ratio is exactly 1). Each micro-batch forwards each of its distinct prompts once for all of the prompt's samples.
+    Only the model's own tokens take loss (mask 1): tool observations are context, out of the loss and of every
+    count that normalises it (and of KL, entropy and the clip fraction)."""
+    weights = [[0] * len(r.mask) if args.mask_truncated and r.truncated else list(r.mask) for r in records]
+    adv = group_advantages(torch.tensor(rewards), args.group_size, scale=args.loss != "dr_grpo").to(run.device)
     n_seqs = run.all_sum(len(weights))
     n_tokens = run.all_sum(sum(map(sum, weights)))
     # (rows, completions [B, T], loss mask [B, T], prompts: (ids [U, P], lengths [U], which prompt each row follows))
     chunks = [(rows, c.to(run.device), w.to(run.device), tuple(t.to(run.device) for t in (p_ids, p_lens, of_row)))
               for rows, p_ids, p_lens, of_row, c, w in shared_prompt_micro_batches(
-                  batch["prompts"], batch["completions"], weights, args.micro_batch_tokens)]
+                  [r.prompt for r in records], [r.ids for r in records], weights, args.micro_batch_tokens)]
     stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
     old, ref = [], []
     with torch.no_grad(), run.autocast(), run.full_params(train_model):  # FSDP: gathered once, not per chunk
@@ -223,36 +243,43 @@ def main(argv=None):
         policy, tokenizer, ref_model = load_policy(run, args, args.beta)
         data, heldout = rl_problems(args, [(tokenizer, policy.config.max_position_embeddings)])
         reward_model = load_reward_model(args.reward_model, run.device, tokenizer_of_policy=tokenizer)
+        tool_use = ToolUse.from_args(args, tokenizer)
 
     train_model = run.wrap(policy)
+    engine = Engine.for_run(run, policy)
     optimizer = make_optimizer(args, policy)
     state = resume(run, {"": policy}, {"policy": optimizer})
     step = state.get("step", 0)
-    acc_before = heldout_before(run, args, policy, tokenizer, heldout, state)
+    acc_before = state.get("heldout_acc_before")
+    if acc_before is None:  # kept in the checkpoint, so a resumed run reports it too
+        acc_before, _ = log_heldout(run, 0, engine, tokenizer, heldout, args.max_new_tokens, tool_use, say="before")
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=f"{args.loss}")
     while step < args.max_steps:
         t0 = time.time()
-        batch = fill_batch(run, args, policy, tokenizer, data, step, reward_model)
+        batch = fill_batch(run, args, engine, tokenizer, data, step, reward_model, tool_use)
         t_gen = time.time() - t0
-        stats = policy_loss_step(run, args, train_model, ref_model, optimizer, batch, lr_at(args, step))
+        stats = policy_loss_step(run, args, train_model, ref_model, optimizer, batch.records, batch.rewards,
+                                 lr_at(args, step))
         t_train = time.time() - t0 - t_gen
         step += 1
-        generated = run.all_sum(batch["generated_tokens"])
-        metrics = {**rollout_metrics(run, batch["rewards"], batch["parts"], batch["completions"], batch["truncated"]),
-                   "all_equal_groups_frac": run.all_sum(batch["all_equal_frac"]) / run.world,
+        generated = run.all_sum(batch.generated_tokens)
+        metrics = {**rollout_metrics(run, batch.records, batch.rewards, batch.parts, tool_use is not None),
+                   "all_equal_groups_frac": run.all_sum(batch.all_equal_frac) / run.world,
                    **stats, "lr": lr_at(args, step - 1), "gen_s": t_gen, "train_s": t_train,
                    "generated_tokens": generated, "tokens_per_s": generated / (time.time() - t0)}
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             metrics["heldout_acc"], metrics["heldout_mean_length"] = heldout_accuracy(
-                run, policy, tokenizer, heldout, args.max_new_tokens)
+                run, engine, tokenizer, heldout, args.max_new_tokens, tool_use=tool_use)
         run.log(step, metrics, pbar, show=("reward", "accuracy", "completion_len_mean"))
-        ckpt_state = {"heldout_acc_before": acc_before}
-        checkpoint_or_stop(run, step, {"": policy}, {"policy": optimizer}, tokenizer, ckpt_state)
+        checkpoint_or_stop(run, step, {"": policy}, {"policy": optimizer}, tokenizer, {"heldout_acc_before": acc_before})
     pbar.close()
 
-    finish_rl_run(run, args, step, {"": policy}, {"policy": optimizer}, tokenizer, heldout,
-                  {"heldout_acc_before": acc_before}, curve=("reward", "accuracy", "heldout_acc", "completion_len_mean"))
+    acc, mean_len = log_heldout(run, step, engine, tokenizer, heldout, args.max_new_tokens, tool_use)
+    run.print(f"held-out greedy accuracy: {acc_before:.3f} -> {acc:.3f} ({len(heldout)} problems)")
+    finish_run(run, step, {"": policy}, {"policy": optimizer}, tokenizer, {"heldout_acc_before": acc_before},
+               {"heldout_acc_before": acc_before, "heldout_acc_after": acc, "heldout_mean_length_after": mean_len,
+                "heldout_problems": len(heldout)}, curve=("reward", "accuracy", "heldout_acc", "completion_len_mean"))
 
 
 if __name__ == "__main__":

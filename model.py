@@ -296,9 +296,16 @@ class KVCache:
             torch._dynamo.mark_static_address(self.v)
 
     def update(self, layer, cache_pos, k, v, length):
-        """Write k, v [B, H_kv, T, D] at the slots cache_pos [T]; return the first `length` slots of the layer."""
-        self.k[layer].index_copy_(2, cache_pos, k)
-        self.v[layer].index_copy_(2, cache_pos, v)
+        """Write k, v [B, H_kv, T, D] at the slots cache_pos: [T], the same slots in every row (a prefill), or [B, 1],
+        one slot per row (a decode step: rows paused for a tool fall behind the others); return the first `length`
+        slots of the layer."""
+        if cache_pos.dim() == 1:
+            self.k[layer].index_copy_(2, cache_pos, k)
+            self.v[layer].index_copy_(2, cache_pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer][rows, :, cache_pos[:, 0]] = k[:, :, 0]  # [B, H_kv, D] into row b's slot cache_pos[b]
+            self.v[layer][rows, :, cache_pos[:, 0]] = v[:, :, 0]
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
 
@@ -404,8 +411,8 @@ class Transformer(nn.Module):
         """idx [B, T] -> final hidden states [B, T, C] (after the last norm; reward and value heads read these).
         attention_mask: None (plain causal), [B, T] with 0 for padding, or a ready [B, 1, T, S], boolean
         (True = may attend) or additive (0 / -inf; S = cache length when decoding). positions: rope positions
-        [B, T] (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots [T]
-        that these tokens are written to; with a cache the mask must be the [B, 1, T, S] one, and attention
+        [B, T] (default 0..T-1, or derived from a [B, T] mask). cache / cache_pos: a KVCache and the slots that
+        these tokens are written to ([T], or [B, 1]: one per row); with a cache the mask must be the [B, 1, T, S] one, and attention
         reads the first S slots (one query per row: decode_attention), or None for a prefill into an empty cache
         (slots 0..T-1, plain causal). Or cache = a PromptKV (training on completions of shared prompts:
         completion_logprobs)."""
@@ -935,6 +942,14 @@ class Tokenizer:
                 parts[i:i + 2] = [parts[i] + parts[i + 1]]
             ids += [self._ranks[p] for p in parts]
         return ids
+
+    def encode_ordinary(self, text):
+        """Text -> ids with special tokens read as plain text (a tool's output must not end a turn)."""
+        return self._encode_ordinary(text)
+
+    def token_bytes(self, i):
+        """The bytes of token i (a multi-byte character may span tokens: its bytes are split between them)."""
+        return self._enc.decode_single_token_bytes(int(i))
 
     def decode(self, ids):
         """Ids -> text (special tokens kept); bytes that are not valid UTF-8 become U+FFFD."""

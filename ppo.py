@@ -37,14 +37,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, count, first_loss_position, fraction,
+from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, finish_run, count, first_loss_position, fraction,
                     length_buckets, load_policy, lr_at, make_optimizer, micro_batches, non_negative, non_negative_int,
                     optimizer_step, positive, resume, step_problems, user_input, world_size)
 from grpo import clipped_surrogate
 from model import Tokenizer
 from reward_model import RewardModel, last_token_index, load_reward_model
-from sample import (add_rl_data_args, finish_rl_run, heldout_accuracy, heldout_before, rl_problems, rollout_metrics,
-                    sample_groups)
+from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, heldout_accuracy, log_heldout, rl_problems,
+                    rollout_metrics, sample_groups)
 from verify import add_reward_args
 
 
@@ -73,6 +73,7 @@ def build_parser():
     p.add_argument("--eval_every", type=non_negative_int, default=5, help="held-out accuracy every N steps (0: start and end)")
     add_training_args(p, "ppo", lr=1e-4, max_steps=25, batch_size=256)
     add_reward_args(p)
+    add_tool_args(p)
     return p
 
 
@@ -102,14 +103,17 @@ def token_rewards(scores, logp, ref_logp, mask, kl_coef):
 
 def gae(rewards, values, mask, gamma, lam):
     """delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lambda A_{t+1} (Schulman et al. 2016), run
-    backwards over each row's completion tokens; the value after the last one is 0 (the episode is over).
-    Returns (advantages [B, T], returns G_t = A_t + V_t [B, T]), zero off the mask."""
+    backwards over each row's own tokens (mask 1): t + 1 is the row's next model token, so a tool observation
+    between two of them (mask 0) is skipped as if it were not there, and the value after the last one is 0 (the
+    episode is over). Returns (advantages [B, T], returns G_t = A_t + V_t [B, T]), zero off the mask."""
     adv, next_adv, next_value = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        mine = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # off the mask: 0, so nothing leaks across
-        next_value = values[:, t] * mask[:, t]
-        adv[:, t] = next_adv
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * mask[:, t]
+        next_adv = torch.where(mine, a, next_adv)  # off the mask (an observation, padding): carried over unchanged
+        next_value = torch.where(mine, values[:, t], next_value)
     return adv, (adv + values) * mask
 
 
@@ -159,12 +163,13 @@ def row_chunks(lengths, rows, max_tokens):
 
 
 @torch.no_grad()
-def prepare_batch(run, args, policy, ref_model, critic, batch, kl_coef, pad_id):
-    """Rollouts -> the tensors PPO trains on: x, y, mask, old logp, old values, advantages, returns [B, T]."""
-    examples = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(batch["prompts"], batch["completions"])]
+def prepare_batch(run, args, policy, ref_model, critic, records, rewards, kl_coef, pad_id):
+    """Rollouts and their rewards -> the tensors PPO trains on: x, y, mask, old logp, old values, advantages,
+    returns [B, T]. mask is 1 on the model's own tokens only: prompts and tool observations are context."""
+    examples = [(r.prompt + r.ids, [0] * len(r.prompt) + r.mask) for r in records]
     [(rows, x, y, mask)] = micro_batches(examples, math.inf, pad_id)  # one right-padded batch, sorted by length
     x, y, mask = x.to(run.device), y.to(run.device), mask.to(run.device)
-    scores = torch.tensor(batch["rewards"], dtype=torch.float)[rows].to(run.device)
+    scores = torch.tensor(rewards, dtype=torch.float)[rows].to(run.device)
     lengths = [len(examples[r][0]) - 1 for r in rows]
     logp, ref_logp, values = (torch.zeros_like(mask) for _ in range(3))
     # FSDP: both models gathered once, so ranks may run different numbers of micro-batches
@@ -237,28 +242,32 @@ def main(argv=None):
         critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
         critic.backbone.grad_checkpointing = args.grad_checkpointing
         data, heldout = rl_problems(args, [(tokenizer, policy.config.max_position_embeddings)])
+        tool_use = ToolUse.from_args(args, tokenizer)
 
     train_policy, train_critic = run.wrap(policy), run.wrap(critic)
     opt_policy, opt_critic = make_optimizer(args, policy), make_optimizer(args, critic, lr=args.critic_lr)
     models, optimizers = {"": policy, "critic": critic}, {"policy": opt_policy, "critic": opt_critic}
+    engine = Engine.for_run(run, policy)
     state = resume(run, models, optimizers)
     step, kl_coef = state.get("step", 0), state.get("kl_coef", args.kl_coef)
-    acc_before = heldout_before(run, args, policy, tokenizer, heldout, state)
+    acc_before = state.get("heldout_acc_before")
+    if acc_before is None:  # kept in the checkpoint, so a resumed run reports it too
+        acc_before, _ = log_heldout(run, 0, engine, tokenizer, heldout, args.max_new_tokens, tool_use, say="before")
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc="ppo")
     while step < args.max_steps:
         t0 = time.time()
         problems = step_problems(run, args.batch_size // args.group_size // run.world, data, step)
         seed = random.Random(f"sample-{args.seed}-{step}-{run.rank}").randrange(2**31)
-        batch = sample_groups(run, args, policy, tokenizer, problems, seed, reward_model)
+        records, rewards, parts = sample_groups(run, args, engine, tokenizer, problems, seed, reward_model, tool_use)
         t_gen = time.time() - t0
-        prepared = prepare_batch(run, args, policy, ref_model, critic, batch, kl_coef, tokenizer.pad_token_id)
+        prepared = prepare_batch(run, args, policy, ref_model, critic, records, rewards, kl_coef, tokenizer.pad_token_id)
         stats = ppo_update(run, args, step, train_policy, train_critic, opt_policy, opt_critic, prepared)
         t_train = time.time() - t0 - t_gen
         step += 1
-        n = run.all_sum(len(batch["completions"]))
+        n = run.all_sum(len(records))
         kl = run.all_sum(prepared["kl"].sum().item()) / n  # nats per sequence: sum over its tokens of k1
-        metrics = {**rollout_metrics(run, batch["rewards"], batch["parts"], batch["completions"], batch["truncated"]),
+        metrics = {**rollout_metrics(run, records, rewards, parts, tool_use is not None),
                    "kl": kl, "kl_coef": kl_coef, **stats, "explained_variance": prepared["explained_variance"],
                    "lr": lr_at(args, step - 1), "critic_lr": lr_at(args, step - 1, args.critic_lr),
                    "gen_s": t_gen, "train_s": t_train}
@@ -266,14 +275,17 @@ def main(argv=None):
             kl_coef = adaptive_kl_coef(kl_coef, kl, args.target_kl, n, args.kl_horizon)
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             metrics["heldout_acc"], metrics["heldout_mean_length"] = heldout_accuracy(
-                run, policy, tokenizer, heldout, args.max_new_tokens)
+                run, engine, tokenizer, heldout, args.max_new_tokens, tool_use=tool_use)
         run.log(step, metrics, pbar, show=("reward", "accuracy", "kl", "explained_variance"))
         ckpt_state = {"heldout_acc_before": acc_before, "kl_coef": kl_coef}
         checkpoint_or_stop(run, step, models, optimizers, tokenizer, ckpt_state)
     pbar.close()
 
-    finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout,
-                  {"heldout_acc_before": acc_before, "kl_coef": kl_coef}, curve=("reward", "accuracy", "heldout_acc", "kl"))
+    acc, mean_len = log_heldout(run, step, engine, tokenizer, heldout, args.max_new_tokens, tool_use)
+    run.print(f"held-out greedy accuracy: {acc_before:.3f} -> {acc:.3f} ({len(heldout)} problems)")
+    finish_run(run, step, models, optimizers, tokenizer, {"heldout_acc_before": acc_before, "kl_coef": kl_coef},
+               {"heldout_acc_before": acc_before, "heldout_acc_after": acc, "heldout_mean_length_after": mean_len,
+                "heldout_problems": len(heldout), "final_kl_coef": kl_coef}, curve=("reward", "accuracy", "heldout_acc", "kl"))
 
 
 if __name__ == "__main__":

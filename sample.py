@@ -14,11 +14,14 @@ GPU (one device is enough for sampling; --compile_decode auto replays the decode
     python sample.py --model DIR --eval gsm8k_test.jsonl --n 16 --device cuda --dtype bfloat16 --batch_size 512
 """
 import argparse
+import bisect
+import concurrent.futures
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,9 +29,9 @@ from tqdm import tqdm
 
 import tools
 import verify
-from common import (ArgumentParser, Run, add_compile_decode_arg, add_prompt_args, count, dtype_name, load_tokenizer,
-                    non_negative, positive, probability, prompt_template, save_checkpoint, unwrap, user_input)
-from model import KVCache, Transformer
+from common import (ArgumentParser, Run, add_compile_decode_arg, add_prompt_args, count, dtype_name, json_object,
+                    load_tokenizer, non_negative, positive, probability, prompt_template, unwrap, user_input)
+from model import KVCache, Tokenizer, Transformer
 
 
 # How a math problem from a data file becomes the user turn (R1 style: think first, then a boxed answer).
@@ -64,14 +67,38 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
+@dataclass
+class Rollout:
+    """One sampled completion, token for token what training uses: ids, mask and logprobs have one entry per
+    completion token, the model's own (mask 1, with the sampler's log pi(y_t)) and tool observations' (mask 0,
+    log-prob 0), in order; nothing in ids was decoded and re-encoded. stop: "eos" (its stop token is the last id)
+    or "length" (it used up --max_new_tokens). calls: its tools.ToolCalls; turn_capped: it wrote a call past
+    --max_turns (not run). text: the completion decoded, without its stop token; own_text: its own tokens only,
+    what the rewards grade (a tool's output cannot answer for the model)."""
+    prompt: list
+    ids: list
+    mask: list
+    logprobs: list
+    stop: str
+    calls: list = field(default_factory=list)
+    turn_capped: bool = False
+    text: str = ""
+    own_text: str = ""
+
+    @property
+    def truncated(self):
+        return self.stop == "length"
+
+
 def decode_step(model, tokens, positions, mask, cache, cache_pos):
-    """One token per sequence through the model: tokens [B, 1] -> logits [B, V]."""
+    """One token per row through the model: tokens [B, 1] at their positions [B, 1], written to the cache slots
+    cache_pos [B, 1] (each row its own), attending where mask [B, 1, 1, S] is True -> logits [B, V]."""
     return model(tokens, mask, positions, cache, cache_pos)[:, -1]
 
 
 # Compiled once with symbolic shapes, so that no batch bucket or attention length recompiles it (a static compile per
 # shape would hit torch's limit of 8 recompiles and silently run eager); on a GPU each shape is captured as a CUDA
-# graph of its own, once. generate() runs it without duck shaping (see there).
+# graph of its own, once. Engine.generate runs it without duck shaping (see there).
 compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
 
 
@@ -81,22 +108,6 @@ def use_compiled_decode(choice, device):
     return choice == "on" or (choice == "auto" and torch.device(device).type == "cuda")
 
 
-def decode_cache(model, batch, length, device, dtype):
-    """The compiled decode step's KV cache, kept on the model between calls and replaced only by a larger one: a
-    CUDA graph replays on the addresses it was captured with, so a new buffer per rollout would mean new captures
-    every rollout (and, past torch's re-record limit, eager decoding). Stale slots of earlier calls are masked."""
-    batch, length = batch + 1, length + 1  # a spare row and slot: the compiled step's views of the cache are never
-    # the whole buffer, so they are never contiguous (torch.compile guards on whether a view is, and would recompile)
-    cache = model.__dict__.get("_decode_cache")  # in __dict__: not a module attribute anything saves
-    if cache is not None and cache.buf_k.dtype == dtype and cache.buf_k.device == device:
-        if cache.buf_k.shape[1] >= batch and cache.buf_k.shape[3] >= length:
-            return cache
-        batch, length = max(batch, cache.buf_k.shape[1]), max(length, cache.buf_k.shape[3])
-    model.__dict__["_decode_cache"] = None  # free the old buffers before allocating their successor
-    model.__dict__["_decode_cache"] = cache = KVCache(model.config, batch, length, device, dtype)
-    return cache
-
-
 def batch_bucket(n, device_type, compile):
     """Rows a decode step runs for n live rows: n itself on a CPU (eager); otherwise the next multiple of 8: tensor-core
     friendly, padding rows under 10% from 80 live rows on, and for the compiled step one CUDA graph per multiple of 8
@@ -104,106 +115,418 @@ def batch_bucket(n, device_type, compile):
     return n if device_type == "cpu" and not compile else -(-n // 8) * 8
 
 
-@torch.inference_mode()
-@torch.fx.experimental._config.patch(use_duck_shape=False)  # for compiled_decode_step: sizes that happen to be equal
-# in its first call (4 rows and 4 layers, 128 rows and 128 slots) must not be assumed equal forever (a recompile)
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token_ids=None,
-             seed=None, compile=False, on_token=None, check_every=None):
-    """Sample continuations for a batch of prompts (lists of token ids, any lengths) -> list of generated
-    token-id lists. Each sequence stops at its own stop token, which is kept as its last id; a list without
-    one hit max_new_tokens. Prompts are right-padded, so the prefill is plain causal attention (SDPA's fused kernels,
-    no mask), and every row decodes at the same cache slot after the longest prompt, its padding slots masked.
-    on_token(list_of_B_ids) is called after every step (for streaming).
+def cast_weights(model, dtype, into=None):
+    """The model's weights in dtype, for inference: a new Transformer (tied weights stay tied, rope frequencies stay
+    float32), or `into` (an earlier copy) refreshed in place. Loaded strictly: a weight the copy lacks, or one it
+    has and the model not, is an error, never silently left out. Rollouts on a GPU decode from a bf16 copy of
+    float32 training weights: every step then reads 2-byte weights and casts nothing, also inside a compiled graph."""
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    if into is None:
+        with torch.device("meta"):
+            into = Transformer(model.config)
+        into.load_state_dict({n: w.to(dtype) for n, w in weights.items()}, strict=False, assign=True)
+        if model.config.tie_word_embeddings:
+            into.lm_head.weight = into.embed_tokens.weight
+        into.eval().requires_grad_(False)
+    else:
+        for name, p in into.named_parameters():
+            p.copy_(weights[name])
+    missing = {n for n, _ in into.named_parameters()} ^ set(weights)
+    if missing:
+        raise ValueError(f"cast_weights: the copy and the model disagree on {sorted(missing)[:5]}")
+    into.inv_freq, into.generation_config = model.inv_freq, model.generation_config
+    return into
 
-    Work done once: a prompt that repeats (an RL group's samples) is prefilled once and its keys/values copied to
-    each of its rows; the prefill runs the lm_head at the last prompt position only. Rows that finished leave
-    the batch every check_every steps (1 on CPU, 8 on GPU: the loop's only host syncs); the rest are compacted in
-    place (KVCache.select_rows) to batch_bucket(live rows) rows, and attention reads only the slots filled so far
-    (compile: rounded up to 128). compile runs the decode step through compiled_decode_step, on a KV cache kept
-    with the model (decode_cache), so that its CUDA graphs are captured once per shape and replayed in every call."""
-    model = unwrap(model)
-    device = model.embed_tokens.weight.device
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("generate: every prompt needs at least one token")
-    first = {}  # distinct prompt -> its row in the prefill
-    share = [first.setdefault(tuple(p), len(first)) for p in prompts]  # prompt row i is prefilled as row share[i]
-    distinct = list(first)
-    B, U, P = len(prompts), len(distinct), max(len(p) for p in distinct)
-    S = P + max_new_tokens
-    if S > model.config.max_position_embeddings:
-        raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings})")
-    if compile:  # cache lengths in steps of 128: the attention lengths the compiled step sees
-        S = min(-(-S // 128) * 128, model.config.max_position_embeddings)
-    ids = torch.zeros(U, P, dtype=torch.long, device=device)
-    valid = torch.zeros(U, S, dtype=torch.bool, device=device)  # which cache slots hold real tokens
-    for i, p in enumerate(distinct):
-        ids[i, :len(p)] = torch.tensor(p, device=device)
-        valid[i, :len(p)] = True
-    lengths = valid.sum(1)  # [U]
-    autocast = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else model.embed_tokens.weight.dtype
-    W = batch_bucket(B, device.type, compile) if compile else B  # compiled: a bucket's width from the first step
-    cache = decode_cache(model, W, S, device, dtype) if compile else KVCache(model.config, B, S, device, dtype)
-    stop = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    check_every = check_every or (1 if device.type == "cpu" else 8)
 
-    cache.select_rows(U)
-    # the prefill writes slots 0..P-1 with plain causal attention; logits at each prompt's last token only
-    slots = torch.arange(P, device=device)
-    logits = model(ids, None, slots.expand(U, P), cache, slots, logits_from=lengths - 1)[:, -1]  # [U, V]
-    if U < W:  # every row of a shared prompt starts from a copy of its keys and values (padding rows: of row 0)
-        share = torch.tensor(share + [0] * (W - B), device=device)
-        cache.select_rows(share, P)
-        logits, lengths, valid = logits[share], lengths[share], valid[share]
-    bias = torch.zeros(W, S, dtype=dtype, device=device).masked_fill(~valid, float("-inf"))  # additive mask
-    next_pos = lengths[:, None].clone()  # [B, 1]: rope positions (each row continues its prompt), advanced on device
-    cache_pos = torch.tensor([P], device=device)  # the slot this step writes
-    step = compiled_decode_step if compile else decode_step
-    rows = torch.arange(W, device=device).clamp(max=B)  # the prompt row of each batch row; B: a padding row
-    out = torch.zeros(B + 1, max_new_tokens, dtype=torch.long, device=device)  # row B: padding rows write here
-    done = rows == B  # padding rows are done from the start
-    n = 0
-    for t in range(max_new_tokens):
-        uniform = torch.rand(B + 1, generator=generator, device=device)[rows] if temperature > 0 else None
-        tok = sample_next(logits, temperature, top_k, top_p, uniform=uniform)
-        tok = tok.masked_fill(done, 0)
-        out[rows, t] = tok
-        done |= torch.isin(tok, stop)
-        n = t + 1
-        if on_token is not None:
-            on_token(out[:B, t].tolist())
-        if t == max_new_tokens - 1:
-            break
-        if (t + 1) % check_every == 0:
-            live = (~done).nonzero().squeeze(1)  # a host sync: only every check_every steps
-            if len(live) == 0:
-                break
-            size = batch_bucket(len(live), device.type, compile)
-            if size < len(rows):  # finished rows leave; padding rows (copies of a live row) are marked done
-                keep = torch.cat([live, live[:1].expand(size - len(live))])
-                cache.select_rows(keep, P + t)
-                tok, next_pos, bias, rows, done = tok[keep], next_pos[keep], bias[keep], rows[keep], done[keep]
-                rows[len(live):], done[len(live):] = B, True
-        bias[:, P + t] = 0
-        # attention reads only the slots filled so far; compiled, that length rounded up to 128 slots, so each
-        # (batch bucket, length) shape is captured once and replayed for 128 steps of every rollout (contiguous:
-        # one memory layout for every length)
-        if compile:
-            seen = bias[:, None, None, :min(S, -(-(P + t + 1) // 128) * 128)].contiguous()
-        else:
-            seen = bias[:, None, None, :P + t + 1]
-        logits = step(model, tok[:, None], next_pos, seen, cache, cache_pos).clone()
-        next_pos += 1
-        cache_pos += 1
+@dataclass
+class ToolUse:
+    """How rows call tools in Engine.generate: the tools (tools.Tool), the tokenizer that finds their delimiters in
+    the model's bytes and encodes their outputs, the pool that runs the calls (tools.ToolRunner), and the limits:
+    calls per row (past it a call does not pause the row, so it can still answer) and observation tokens (a longer
+    output is cut in the middle)."""
+    tools: list
+    tokenizer: Tokenizer
+    runner: tools.ToolRunner
+    max_turns: int = 4
+    max_observation_tokens: int = 256
 
-    result = []
-    stop_set = set(stop.tolist())
-    for row in out[:B, :n].tolist():
-        end = next((j + 1 for j, x in enumerate(row) if x in stop_set), len(row))
-        result.append(row[:end])
-    return result
+    @classmethod
+    def from_args(cls, args, tokenizer):
+        """The --tools flags of a script (None without tools)."""
+        found = tools.make_tools(args)
+        return cls(found, tokenizer, tools.ToolRunner(args.tool_workers, args.tool_timeout), args.max_turns,
+                   args.max_observation_tokens) if found else None
+
+
+@dataclass
+class Rows:
+    """The decode batch on the device, one entry per batch row: which prompt row it is (B: a padding row), the token
+    it feeds next, the tokens it emitted so far (n: model and observation tokens), its prompt's length (where its
+    rope positions continue), whether it is done or waiting for a tool, and an observation being fed to it (forced
+    tokens: forced[forced_at:forced_end]); logits [W, V] of its next token."""
+    row: torch.Tensor
+    tok: torch.Tensor
+    n: torch.Tensor
+    length: torch.Tensor
+    done: torch.Tensor
+    waiting: torch.Tensor
+    fed: torch.Tensor  # whether tok is a token the row emitted this step (else a placeholder)
+    forced: torch.Tensor
+    forced_at: torch.Tensor
+    forced_end: torch.Tensor
+    logits: torch.Tensor
+
+    def select(self, keep):
+        return Rows(**{k: v[keep] for k, v in vars(self).items()})
+
+
+@dataclass
+class Outputs:
+    """What each prompt row emitted (row B takes the writes of rows that emit nothing): ids [B + 1, M], own [B + 1,
+    M] (True: the model sampled it; False: an observation), logp [B + 1, M] (the sampler's log pi of each sampled
+    token, 0 on observations) and n [B + 1] (tokens emitted)."""
+    ids: torch.Tensor
+    own: torch.Tensor
+    logp: torch.Tensor
+    n: torch.Tensor
+
+    @classmethod
+    def empty(cls, B, M, device):
+        return cls(torch.zeros(B + 1, M, dtype=torch.long, device=device),
+                   torch.zeros(B + 1, M, dtype=torch.bool, device=device),
+                   torch.zeros(B + 1, M, dtype=torch.float32, device=device),
+                   torch.zeros(B + 1, dtype=torch.long, device=device))
+
+
+class Engine:
+    """Generation from one model, and what the compiled decode step keeps between calls: CUDA graphs replay on the
+    addresses they were captured with, so the KV cache and the weight copy they read are made once and kept here
+    (replaced only by a larger cache). compile: run the decode step through compiled_decode_step. dtype: decode
+    from a copy of the weights in dtype (bf16 rollouts of float32 training weights)."""
+
+    def __init__(self, model, compile=False, dtype=None):
+        self.model, self.compile, self.dtype = unwrap(model), compile, dtype
+        self.cache = None  # the compiled step's KVCache
+        self.copy = None  # the compiled step's weight copy
+
+    @classmethod
+    def for_run(cls, run, model):
+        """The engine of a script's model: compiled as --compile_decode says; bf16 weights under CUDA autocast."""
+        return cls(model, use_compiled_decode(run.args.compile_decode, run.device),
+                   torch.bfloat16 if run.amp else None)
+
+    def weights(self):
+        """The module to decode with: the model, or a copy of its weights in self.dtype (kept and refreshed in place
+        when compiled)."""
+        if self.dtype is None or all(p.dtype == self.dtype for p in self.model.parameters()):
+            return self.model
+        if not self.compile:
+            return cast_weights(self.model, self.dtype)
+        self.copy = cast_weights(self.model, self.dtype, into=self.copy)
+        return self.copy
+
+    def kv_cache(self, config, batch, length, device, dtype):
+        """A cache of at least batch rows and length slots: a fresh one eager; compiled, the kept one (stale slots of
+        earlier calls are masked), replaced by a larger one when it is too small."""
+        if not self.compile:
+            return KVCache(config, batch, length, device, dtype)
+        batch, length = batch + 1, length + 1  # a spare row and slot: the compiled step's views of the cache are
+        # never the whole buffer, so never contiguous (torch.compile guards on whether a view is, and would recompile)
+        cache = self.cache
+        if cache is not None and cache.buf_k.dtype == dtype and cache.buf_k.device == device:
+            if cache.buf_k.shape[1] >= batch and cache.buf_k.shape[3] >= length:
+                return cache
+            batch, length = max(batch, cache.buf_k.shape[1]), max(length, cache.buf_k.shape[3])
+        self.cache = None  # free the old buffers before allocating their successor
+        self.cache = KVCache(config, batch, length, device, dtype)
+        return self.cache
+
+    @torch.inference_mode()
+    @torch.fx.experimental._config.patch(use_duck_shape=False)  # for compiled_decode_step: sizes that happen to be
+    # equal in its first call (4 rows and 4 layers, 128 rows and 128 slots) must not be assumed equal forever
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token_ids=None,
+                 seed=None, tool_use=None, on_token=None, check_every=None):
+        """Sample a completion of each prompt (lists of token ids, any lengths) -> [Rollout] (rollout() decodes their
+        text). A row stops at its own stop token, kept as its last id, or once it has emitted max_new_tokens (its
+        model tokens and tool observations together). With tool_use a row pauses when the model closes a tool call:
+        the call runs in the pool while the other rows decode, then its output is fed to the row (observation
+        tokens, mask 0) and the row goes on. on_token(tokens) after every step: each prompt row's token, or None.
+
+        The steps, each a method below: prefill (each distinct prompt once; its rows copy its keys and values), then
+        per step emit (sample a token, or take the observation's next one; record it), the host's checks every
+        check_every steps (1 on a CPU, 8 on a GPU: the loop's only host syncs): tool calls (check_tools) and
+        finished rows leaving the batch (compact), and feed (the emitted tokens through the model, each row at its
+        own cache slot: rows paused for a tool fall behind the others)."""
+        model = self.weights()
+        device = model.embed_tokens.weight.device
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        first = {}  # distinct prompt -> its row in the prefill
+        share = [first.setdefault(tuple(p), len(first)) for p in prompts]  # prompt row i is prefilled as share[i]
+        B, M, P = len(prompts), max_new_tokens, max(map(len, first))
+        S = P + M
+        if S > model.config.max_position_embeddings:
+            raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({M}) exceeds the model's "
+                             f"max_position_embeddings ({model.config.max_position_embeddings})")
+        if self.compile:  # cache lengths in steps of 128: the attention lengths the compiled step sees
+            S = min(-(-S // 128) * 128, model.config.max_position_embeddings)
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else model.embed_tokens.weight.dtype
+        W = batch_bucket(B, device.type, True) if self.compile else B  # compiled: a bucket's width from the start
+        cache = self.kv_cache(model.config, W, S, device, dtype)
+        rows = self.prefill(model, list(first), share, W, P, cache, tool_use.max_observation_tokens if tool_use else 1)
+        out = Outputs.empty(B, M, device)
+        stop = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        check_every = check_every or (1 if device.type == "cpu" else 8)
+        step = compiled_decode_step if self.compile else decode_step
+        host = [RowTools() for _ in range(B)] if tool_use else None
+        t = hi = since = 0  # steps taken; the most tokens any row has emitted (bounded); steps since the last check
+        paused = False  # whether a row waits for a tool (it feeds at its next free slot: one more slot to attend)
+        while True:
+            uniform = torch.rand(B + 1, generator=generator, device=device)[rows.row] if temperature > 0 else None
+            self.emit(rows, out, stop, M, temperature, top_k, top_p, uniform)
+            if on_token is not None:
+                emitted = torch.full((B + 1,), -1, dtype=torch.long, device=device)
+                emitted[torch.where(rows.fed, rows.row, B)] = rows.tok
+                on_token([x if x >= 0 else None for x in emitted[:B].tolist()])
+            t, hi, since = t + 1, min(hi + 1, M), since + 1
+            if tool_use is None and t == M:
+                break  # every row has emitted its budget
+            if since == check_every:
+                if tool_use is not None:
+                    hi, paused = check_tools(rows, out, host, tool_use, since, M)
+                since = 0
+                rows, live = self.compact(rows, cache, P + hi, B)
+                if live == 0:
+                    break
+            self.feed(step, model, rows, cache, P, M, min(S, P + hi + paused))
+        return self.records(prompts, out, host, stop_token_ids, M)
+
+    @staticmethod
+    def prefill(model, distinct, share, W, P, cache, observation_width):
+        """Each distinct prompt forwarded once, right-padded to P (plain causal attention: SDPA's fused kernels, no
+        mask), the lm_head at its last token only; then each of the W batch rows starts from a copy of its prompt's
+        keys and values (padding rows past the B prompt rows: of row 0, done from the start). -> Rows."""
+        device, U, B = cache.buf_k.device, len(distinct), len(share)
+        ids = torch.zeros(U, P, dtype=torch.long, device=device)
+        for i, p in enumerate(distinct):
+            ids[i, :len(p)] = torch.tensor(p, device=device)
+        length = torch.tensor([len(p) for p in distinct], device=device)
+        cache.select_rows(U)
+        slots = torch.arange(P, device=device)
+        logits = model(ids, None, slots.expand(U, P), cache, slots, logits_from=length - 1)[:, -1]  # [U, V]
+        index = torch.tensor(share + [0] * (W - B), device=device)
+        if U < W:
+            cache.select_rows(index, P)
+        row = torch.arange(W, device=device).clamp(max=B)
+        zeros = torch.zeros(W, dtype=torch.long, device=device)
+        return Rows(row=row, tok=zeros, n=zeros.clone(), length=length[index], done=row == B, waiting=row < 0,
+                    fed=row < 0, forced=torch.zeros(W, observation_width, dtype=torch.long, device=device),
+                    forced_at=zeros.clone(), forced_end=zeros.clone(), logits=logits[index])
+
+    @staticmethod
+    def emit(rows, out, stop, M, temperature, top_k, top_p, uniform):
+        """Each row's next token: sampled from its logits, or the next token of the observation being fed to it;
+        recorded in out with whether the model sampled it and its log-prob log pi(y_t) = log softmax(z)[y_t] (the
+        model's own distribution, at temperature 1: what the trainer computes). Waiting and done rows emit nothing
+        (their writes go to out's spare row B)."""
+        sampled = sample_next(rows.logits, temperature, top_k, top_p, uniform=uniform)
+        forcing = rows.forced_at < rows.forced_end
+        forced = rows.forced.gather(1, rows.forced_at.clamp(max=rows.forced.shape[1] - 1)[:, None]).squeeze(1)
+        tok = torch.where(forcing, forced, sampled)
+        emit = ~rows.done & ~rows.waiting
+        r, c = torch.where(emit, rows.row, len(out.n) - 1), torch.where(emit, rows.n, 0)
+        out.ids[r, c] = tok
+        out.own[r, c] = ~forcing
+        logp = rows.logits.float().log_softmax(-1).gather(1, sampled[:, None]).squeeze(1)
+        out.logp[r, c] = torch.where(forcing, 0.0, logp)
+        rows.forced_at += (forcing & emit).long()
+        rows.n += emit.long()
+        out.n[r] = rows.n
+        rows.done |= (emit & ~forcing & torch.isin(tok, stop)) | (rows.n >= M)
+        rows.tok, rows.fed = tok, emit
+
+    @staticmethod
+    def feed(step, model, rows, cache, P, M, L):
+        """The emitted tokens through the model -> rows.logits. A row's token goes to its own slot P + i (i: its index
+        in the completion; a row that emitted nothing feeds a placeholder at its next free slot, overwritten later)
+        at rope position prompt length + i, and attends to its prompt's slots and its own filled ones among the
+        first L."""
+        index = (rows.n - rows.fed.long()).clamp(max=M - 1)  # [W]
+        slots = torch.arange(L, device=rows.n.device)
+        seen = (slots < rows.length[:, None]) | ((slots >= P) & (slots <= P + index[:, None]))  # [W, L]
+        rows.logits = step(model, rows.tok[:, None], (rows.length + index)[:, None], seen[:, None, None], cache,
+                           (P + index)[:, None]).clone()
+
+    def compact(self, rows, cache, filled, B):
+        """Finished rows leave the batch (a host sync): the live ones are kept, padded to batch_bucket(live) rows with
+        copies of a live row marked done, their first `filled` cache slots moved in place. -> (rows, live rows)."""
+        live = (~rows.done).nonzero().squeeze(1)
+        if len(live) == 0:
+            return rows, 0
+        size = batch_bucket(len(live), rows.n.device.type, self.compile)
+        if size < len(rows.row):
+            keep = torch.cat([live, live[:1].expand(size - len(live))])
+            cache.select_rows(keep, filled)
+            rows = rows.select(keep)
+            rows.row[len(live):], rows.done[len(live):] = B, True
+        return rows, len(live)
+
+    @staticmethod
+    def records(prompts, out, host, stop_token_ids, M):
+        """The rollouts, read back from the device at once."""
+        B = len(prompts)
+        table = torch.cat([out.ids[:B], out.own[:B].long(), out.n[:B, None]], 1).tolist()
+        logp = out.logp[:B].tolist()
+        stop = set(stop_token_ids or [])
+        result = []
+        for i, row in enumerate(table):
+            n = row[-1]
+            ids, own = row[:n], row[M:M + n]
+            result.append(Rollout(list(prompts[i]), ids, own, logp[i][:n],
+                                  "eos" if n and own[-1] and ids[-1] in stop else "length",
+                                  host[i].calls if host else [], host[i].capped if host else False))
+        return result
+
+
+@dataclass
+class RowTools:
+    """A prompt row's tool use, on the host: its model text since its last observation as bytes (ends: where each of
+    its tokens ends in them; start: the completion index of the first), the completion tokens read so far, its calls,
+    the call it waits for (future, ToolCall, tool, start time) and whether it wrote a call past max_turns."""
+    text: bytearray = field(default_factory=bytearray)
+    ends: list = field(default_factory=list)
+    start: int = 0
+    seen: int = 0
+    calls: list = field(default_factory=list)
+    pending: tuple = None
+    capped: bool = False
+
+    def read(self, tokenizer, ids, own, first):
+        """The row's tokens at completion indices first.. : the model's own ones extend its text (observations and
+        anything before start are not its text)."""
+        for j, (i, mine) in enumerate(zip(ids, own)):
+            if mine and first + j >= self.start:
+                self.text += tokenizer.token_bytes(i)
+                self.ends.append(len(self.text))
+        self.seen = first + len(ids)
+
+    def find_call(self, tool_list):
+        """The first call the text closes: (tool, the call's text, the completion index just past the token that
+        closes it), or None. Delimiters are matched on bytes, so one split across tokens is found too."""
+        best = None
+        for tool in tool_list:
+            opening, closing = tool.format.call_open.encode(), tool.format.call_close.encode()
+            o = self.text.find(opening)
+            c = self.text.find(closing, o + len(opening)) if o >= 0 else -1
+            if c >= 0 and (best is None or c + len(closing) < best[2]):
+                best = (tool, bytes(self.text[o + len(opening):c]).decode("utf-8", "replace"), c + len(closing))
+        if best is None:
+            return None
+        tool, body, end = best
+        return tool, body, self.start + bisect.bisect_left(self.ends, end) + 1
+
+    def drop_through(self, cut):
+        """Forget the text of the tokens before completion index cut (a call that was not run)."""
+        k = cut - self.start - 1
+        base = self.ends[k]
+        self.text, self.ends, self.start = self.text[base:], [e - base for e in self.ends[k + 1:]], cut
+
+    def restart(self, start):
+        """The model's text begins anew at completion index start (after a call, and its observation)."""
+        self.text, self.ends, self.start = bytearray(), [], start
+
+
+def check_tools(rows, out, host, tool_use, window, M):
+    """The host's look at a batch with tools, every check_every steps. Each row's tokens since the last look extend
+    its text; a row whose text closes a tool call is cut right after the call (tokens sampled past it are discarded,
+    never trained on), paused, and its call started in the pool, unless it has made max_turns calls (then it goes
+    on). A paused row whose call has answered is fed the observation. If every live row is paused, wait for an
+    answer. Device state is changed in place; -> (the most tokens a live row has emitted, whether a row is paused)."""
+    B = len(host)
+    cols = (rows.n[:, None] - window + torch.arange(window, device=rows.n.device)).clamp(min=0)  # [W, window]
+    table = torch.cat([rows.row[:, None], rows.n[:, None], rows.done[:, None].long(), rows.waiting[:, None].long(),
+                       out.ids[rows.row[:, None], cols], out.own[rows.row[:, None], cols].long()], 1).tolist()
+    state = {}  # batch index -> [prompt row, n, done, waiting, observation tokens or None]
+    for i, (r, n, done, waiting, *window_tokens) in enumerate(table):
+        if r == B:
+            continue
+        state[i] = [r, n, done, waiting, None]
+        row = host[r]
+        fresh = n - row.seen
+        row.read(tool_use.tokenizer, window_tokens[window - fresh:window], window_tokens[2 * window - fresh:], row.seen)
+        while not waiting and (found := row.find_call(tool_use.tools)) and found[2] < M:
+            tool, text, cut = found
+            if len(row.calls) >= tool_use.max_turns:  # past the cap the call is not run: the row goes on
+                row.capped = True
+                row.drop_through(cut)
+                continue
+            calls = [c.text for c in row.calls if c.tool == tool.name] + [text]
+            future, call = tool_use.runner.submit(tool, calls)
+            row.calls.append(call)
+            row.pending, row.seen = (future, call, tool, time.monotonic()), cut
+            row.restart(cut)
+            state[i][1:4] = [cut, False, True]
+            waiting = True
+    answer_calls(state, host, tool_use, M)
+    apply_tool_changes(rows, out, state)
+    live = [s for s in state.values() if not s[2]]
+    return max((s[1] for s in live), default=0), any(s[3] for s in live)
+
+
+def answer_calls(state, host, tool_use, M):
+    """Paused rows whose call has answered get its observation (state[i][4]); if every live row is paused, wait for
+    the first answer (or timeout) first."""
+    while True:
+        for s in state.values():
+            r, n, _, waiting, _ = s
+            pending = host[r].pending
+            if waiting and pending and tool_use.runner.ready(pending[0], pending[1], pending[3]):
+                ids = observation_ids(tool_use, pending[2], pending[1].output, M - n)
+                s[3:5] = [False, ids]
+                host[r].pending = None
+                host[r].restart(n + len(ids))
+        waits = [host[s[0]].pending for s in state.values() if not s[2] and s[3]]
+        if not waits or len(waits) < sum(not s[2] for s in state.values()):
+            return
+        deadline = min(p[3] for p in waits) + tool_use.runner.timeout
+        concurrent.futures.wait([p[0] for p in waits], timeout=max(0.0, deadline - time.monotonic()),
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+
+
+def apply_tool_changes(rows, out, state):
+    """The host's decisions back on the device: rewound and paused rows, rows fed an observation."""
+    index = torch.tensor(list(state), dtype=torch.long)
+    if not len(index):
+        return
+    values = torch.tensor([s[1:4] for s in state.values()], dtype=torch.long)  # n, done, waiting
+    device = rows.n.device
+    index, values = index.to(device), values.to(device)
+    rows.n[index], rows.done[index], rows.waiting[index] = values[:, 0], values[:, 1].bool(), values[:, 2].bool()
+    rows.fed[index] &= ~values[:, 2].bool()  # a paused row's token (past its call) is not fed
+    out.n[rows.row[index]] = values[:, 0]
+    for i, s in state.items():
+        if s[4] is not None:  # an observation to feed
+            ids = torch.tensor(s[4][:rows.forced.shape[1]], dtype=torch.long, device=device)
+            rows.forced[i, :len(ids)] = ids
+            rows.forced_at[i], rows.forced_end[i] = 0, len(ids)
+
+
+def observation_ids(tool_use, tool, output, budget):
+    """The tokens fed to a row after its call: result_open + output + result_close, encoded as text (never special
+    tokens), the output cut in the middle to fit --max_observation_tokens; at most `budget` tokens (what is left of
+    the row's --max_new_tokens)."""
+    encode = tool_use.tokenizer.encode_ordinary
+    ids = encode(tool.format.observation(output))
+    most = tool_use.max_observation_tokens
+    if len(ids) > most:
+        head, tail = encode(tool.format.result_open), encode(tool.format.result_close)
+        body = encode(output.rstrip("\n"))
+        room = max(2, most - len(head) - len(tail) - len(encode(f"\n...[{len(body)} tokens cut]...\n")))
+        marker = encode(f"\n...[{len(body) - room} tokens cut]...\n")
+        ids = head + body[:room // 2] + marker + body[len(body) - (room - room // 2):] + tail
+    return ids[:min(most, budget)]
 
 
 def render(tokenizer, messages, add_generation_prompt):
@@ -231,82 +554,76 @@ def stop_token_ids(model, tokenizer):
     return sorted(i for i in ids if i is not None)
 
 
-def cast_weights(model, dtype, keep=False):
-    """The model with its weights in dtype: itself if they are, else a copy for inference (tied weights stay tied,
-    rope frequencies stay float32). Rollouts on a GPU decode from a bf16 copy of float32 training weights: every
-    step then reads 2-byte weights and casts nothing, also inside a compiled graph. keep (the compiled decode step):
-    the copy stays with the model and is refreshed in place on the next call, so a captured CUDA graph finds the
-    weights at the addresses it was captured with (at the cost of holding the copy while training)."""
-    if all(p.dtype == dtype for p in model.parameters()):
-        return model
-    copy = model.__dict__.get("_cast_copy")  # in __dict__, not a submodule: never in parameters() or state_dict()
-    if keep and copy is not None and copy.embed_tokens.weight.dtype == dtype:
-        for p, q in zip(model.parameters(), copy.parameters()):
-            q.copy_(p.detach())
-    else:
-        with torch.device("meta"):
-            copy = Transformer(model.config)
-        copy.load_state_dict({n: p.detach().to(dtype) for n, p in model.named_parameters()}, strict=False, assign=True)
-        if model.config.tie_word_embeddings:
-            copy.lm_head.weight = copy.embed_tokens.weight
-        copy.eval().requires_grad_(False)
-        if keep:
-            model.__dict__["_cast_copy"] = copy
-    copy.inv_freq, copy.generation_config = model.inv_freq, model.generation_config
-    return copy
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token_ids=None,
+             seed=None, compile=False, tool_use=None, on_token=None, check_every=None):
+    """Engine(model, compile).generate(...): sampling from a model once, without keeping an engine."""
+    return Engine(model, compile).generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_token_ids, seed,
+                                           tool_use, on_token, check_every)
 
 
 @torch.no_grad()
-def rollout(run, model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=None, top_k=None, seed=0,
-            batch_size=None, desc=None):
-    """The rollout of every script: generate from prompt ids (batch_size rows at a time, batch i seeded seed + i),
-    cut each row at its first stop token, decode. Returns (completion ids, ending with the stop token unless
-    truncated; texts, without it; truncated flags: hit max_new_tokens without a stop token). The decode step is
-    compiled as the run's --compile_decode says (auto: CUDA graphs on a GPU)."""
-    compile = use_compiled_decode(run.args.compile_decode, run.device)
-    stop = stop_token_ids(model, tokenizer)
+def rollout(run, engine, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=None, top_k=None, seed=0,
+            batch_size=None, desc=None, tool_use=None):
+    """The rollout of every script: engine.generate over the prompt ids (batch_size rows at a time, batch i seeded
+    seed + i; the one stop rule, stop_token_ids), then each completion's text decoded. -> [Rollout]."""
+    stop = stop_token_ids(engine.model, tokenizer)
     batch_size = batch_size or max(1, len(prompts))
-    outs = []
-    with run.full_params(model) as plain:  # FSDP: gathered once for the whole rollout
-        # GPU: float32 master weights are cast to bf16 once per rollout (a copy), not by autocast in every step
-        plain = cast_weights(plain, torch.bfloat16, keep=compile) if run.amp else plain
+    records = []
+    with run.full_params(engine.model):  # FSDP: gathered once for the whole rollout
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None or not run.is_main, leave=False):
-            outs += generate(plain, prompts[i:i + batch_size], max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, stop_token_ids=stop, seed=seed + i, compile=compile)
-    truncated = [not (o and o[-1] in stop) for o in outs]
-    texts = [tokenizer.decode(o if t else o[:-1]) for o, t in zip(outs, truncated)]
-    return outs, texts, truncated
+            records += engine.generate(prompts[i:i + batch_size], max_new_tokens, temperature, top_k, top_p, stop,
+                                       seed + i, tool_use)
+    for r in records:
+        end = len(r.ids) - (r.stop == "eos")
+        r.text = tokenizer.decode(r.ids[:end])
+        r.own_text = tokenizer.decode([i for i, m in zip(r.ids[:end], r.mask) if m]) if r.calls else r.text
+    return records
 
 
-def sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
-    """An RL step's rollouts (grpo.py, ppo.py): args.group_size completions per problem in one rollout, scored by
-    verify.compute_rewards. Returns a dict of lists, the samples of a problem adjacent."""
-    problems = [p for p in problems for _ in range(args.group_size)]
+def sample_groups(run, args, engine, tokenizer, problems, seed, reward_model=None, tool_use=None):
+    """An RL step's rollouts (grpo.py, ppo.py): args.group_size completions per problem in one rollout (each prompt
+    tokenized and prefilled once for its group), scored by verify.compute_rewards on the model's own text and
+    token counts. -> (the Rollouts, the samples of a problem adjacent; their rewards; the reward components)."""
     prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems]
-    outs, texts, truncated = rollout(run, policy, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p,
-                                     seed=seed)
-    rewards, parts = verify.compute_rewards(args, problems, texts, [len(o) for o in outs], truncated, reward_model)
-    return {"prompts": prompts, "completions": outs, "texts": texts, "truncated": truncated, "rewards": rewards,
-            "parts": parts}
+    records = rollout(run, engine, tokenizer, [q for q in prompts for _ in range(args.group_size)], args.max_new_tokens,
+                      args.temperature, args.top_p, seed=seed, tool_use=tool_use)
+    grouped = [p for p in problems for _ in range(args.group_size)]
+    rewards, parts = verify.compute_rewards(args, grouped, [r.own_text for r in records],
+                                            [sum(r.mask) for r in records], [r.truncated for r in records],
+                                            reward_model)
+    return records, rewards, parts
 
 
-def rollout_metrics(run, rewards, parts, completions, truncated):
-    """What an RL step logs about its rollouts, over all ranks: reward mean and std, accuracy, every other reward
-    component as reward_<name> (verify.REWARD_HELP), completion lengths (all, correct and incorrect ones: the length
-    bias of Dr. GRPO shows as incorrect completions growing) and the truncated fraction."""
-    n = run.all_sum(len(completions))
-    lengths = [len(c) for c in completions]
-    total_len = run.all_sum(sum(lengths))
-    n_correct = run.all_sum(sum(a >= 1 for a in parts["accuracy"]))
-    len_correct = run.all_sum(sum(l for l, a in zip(lengths, parts["accuracy"]) if a >= 1))
-    mean = run.all_sum(sum(rewards)) / n
-    return {"reward": mean, "reward_std": math.sqrt(max(0.0, run.all_sum(sum(r * r for r in rewards)) / n - mean ** 2)),
-            "accuracy": run.all_sum(sum(parts["accuracy"])) / n,
-            **{f"reward_{k}": run.all_sum(sum(v)) / n for k, v in parts.items() if k != "accuracy"},
-            "completion_len_mean": total_len / n, "completion_len_max": run.all_max(max(lengths)),
-            "completion_len_correct": len_correct / n_correct if n_correct else None,
-            "completion_len_incorrect": (total_len - len_correct) / (n - n_correct) if n > n_correct else None,
-            "truncated_frac": run.all_sum(sum(truncated)) / n}
+def rollout_metrics(run, records, rewards, parts, with_tools=False):
+    """What an RL step logs about its rollouts, over all ranks (one all-reduce): reward mean and std, accuracy, every
+    other reward component as reward_<name> (verify.REWARD_HELP), the model's completion lengths in its own tokens
+    (all, correct and incorrect ones: the length bias of Dr. GRPO shows as incorrect completions growing), how the
+    rows stopped (eos, the length budget) and, with tools, calls per sample, the fraction of calls that failed,
+    observation tokens per sample, the tool seconds of the step and the fraction that hit --max_turns."""
+    lengths = [sum(r.mask) for r in records]
+    correct = [a >= 1 for a in parts["accuracy"]]
+    calls = [c for r in records for c in r.calls]
+    sums = {"n": len(records), "reward": sum(rewards), "reward_sq": sum(x * x for x in rewards),
+            "accuracy": sum(parts["accuracy"]), **{f"reward_{k}": sum(v) for k, v in parts.items() if k != "accuracy"},
+            "len": sum(lengths), "n_correct": sum(correct), "len_correct": sum(l for l, c in zip(lengths, correct) if c),
+            "truncated": sum(r.truncated for r in records), "calls": len(calls),
+            "errors": sum(c.error for c in calls), "observation": sum(len(r.ids) - l for r, l in zip(records, lengths)),
+            "tool_s": sum(c.seconds for c in calls), "capped": sum(r.turn_capped for r in records)}
+    total = dict(zip(sums, run.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    n, mean = total["n"], total["reward"] / total["n"]
+    metrics = {"reward": mean, "reward_std": math.sqrt(max(0.0, total["reward_sq"] / n - mean ** 2)),
+               "accuracy": total["accuracy"] / n,
+               **{k: total[k] / n for k in sums if k.startswith("reward_") and k != "reward_sq"},
+               "completion_len_mean": total["len"] / n, "completion_len_max": run.all_max(max(lengths)),
+               "completion_len_correct": total["len_correct"] / total["n_correct"] if total["n_correct"] else None,
+               "completion_len_incorrect": ((total["len"] - total["len_correct"]) / (n - total["n_correct"])
+                                            if n > total["n_correct"] else None),
+               "truncated_frac": total["truncated"] / n, "stop_eos_frac": 1 - total["truncated"] / n}
+    if with_tools:
+        metrics.update(tool_calls_per_sample=total["calls"] / n, observation_tokens_per_sample=total["observation"] / n,
+                       tool_error_frac=total["errors"] / total["calls"] if total["calls"] else None,
+                       tool_s=total["tool_s"], turn_capped_frac=total["capped"] / n)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,6 +672,33 @@ def add_rl_data_args(p, max_new_tokens, temperature=1.0):
     return p
 
 
+def add_tool_args(p):
+    """The tool flags of every script (grpo.py, ppo.py, distill.py, sample.py sample with them; sft.py masks their
+    outputs): tools.make_tools and ToolUse read them."""
+    g = p.add_argument_group("tools", "calls to tools while the model writes (tools.py)")
+    g.add_argument("--tools", default="", help="comma-separated: python (Qwen2.5-Math's ```python blocks, run in the "
+                   "sandbox), search (<search>query</search>, BM25 over --corpus), or module:function (your own, a "
+                   "callable text -> text); their outputs are context, out of every loss (default: none; sft.py: "
+                   "the built-in task's tool)")
+    g.add_argument("--tool_formats", type=json_object, default={}, metavar="JSON", help='delimiters per tool, e.g. '
+                   '\'{"search": ["<query>", "</query>", "<docs>", "</docs>"]}\' (call open, call close, result '
+                   'open, result close)')
+    g.add_argument("--max_turns", type=count, default=4, help="tool calls per sample; past it a call is not run and "
+                   "the sample goes on (so it can still answer)")
+    g.add_argument("--max_observation_tokens", type=count, default=256, help="a longer tool output is cut in the "
+                   "middle")
+    g.add_argument("--tool_timeout", type=positive, default=10.0, help="seconds a call may take (python: its "
+                   "sandbox's limit too)")
+    g.add_argument("--tool_memory_mb", type=count, default=1024, help="memory cap of a python or user tool call")
+    g.add_argument("--tool_workers", type=count, default=os.cpu_count() or 1, help="tool calls run at once")
+    g.add_argument("--corpus", default=None, help="search: a JSONL corpus of {id, title, text} (default: the "
+                   "built-in knowledge base of builtin:search)")
+    g.add_argument("--search_top_k", type=count, default=tools.DEFAULT_SEARCH_K, help="search: documents per call")
+    g.add_argument("--search_max_chars", type=count, default=tools.DEFAULT_MAX_CHARS, help="search: characters of "
+                   "each document's text")
+    return p
+
+
 def rl_problems(args, models):
     """The problems of an RL (or distillation) run: (training problems, None for the built-in task's endless
     stream; held-out problems). models: [(tokenizer, max_positions)]; prompts that leave no room for
@@ -372,56 +716,43 @@ def rl_problems(args, models):
 
 
 @torch.no_grad()
-def heldout_accuracy(run, model, tokenizer, problems, max_new_tokens=96, batch_size=256):
-    """Greedy accuracy and mean completion length over problems, split across ranks."""
+def heldout_accuracy(run, engine, tokenizer, problems, max_new_tokens=96, batch_size=256, tool_use=None):
+    """Greedy accuracy and mean completion length (the model's own tokens) over problems, split across ranks."""
     mine = problems[run.rank::run.world]
-    outs, texts, _ = rollout(run, model, tokenizer, [prompt_ids(tokenizer, p["prompt"]) for p in mine],
-                             max_new_tokens, temperature=0.0, batch_size=batch_size)
-    correct = sum(verify.safe_reward(verify.accuracy_reward, p, t) for t, p in zip(texts, mine))
-    return run.all_sum(correct) / len(problems), run.all_sum(sum(len(o) for o in outs)) / len(problems)
+    records = rollout(run, engine, tokenizer, [prompt_ids(tokenizer, p["prompt"]) for p in mine], max_new_tokens,
+                      temperature=0.0, batch_size=batch_size, tool_use=tool_use)
+    correct = sum(verify.safe_reward(verify.accuracy_reward, p, r.own_text) for r, p in zip(records, mine))
+    return run.all_sum(correct) / len(problems), run.all_sum(sum(sum(r.mask) for r in records)) / len(problems)
 
 
-def heldout_before(run, args, model, tokenizer, heldout, state):
-    """Held-out greedy accuracy of the starting policy (kept in the checkpoint, so a resumed run reports it too)."""
-    if state.get("heldout_acc_before") is not None:
-        return state["heldout_acc_before"]
-    acc, mean_len = heldout_accuracy(run, model, tokenizer, heldout, args.max_new_tokens)
-    run.print(f"held-out greedy accuracy before: {acc:.3f} (mean length {mean_len:.1f})")
-    run.log(0, {"heldout_acc": acc, "heldout_mean_length": mean_len})
-    return acc
-
-
-def finish_rl_run(run, args, step, models, optimizers, tokenizer, heldout, state, curve=()):
-    """The end of an RL run (grpo.py, ppo.py): held-out greedy accuracy after training, the last step's checkpoint
-    (with `state`, what resume needs), the final Hugging Face folder and summary.json."""
-    policy = models[""]
-    acc, mean_len = heldout_accuracy(run, policy, tokenizer, heldout, args.max_new_tokens)
+def log_heldout(run, step, engine, tokenizer, problems, max_new_tokens, tool_use=None, say=None):
+    """heldout_accuracy logged at `step` as heldout_acc and heldout_mean_length (and printed, saying when, if `say`
+    names the moment) -> (accuracy, mean length)."""
+    acc, mean_len = heldout_accuracy(run, engine, tokenizer, problems, max_new_tokens, tool_use=tool_use)
     run.log(step, {"heldout_acc": acc, "heldout_mean_length": mean_len})
-    save_checkpoint(run, step, models, optimizers, tokenizer, state)
-    final = save_checkpoint(run, step, {"": policy}, {}, tokenizer, name="final")
-    before = state["heldout_acc_before"]
-    run.print(f"held-out greedy accuracy: {before:.3f} -> {acc:.3f} ({len(heldout)} problems); saved {final}")
-    run.write_summary({"heldout_acc_before": before, "heldout_acc_after": acc, "heldout_mean_length_after": mean_len,
-                       "heldout_problems": len(heldout), "steps": step, "final_checkpoint": str(final),
-                       **{f"final_{k}": v for k, v in state.items() if k != "heldout_acc_before"}}, curve)
+    if say:
+        run.print(f"held-out greedy accuracy {say}: {acc:.3f} (mean length {mean_len:.1f}, {len(problems)} problems)")
+    return acc, mean_len
 
 
 def powers_of_two(n):
     return [k for k in (2 ** i for i in range(n.bit_length())) if k <= n]
 
 
-def evaluate(run, model, tokenizer, problems, n=1, max_new_tokens=512, temperature=0.6, top_p=None, seed=0,
-             batch_size=64, samples_file=None):
-    """Sample n completions per problem and grade them. Returns the summary dict; writes one JSONL line per sample
-    (problem id, completion, extracted answer, reward) when samples_file is given."""
+def evaluate(run, engine, tokenizer, problems, n=1, max_new_tokens=512, temperature=0.6, top_p=None, seed=0,
+             batch_size=64, samples_file=None, tool_use=None):
+    """Sample n completions per problem and grade them (the model's own text). Returns the summary dict (with
+    tools: calls per sample too); writes one JSONL line per sample (problem id, completion, extracted answer,
+    reward, its tool calls) when samples_file is given."""
     jobs = [(i, j) for i in range(len(problems)) for j in range(n)]
     prompts = [prompt_ids(tokenizer, p["prompt"]) for p in problems]
-    outs, texts, _ = rollout(run, model, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens, temperature, top_p,
-                             seed=seed, batch_size=batch_size, desc="eval")
-    rows = [{"id": i, "sample": j, "prompt": problems[i]["prompt"], "completion": text,
-             "answer": verify.extract_answer(text), "gold": problems[i].get("answer"), "length": len(out),
-             "reward": verify.safe_reward(verify.accuracy_reward, problems[i], text),
-             "format": verify.format_reward(text)} for (i, j), out, text in zip(jobs, outs, texts)]
+    records = rollout(run, engine, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens, temperature, top_p,
+                      seed=seed, batch_size=batch_size, desc="eval", tool_use=tool_use)
+    rows = [{"id": i, "sample": j, "prompt": problems[i]["prompt"], "completion": r.text,
+             "answer": verify.extract_answer(r.own_text), "gold": problems[i].get("answer"), "length": sum(r.mask),
+             "reward": verify.safe_reward(verify.accuracy_reward, problems[i], r.own_text),
+             "format": verify.format_reward(r.own_text), "stop": r.stop,
+             **({"tool_calls": [vars(c) for c in r.calls]} if tool_use else {})} for (i, j), r in zip(jobs, records)]
     if samples_file:
         Path(samples_file).parent.mkdir(parents=True, exist_ok=True)
         Path(samples_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -431,6 +762,8 @@ def evaluate(run, model, tokenizer, problems, n=1, max_new_tokens=512, temperatu
                "mean_length": sum(r["length"] for r in rows) / len(rows),
                "max_length": max(r["length"] for r in rows),
                "well_formed": sum(r["format"] for r in rows) / len(rows)}
+    if tool_use:
+        summary["tool_calls_per_sample"] = sum(len(r.calls) for r in records) / len(records)
     for k in powers_of_two(n):  # unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k), averaged
         summary[f"pass@{k}"] = sum(verify.pass_at_k(n, int(sum(r["reward"] for r in g)), k) for g in by_problem) / len(problems)
     for k in powers_of_two(n):  # majority vote over the first k samples, answers grouped by is_equiv
@@ -471,6 +804,7 @@ def parse_args(argv=None):
     add_prompt_args(p)
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR", help="--eval: several checkpoints, one "
                    "table (same data, same seeds)")
+    add_tool_args(p)
     args = p.parse_args(argv)
     if args.compare and not args.eval:
         p.error("--compare needs --eval DATA (the problems to compare the checkpoints on)")
@@ -508,9 +842,11 @@ def run_eval(args):
         with user_input():
             tokenizer = load_tokenizer(args, name)
             model = Transformer.from_pretrained(name, dtype=args.dtype, device=args.device)
-        results[name] = evaluate(run, model, tokenizer, problems, n=args.n, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                 batch_size=args.batch_size, samples_file=out / "samples.jsonl")
+            tool_use = ToolUse.from_args(args, tokenizer)
+        results[name] = evaluate(run, Engine(model, use_compiled_decode(args.compile_decode, args.device)), tokenizer,
+                                 problems, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                                 samples_file=out / "samples.jsonl", tool_use=tool_use)
         (out / "summary.json").write_text(json.dumps({"model": name, "data": args.eval, **results[name],
                                                       "args": vars(args)}, indent=2) + "\n")
         del model
@@ -529,12 +865,15 @@ def main(argv=None):
     with user_input():
         tokenizer = load_tokenizer(args, args.model)
         model = Transformer.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        tool_use = ToolUse.from_args(args, tokenizer)
     prompt = tokenizer.encode(args.prompt) if args.no_chat_template else prompt_ids(tokenizer, args.prompt)
     generated = []
     printed = ""
 
-    def stream(tokens):  # decode everything so far and print the new suffix (multi-byte characters arrive whole)
-        nonlocal printed
+    def stream(tokens):  # decode everything so far and print the new suffix (multi-byte characters arrive whole);
+        nonlocal printed  # tool calls and their outputs stream as the model writes and reads them
+        if tokens[0] is None:  # waiting for a tool
+            return
         generated.append(tokens[0])
         text = tokenizer.decode(generated)
         if not text.endswith("\ufffd"):
@@ -545,7 +884,7 @@ def main(argv=None):
     t0 = time.time()
     generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, stop_token_ids=stop_token_ids(model, tokenizer), seed=args.seed,
-             compile=use_compiled_decode(args.compile_decode, args.device), on_token=stream)
+             compile=use_compiled_decode(args.compile_decode, args.device), tool_use=tool_use, on_token=stream)
     dt = time.time() - t0
     print(f"\n[{len(generated)} tokens in {dt:.2f}s, {len(generated) / dt:.1f} tok/s]", file=sys.stderr)
 

@@ -31,8 +31,8 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     load_model, lr_at, make_optimizer, micro_batches, non_negative_int, optimizer_step, resume,
                     save_checkpoint, step_indices, user_input)
 from model import ModelConfig
-from sample import heldout_accuracy, render
-from tools import is_builtin, task_problems, task_solution
+from sample import Engine, ToolUse, add_tool_args, heldout_accuracy, render
+from tools import TOOL_OF_TASK, is_builtin, observation_spans, task_problems, task_solution, tool_formats
 from verify import read_jsonl
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,10 +103,11 @@ def check_messages(msgs, where):
         raise ValueError(f"{where}: no assistant message to train on")
 
 
-def tokenize_chat(tokenizer, messages):
+def tokenize_chat(tokenizer, messages, formats=()):
     """Token ids [T] and loss mask [T] (1 on assistant turns, including their end-of-turn token). The text
     before each assistant turn is the template rendered up to the generation prompt; the turn itself is what
-    the full rendering adds."""
+    the full rendering adds. The outputs of the tools in `formats` (tools.ToolFormat) inside an assistant turn are
+    context, mask 0, encoded as a rollout feeds them (on their own, as plain text)."""
     ids, mask, done = [], [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -117,20 +118,25 @@ def tokenize_chat(tokenizer, messages):
                              "what its generation prompt starts (DeepSeek-R1-Distill's drops the <think> part of past "
                              "turns), or earlier turns differently once later ones follow: pass --chat_template FILE "
                              "with a template that keeps each turn as the model writes it")
-        for text, label in ((prefix[len(done):], 0), (full[len(prefix):], 1)):
-            piece = tokenizer.encode(text)
+        turn, start = full[len(prefix):], 0
+        pieces = [(prefix[len(done):], 0)]
+        for a, b in observation_spans(turn, formats):
+            pieces += [(turn[start:a], 1), (turn[a:b], None)]
+            start = b
+        for text, label in pieces + [(turn[start:], 1)]:
+            piece = tokenizer.encode(text) if label is not None else tokenizer.encode_ordinary(text)
             ids += piece
-            mask += [label] * len(piece)
+            mask += [label or 0] * len(piece)
         done = full
     return ids, mask
 
 
-def tokenize_dataset(tokenizer, chats, max_len):
-    """Tokenize every chat; longer ones are truncated to max_len (counted), ones left with no assistant token
-    are dropped (counted)."""
+def tokenize_dataset(tokenizer, chats, max_len, formats=()):
+    """Tokenize every chat (tool outputs of `formats` masked); longer ones are truncated to max_len (counted), ones
+    left with no assistant token are dropped (counted)."""
     examples, truncated, dropped = [], 0, 0
     for msgs in chats:
-        ids, mask = tokenize_chat(tokenizer, msgs)
+        ids, mask = tokenize_chat(tokenizer, msgs, formats)
         if len(ids) > max_len:
             truncated += 1
             ids, mask = ids[:max_len], mask[:max_len]
@@ -175,15 +181,20 @@ def parse_args(argv=None):
                    help="built-in task: fraction of solutions that show every step (the rest are terse)")
     p.add_argument("--heldout_problems", type=count, default=500, help="built-in task: held-out problems for greedy "
                    "accuracy, and as many held-out chats for the held-out loss")
+    p.add_argument("--max_new_tokens", type=count, default=96, help="built-in task: completion length limit of the "
+                   "held-out greedy accuracy (with the task's tool)")
     p.add_argument("--max_len", type=count, default=1024, help="longer examples are truncated (and counted)")
     p.add_argument("--eval_every", type=non_negative_int, default=100, help="held-out loss every N steps (0: never)")
     p.add_argument("--export_builtin", default=None, metavar="DIR", help="write the built-in task as JSONL "
                    "(SFT chats, RL problems; train and held-out) into DIR and exit")
+    add_tool_args(p)
     p.add_argument("--n_layer", type=count, default=4, help="fresh model: layers")
     p.add_argument("--n_embd", type=count, default=128, help="fresh model: hidden size")
     p.add_argument("--n_head", type=count, default=4, help="fresh model: attention heads")
     add_training_args(p, "sft", lr=3e-3, max_steps=500, batch_size=64)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tools = args.tools or TOOL_OF_TASK.get(args.data, "")  # a built-in tool task's solutions call its tool
+    return args
 
 
 def train(run, args, model, tokenizer, train, evals=None):
@@ -237,8 +248,10 @@ def main(argv=None):
                        else load_chats(args.data))
         eval_chats = load_chats(args.eval_data) if args.eval_data else (
             builtin_chats(args.data, "heldout", args.heldout_problems, args.seed, args.step_fraction) if builtin else None)
-        examples, stats = tokenize_dataset(tokenizer, train_chats, args.max_len)
-        evals = tokenize_dataset(tokenizer, eval_chats, args.max_len)[0] if eval_chats else None
+        formats = tool_formats(args.tools, args.tool_formats).values()  # their outputs: no loss
+        examples, stats = tokenize_dataset(tokenizer, train_chats, args.max_len, formats)
+        evals = tokenize_dataset(tokenizer, eval_chats, args.max_len, formats)[0] if eval_chats else None
+        tool_use = ToolUse.from_args(args, tokenizer) if builtin else None
     if not examples:
         raise SystemExit(f"{args.data}: every example was dropped (no assistant tokens within --max_len {args.max_len})")
     run.print(f"{len(examples)} training examples ({stats['truncated']} truncated to {args.max_len} tokens, "
@@ -252,7 +265,8 @@ def main(argv=None):
                "eval_loss_after": eval_loss(run, model, evals, args.micro_batch_tokens, tokenizer.pad_token_id) if evals else None,
                "final_checkpoint": str(final)}
     if heldout:
-        summary["heldout_acc"], summary["heldout_mean_length"] = heldout_accuracy(run, model, tokenizer, heldout)
+        summary["heldout_acc"], summary["heldout_mean_length"] = heldout_accuracy(
+            run, Engine.for_run(run, model), tokenizer, heldout, args.max_new_tokens, tool_use=tool_use)
         run.print(f"held-out greedy accuracy: {summary['heldout_acc']:.3f} on {len(heldout)} problems")
     run.write_summary(summary, curve=("loss", "eval_loss"))
     run.print(f"saved {final}")

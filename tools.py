@@ -34,11 +34,18 @@ Problems are plain dicts graded by verify.accuracy_reward (math_reward on "answe
 import ast
 import collections
 import functools
+import importlib
 import math
+import os
 import random
 import re
+import subprocess
+import sys
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import verify
 
@@ -390,6 +397,168 @@ def tool_arithmetic_worked_solution(problem, use_tool=True):
 def search_no_tool_solution(problem):
     """The completion of a search problem without the tool (the no-tool baseline: the answer from memory)."""
     return f"<think>\nI recall the answer.\n</think>\n\\boxed{{{problem['answer']}}}"
+
+# -----------------------------------------------------------------------------
+# the tools a rollout calls, and the pool that runs their calls
+
+@dataclass(frozen=True)
+class Tool:
+    """A tool the model calls while it writes: its name, how its calls and results are written, and
+    run(calls) -> (output, error): calls are this sample's calls to the tool so far, the current one last (the
+    python tool re-runs the earlier ones so that their variables exist), output the observation's body."""
+    name: str
+    format: ToolFormat
+    run: Callable
+
+
+@dataclass
+class ToolCall:
+    """One call in a rollout: the tool, the text between its delimiters, the output that came back (the
+    observation's body), whether that was an error (an exception, a timeout, a crash) and the seconds it took."""
+    tool: str
+    text: str
+    output: str = ""
+    error: bool = False
+    seconds: float = 0.0
+
+
+def python_tool(timeout=5.0, memory_mb=512, fmt=PYTHON_FORMAT):
+    """Python in verify.py's sandbox (no network, nothing written on the host, time and memory capped): the
+    output is what the last call printed (a traceback's last line on an exception), as a notebook shows it."""
+    def run(calls):
+        result = verify.run_python(calls, timeout=timeout, memory_mb=memory_mb)
+        return result.output, result.error is not None or result.timed_out
+    return Tool("python", fmt, run)
+
+
+def search_tool(index, k=DEFAULT_SEARCH_K, max_chars=DEFAULT_MAX_CHARS, fmt=SEARCH_FORMAT):
+    """BM25 search over a corpus: the top k documents of the call's query (in memory: it cannot hang)."""
+    return Tool("search", fmt, lambda calls: (search_observation_body(index, calls[-1].strip(), k, max_chars), False))
+
+
+# A user's tool runs in a child interpreter, so that a call that hangs or eats memory can be killed.
+_USER_TOOL_RUNNER = r"""
+import importlib, resource, sys
+limit = int(sys.argv[3]) << 20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+function = getattr(importlib.import_module(sys.argv[1]), sys.argv[2])
+sys.stdout.write(str(function(sys.stdin.read())))
+"""
+
+
+def user_tool(spec, timeout=5.0, memory_mb=1024, fmt=None):
+    """--tools mypkg.mymodule:function: a callable text -> text, called with the call's text in a child Python
+    process (the current folder importable) killed after `timeout` seconds, its address space capped at memory_mb;
+    written <function>...</function> and answered <result>...</result> unless --tool_formats says otherwise."""
+    module, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--tools {spec}: cannot import it ({e})") from None
+    if not callable(function):
+        raise ValueError(f"--tools {spec}: not a callable")
+
+    def run(calls):
+        try:
+            proc = subprocess.run([sys.executable, "-c", _USER_TOOL_RUNNER, module, name, str(memory_mb)],
+                                  input=calls[-1], capture_output=True, text=True, timeout=timeout, cwd=os.getcwd())
+        except subprocess.TimeoutExpired:
+            return f"Error: {name} did not answer within {timeout:g} s", True
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            return f"Error: {last}", True
+        return proc.stdout, False
+    return Tool(name, fmt or ToolFormat(f"<{name}>", f"</{name}>", "\n<result>", "</result>\n"), run)
+
+
+class ToolRunner:
+    """Runs tool calls concurrently on a pool of worker threads (the work itself happens in a sandbox process, a
+    child interpreter or in memory), so N calls cost about N / workers call latencies; a call that has not
+    answered within `timeout` seconds is answered with an error, and its row goes on."""
+
+    def __init__(self, workers=None, timeout=10.0):
+        self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
+        self.timeout = timeout
+
+    def submit(self, tool, calls):
+        """Start tool.run(calls); -> (future, the ToolCall it will fill)."""
+        call = ToolCall(tool.name, calls[-1])
+        return self.pool.submit(self._run, tool, calls, call), call
+
+    @staticmethod
+    def _run(tool, calls, call):
+        start = time.monotonic()
+        try:
+            call.output, call.error = tool.run(calls)
+        except Exception as e:  # a broken tool answers with its error; the rollout goes on
+            call.output, call.error = f"Error: {type(e).__name__}: {e}", True
+        call.seconds = time.monotonic() - start
+        return call
+
+    def ready(self, future, call, started):
+        """Whether the call is answered: done, or past the timeout (then answered with an error)."""
+        if future.done():
+            return True
+        if time.monotonic() - started > self.timeout:
+            call.output, call.error, call.seconds = f"Error: no answer within {self.timeout:g} s", True, self.timeout
+            return True
+        return False
+
+
+def tool_names(spec):
+    """--tools "python, search" -> ["python", "search"] (a user's tool: "module:function")."""
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def tool_formats(spec, custom=None):
+    """{tool name: its ToolFormat} for --tools spec, with --tool_formats' overrides (ValueError naming the flag on a
+    mistake). What sft.py needs to mask the tools' outputs, and make_tools to run them."""
+    formats = {}
+    for name in tool_names(spec):
+        if name not in ("python", "search") and ":" not in name:
+            raise ValueError(f"--tools {name}: unknown tool (python, search, or module:function)")
+        short = name.partition(":")[2] or name
+        formats[short] = {"python": PYTHON_FORMAT, "search": SEARCH_FORMAT}.get(
+            name, ToolFormat(f"<{short}>", f"</{short}>", "\n<result>", "</result>\n"))
+    for name, given in (custom or {}).items():
+        if name not in formats:
+            raise ValueError(f"--tool_formats names a tool not in --tools: {name}")
+        if not (isinstance(given, list) and len(given) == 4 and all(isinstance(x, str) and x for x in given)):
+            raise ValueError(f"--tool_formats {name}: four non-empty strings (call open, call close, result open, "
+                             f"result close), got {given!r}")
+        formats[name] = ToolFormat(*given)
+    if len({f.call_open for f in formats.values()}) < len(formats):
+        raise ValueError(f"--tools {spec}: two tools with the same call delimiter")
+    return formats
+
+
+def make_tools(args):
+    """The Tools that --tools names, with their flags (ValueError naming the flag on a mistake)."""
+    formats, tools = tool_formats(args.tools, args.tool_formats), []
+    for name in tool_names(args.tools):
+        short = name.partition(":")[2] or name
+        if name == "python":
+            tool = python_tool(args.tool_timeout, args.tool_memory_mb, formats[short])
+        elif name == "search":
+            index = BM25Index(load_corpus(args.corpus)) if args.corpus else builtin_search_index()
+            tool = search_tool(index, args.search_top_k, args.search_max_chars, formats[short])
+        else:
+            tool = user_tool(name, args.tool_timeout, args.tool_memory_mb, formats[short])
+        tools.append(tool)
+    return tools
+
+
+def observation_spans(text, formats):
+    """[(start, end)] of the tool outputs in a text: each result_open ... result_close right after a call of the
+    same tool (call_open ... call_close), sorted. sft.py keeps them out of the loss."""
+    spans = []
+    for f in formats:
+        for call in re.finditer(re.escape(f.call_open) + ".*?" + re.escape(f.call_close), text, re.S):
+            end = text.find(f.result_close, call.end() + len(f.result_open))
+            if text.startswith(f.result_open, call.end()) and end >= 0:
+                spans.append((call.end(), end + len(f.result_close)))
+    return sorted(spans)
+
 
 # -----------------------------------------------------------------------------
 # every built-in task by its --data name: generated problems (train / held-out) and worked solutions

@@ -24,7 +24,7 @@ import torch
 import grpo
 from common import Run
 from model import Tokenizer, Transformer
-from sample import generate
+from sample import Rollout, generate
 
 
 def prompts_of_64_tokens(tokenizer, n, seed=0):
@@ -51,12 +51,10 @@ def time_ours(args, policy, tokenizer, prompts):
         t0 = time.perf_counter()
         group_prompts = [p for p in prompts for _ in range(4)]
         with run.autocast():
-            outs = generate(policy, group_prompts, 64, temperature=1.0, stop_token_ids=never)
+            records = generate(policy, group_prompts, 64, temperature=1.0, stop_token_ids=never)
         sync(args.device)
         t_gen = time.perf_counter() - t0
-        batch = {"prompts": group_prompts, "completions": outs, "truncated": [False] * 32,
-                 "rewards": torch.rand(32).tolist()}
-        grpo.policy_loss_step(run, run_args, policy, None, optimizer, batch, 1e-6)
+        grpo.policy_loss_step(run, run_args, policy, None, optimizer, records, torch.rand(32).tolist(), 1e-6)
         sync(args.device)
         return time.perf_counter() - t0, t_gen
 
@@ -78,8 +76,8 @@ def time_training(args, policy, prompts, rows=16, new_tokens=64, steps=4):
     s = len(group_prompts[0]) - 1
     inp, y = x[:, :-1], x[:, s + 1:]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
-    batch = {"prompts": group_prompts, "completions": completions, "truncated": [False] * rows,
-             "rewards": torch.rand(rows, generator=g).tolist()}
+    records = [Rollout(p, c, [1] * len(c), [0.0] * len(c), "eos") for p, c in zip(group_prompts, completions)]
+    rewards = torch.rand(rows, generator=g).tolist()
     def plain_step():
         F.cross_entropy(policy(inp, logits_from=s).flatten(0, 1).float(), y.flatten()).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -91,7 +89,7 @@ def time_training(args, policy, prompts, rows=16, new_tokens=64, steps=4):
             lambda: policy(inp, targets=y, logits_from=s)[0].mean().neg().backward(),
         "plain training step (forward+backward, clip, AdamW step)": plain_step,
         "grpo.policy_loss_step (log-prob path, clip, AdamW step)":
-            lambda: grpo.policy_loss_step(run, run_args, policy, None, optimizer, batch, 0.0)}
+            lambda: grpo.policy_loss_step(run, run_args, policy, None, optimizer, records, rewards, 0.0)}
     times = {name: [] for name in variants}
     for r in range(steps + 1):  # rounds of every variant in turn, so drift over time hits them all alike
         for name, fn in variants.items():

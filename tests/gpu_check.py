@@ -11,7 +11,6 @@ memory, eager and with the compiled decode step (CUDA graphs, as RL rollouts run
 training step on that rollout (tokens/s, MFU, peak memory).
 """
 import argparse
-import math
 import tempfile
 import time
 
@@ -20,7 +19,7 @@ import torch
 import grpo
 from common import Run, shared_prompt_micro_batches
 from model import ModelConfig, Transformer
-from sample import cast_weights, generate
+from sample import Engine, Rollout, cast_weights
 
 QWEN25_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768,
@@ -34,6 +33,11 @@ PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16; MFU is reported against it
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def generate(engine, *args, **kwargs):
+    """engine.generate's completions as token ids."""
+    return [r.ids for r in engine.generate(*args, **kwargs)]
 
 
 def timed(fn, device):
@@ -92,7 +96,8 @@ def main():
     with torch.device(device):
         model = Transformer(cfg)
     model.inv_freq = model.inv_freq.to(device)
-    roll = cast_weights(model, roll_dtype)
+    roll = cast_weights(model, roll_dtype) if roll_dtype != torch.float32 else model
+    eager, compiled = Engine(roll), Engine(roll, compile=True)  # compiled: its cache and graphs kept between calls
     g = torch.Generator().manual_seed(0)
 
     # 1. bf16 vs float32 logits
@@ -104,9 +109,8 @@ def main():
     # 2. compiled vs eager greedy tokens
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 17, 3)]
     if device.type == "cuda" or args.compile:
-        eager = generate(roll, prompts, 32, temperature=0)
         rows.append(("compiled == eager greedy tokens (4 prompts x 32)",
-                     str(generate(roll, prompts, 32, temperature=0, compile=True) == eager)))
+                     str(generate(compiled, prompts, 32, temperature=0) == generate(eager, prompts, 32, temperature=0))))
     else:
         rows.append(("compiled == eager greedy tokens", "skipped on CPU (--compile)"))
 
@@ -117,7 +121,7 @@ def main():
     pairs = [p for p in prompts for _ in range(2)]  # 2 samples of each prompt
     try:
         with sdpa_kernel(fused), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            outs = generate(roll, pairs, 8, temperature=1.0, seed=0)
+            outs = generate(eager, pairs, 8, temperature=1.0, seed=0)
             [(_, p_ids, p_lens, of_row, c, _)] = shared_prompt_micro_batches(pairs, outs, [[1] * len(o) for o in outs],
                                                                              10**6)
             model(c.to(device), prompts=(p_ids.to(device), p_lens.to(device), of_row.to(device)))[0].sum().backward()
@@ -137,8 +141,8 @@ def main():
     for B in batches:
         bp = [[1] + list(range(100, 116 + i % 16)) for i in range(B)]
         never = [cfg.vocab_size + 1]
-        generate(roll, bp[:1], 2, temperature=0)  # warm-up
-        t, _ = timed(lambda: generate(roll, bp, decode_tokens, temperature=0, stop_token_ids=never), device)
+        generate(eager, bp[:1], 2, temperature=0)  # warm-up
+        t, _ = timed(lambda: generate(eager, bp, decode_tokens, temperature=0, stop_token_ids=never), device)
         cell = f"{B * decode_tokens / t:.0f}"
         if ref is not None:
             ids = torch.zeros(B, max(map(len, bp)), dtype=torch.long)
@@ -162,7 +166,7 @@ def main():
     prompts = [pr for pr in group_prompts for _ in range(G)]
     handle = forced_lengths(roll, lengths.to(device), P, stop)
     reset_peak(device)
-    t, outs = timed(lambda: generate(roll, prompts, max_len, temperature=1.0, stop_token_ids=[stop], seed=0), device)
+    t, outs = timed(lambda: generate(eager, prompts, max_len, temperature=1.0, stop_token_ids=[stop], seed=0), device)
     handle.remove()
     got = torch.tensor([len(o) for o in outs])
     weight_bytes = sum(q.numel() * q.element_size() for q in roll.parameters())
@@ -176,11 +180,11 @@ def main():
                  f"{bound:.2f} s ({bandwidth / 1e9:.0f} GB/s)"))
     rows.append(("rollout peak memory", peak_gib(device)))
     if device.type == "cuda" or args.compile:  # the same rollout with the compiled decode step (RL's default on CUDA)
-        compiled = lambda: generate(roll, prompts, max_len, temperature=1.0, stop_token_ids=[stop], seed=0, compile=True)
+        run_compiled = lambda: generate(compiled, prompts, max_len, temperature=1.0, stop_token_ids=[stop], seed=0)
         torch._dynamo.reset()  # compiled again with the hook: dynamo does not guard on hooks added later
         handle = forced_lengths(roll, lengths.to(device), P, stop)
-        t_first, _ = timed(compiled, device)  # compiles once, captures a graph per shape
-        t_again, outs_compiled = timed(compiled, device)  # replays
+        t_first, _ = timed(run_compiled, device)  # compiles once, captures a graph per shape
+        t_again, outs_compiled = timed(run_compiled, device)  # replays
         handle.remove()
         rows.append(("rollout, compiled decode step (first call: compile + capture)",
                      f"{t_again:.2f} s (first {t_first:.1f} s; same tokens as eager: {outs_compiled == outs})"))
@@ -194,10 +198,10 @@ def main():
     run = Run(run_args, "gpu_check")
     model.to(train_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    batch = {"prompts": prompts, "completions": outs, "truncated": [False] * len(outs),
-             "rewards": torch.rand(len(outs), generator=g).tolist()}
+    records = [Rollout(p, o, [1] * len(o), [0.0] * len(o), "eos") for p, o in zip(prompts, outs)]
+    rewards = torch.rand(len(outs), generator=g).tolist()
     reset_peak(device)
-    t, _ = timed(lambda: grpo.policy_loss_step(run, run_args, model, None, optimizer, batch, 1e-6), device)
+    t, _ = timed(lambda: grpo.policy_loss_step(run, run_args, model, None, optimizer, records, rewards, 1e-6), device)
     tokens = sum(len(pr) + len(o) for pr, o in zip(prompts, outs))  # as if each sample were trained on alone
     forwarded = sum(len(pr) for pr in {tuple(p) for p in prompts}) + sum(map(len, outs))  # each prompt once
     mfu = 6 * model.num_params() * forwarded / t / PEAK_BF16_FLOPS

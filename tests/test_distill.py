@@ -14,6 +14,7 @@ import distill
 import sft
 import verify
 from distill import distill_loss_sum, select_traces, token_divergence, write_traces
+from sample import Rollout
 from model import ModelConfig, Tokenizer, Transformer, tokenizer_mismatch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,8 +152,26 @@ SAMPLES = [
 ]
 
 
-def kept_texts(**kw):
-    return [(p["answer"], text) for p, text, _ in select_traces(PROBLEMS, SAMPLES, **kw)]
+def record(text, n_tokens, truncated, own_text=None):
+    """A Rollout as the engine returns it, with the text it decoded (own_text: the model's tokens only)."""
+    return Rollout([1], [5] * n_tokens, [1] * n_tokens, [0.0] * n_tokens, "length" if truncated else "eos",
+                   text=text, own_text=text if own_text is None else own_text)
+
+
+def kept_texts(samples=SAMPLES, **kw):
+    return [(p["answer"], text) for p, text, _ in select_traces(PROBLEMS, [[record(*s) for s in g] for g in samples],
+                                                                 **kw)]
+
+
+def test_rejection_filter_grades_the_models_own_text_and_keeps_the_whole_trace():
+    """A tool trace: kept with its tool calls and outputs, but only when the model's own tokens answer right (an
+    answer inside a tool's output does not count)."""
+    call = "<think>\n```python\nprint(7+5-3+8)\n```\n```output\n17\n```\n</think>\n"
+    by_tool = call + "\\boxed{17}"
+    injected = "<think>\n```python\nprint('\\\\boxed{17}')\n```\n```output\n\\boxed{17}\n```\n</think>\nno idea"
+    samples = [[(by_tool, 40, False, by_tool.replace("```output\n17\n```\n", "")),
+                (injected, 40, False, injected.replace("```output\n\\boxed{17}\n```\n", ""))], []]
+    assert kept_texts(samples, fmt="lenient") == [("17", by_tool)]
 
 
 def test_rejection_filter_keeps_exactly_the_verified_traces():
@@ -173,7 +192,7 @@ def test_rejection_filter_keep_shortest_and_cap():
 
 
 def test_written_dataset_round_trips_through_sft(tmp_path):
-    kept = select_traces(PROBLEMS, SAMPLES)
+    kept = select_traces(PROBLEMS, [[record(*s) for s in g] for g in SAMPLES])
     path = tmp_path / "sub" / "traces.jsonl"
     write_traces(path, kept)
     chats = sft.load_chats(path)

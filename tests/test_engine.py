@@ -111,11 +111,13 @@ def test_grpo_training_step_forwards_each_prompt_once(tmp_path):
                             "--out", str(tmp_path), "--overwrite"])
     torch.manual_seed(0)
     distinct = [torch.randint(3, 300, (6,)).tolist() for _ in range(3)]
-    batch = {"prompts": [p for p in distinct for _ in range(4)], "completions": torch.randint(3, 300, (12, 5)).tolist(),
-             "truncated": [False] * 12, "rewards": [float(i % 3 == 0) for i in range(12)]}
+    records = [sample.Rollout(p, c, [1] * 5, [0.0] * 5, "eos")
+               for p, c in zip([p for p in distinct for _ in range(4)], torch.randint(3, 300, (12, 5)).tolist())]
+    rewards = [float(i % 3 == 0) for i in range(12)]
     embedded = []
     handle = m.embed_tokens.register_forward_hook(lambda mod, a, out: embedded.append(a[0].numel()))
-    stats = grpo.policy_loss_step(Run(args, "test"), args, m, None, torch.optim.AdamW(m.parameters()), batch, 1e-3)
+    stats = grpo.policy_loss_step(Run(args, "test"), args, m, None, torch.optim.AdamW(m.parameters()), records, rewards,
+                                  1e-3)
     handle.remove()
     assert sum(embedded) == 3 * 6 + 12 * 4 == 66
     assert stats["grad_norm"] > 0
@@ -124,7 +126,11 @@ def test_grpo_training_step_forwards_each_prompt_once(tmp_path):
 # ------------------------------------------------------------------ generate: prefill, sharing, decode, compaction
 
 import sample  # noqa: E402
-from sample import generate  # noqa: E402
+
+def generate(*args, **kwargs):
+    """sample.generate's completions as token ids, one list per prompt (what these tests compare)."""
+    return [r.ids for r in sample.generate(*args, **kwargs)]
+
 
 
 def naive_logprobs(logits, targets):
@@ -343,7 +349,7 @@ def test_rollout_weight_copy_equals_a_bf16_checkpoint(tmp_path):
     stored = Transformer.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     prompts = [[5, 6, 7], [8, 9]]
     assert generate(copy, prompts, 8, temperature=0) == generate(stored, prompts, 8, temperature=0)
-    assert sample.cast_weights(m, torch.float32) is m  # nothing to cast: no copy
+    assert sample.Engine(m, dtype=torch.float32).weights() is m  # nothing to cast: no copy
 
 
 def test_rollout_weight_copy_is_made_once_and_refreshed_in_place():
@@ -352,12 +358,14 @@ def test_rollout_weight_copy_is_made_once_and_refreshed_in_place():
     part of the model it copies."""
     m = tiny(tie_word_embeddings=True)
     names = set(m.state_dict())
-    first = sample.cast_weights(m, torch.bfloat16, keep=True)
+    engine = sample.Engine(m, compile=True, dtype=torch.bfloat16)
+    first = engine.weights()
     addresses = [p.data_ptr() for p in first.parameters()]
     with torch.no_grad():
         m.embed_tokens.weight.mul_(2.0)  # an optimizer step
-    assert sample.cast_weights(m, torch.bfloat16) is not first  # eager rollouts: a copy of their own, not kept
-    again = sample.cast_weights(m, torch.bfloat16, keep=True)
+    eager = sample.Engine(m, dtype=torch.bfloat16)
+    assert eager.weights() is not first and eager.weights() is not eager.weights()  # eager: a copy per rollout
+    again = engine.weights()
     assert again is first and [p.data_ptr() for p in again.parameters()] == addresses
     assert torch.equal(again.embed_tokens.weight, m.embed_tokens.weight.to(torch.bfloat16))
     assert again.lm_head.weight is again.embed_tokens.weight

@@ -9,6 +9,7 @@ import grpo
 from common import Run
 from grpo import aggregate, all_equal_groups, clipped_surrogate, group_advantages, kl_penalty
 from model import ModelConfig, Transformer
+from sample import Rollout
 
 
 def naive_logprobs(logits, targets):
@@ -164,19 +165,18 @@ def test_dynamic_sampling_keeps_exactly_the_informative_groups(monkeypatch):
     """fill_batch drops the all-equal groups, samples a second round, and fills the batch from it."""
     rounds = [torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0])]
 
-    def fake_sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
+    def fake_sample_groups(run, args, engine, tokenizer, problems, seed, reward_model=None, tool_use=None):
         r = rounds.pop(0).tolist()
-        ids = [[int(10 * x)] for x in r]
-        return {"prompts": ids, "completions": ids, "texts": [""] * 6, "truncated": [False] * 6, "rewards": r,
-                "parts": {"accuracy": r}}
+        return [Rollout([1], [int(10 * x)], [1], [0.0], "eos") for x in r], r, {"accuracy": r}
 
     monkeypatch.setattr(grpo, "sample_groups", fake_sample_groups)
     monkeypatch.setattr(grpo, "step_problems", lambda *a: [None] * 3)
     args = grpo.parse_args(["--loss", "dapo", "--group_size", "2", "--batch_size", "6", "--device", "cpu"])
     batch = grpo.fill_batch(Run(args, "grpo"), args, None, None, None, 0, None)
     # round 1: groups [1,1] (dropped), [0,1], [0,0] (dropped); round 2: [0,1], [1,1] (dropped), [1,0]
-    assert batch["rewards"] == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
-    assert batch["all_equal_frac"] == pytest.approx(3 / 6)
+    assert batch.rewards == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert [r.ids[0] for r in batch.records] == [0, 10, 0, 10, 10, 0] and batch.parts["accuracy"] == batch.rewards
+    assert batch.all_equal_frac == pytest.approx(3 / 6)
 
 
 def test_dynamic_sampling_rounds_are_decided_by_all_ranks(monkeypatch):
@@ -184,11 +184,10 @@ def test_dynamic_sampling_rounds_are_decided_by_all_ranks(monkeypatch):
     round all-gathers the weights, so ranks that left the loop at different rounds would hang."""
     calls = []
 
-    def fake_sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
+    def fake_sample_groups(run, args, engine, tokenizer, problems, seed, reward_model=None, tool_use=None):
         calls.append(seed)
         r = [0.0, 1.0] * 3  # every group informative: this rank is full after one round
-        return {"prompts": [[1]] * 6, "completions": [[1]] * 6, "texts": [""] * 6, "truncated": [False] * 6,
-                "rewards": r, "parts": {"accuracy": r}}
+        return [Rollout([1], [1], [1], [0.0], "eos") for _ in r], r, {"accuracy": r}
 
     monkeypatch.setattr(grpo, "sample_groups", fake_sample_groups)
     monkeypatch.setattr(grpo, "step_problems", lambda *a: [None] * 3)
@@ -198,7 +197,7 @@ def test_dynamic_sampling_rounds_are_decided_by_all_ranks(monkeypatch):
     run.all_sum = lambda v: v + next(others)
     batch = grpo.fill_batch(run, args, None, None, None, 0, None)
     assert len(calls) == 3 and len(set(calls)) == 3  # three rounds, each with its own seed
-    assert len(batch["rewards"]) == 6  # still this rank's share: the extra rounds' groups are not used
+    assert len(batch.rewards) == 6  # still this rank's share: the extra rounds' groups are not used
 
 
 def test_group_size_one_is_refused(capsys):

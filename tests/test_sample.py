@@ -31,12 +31,13 @@ def tiny_dir(tmp_path_factory):
 
 
 def fake_generate(texts):
-    """A stand-in for generate() that returns the given completions in order (and stops each with eos)."""
+    """A stand-in for Engine.generate that returns the given completions in order (and stops each with eos)."""
     tok = Tokenizer.byte_level()
     queue = list(texts)
 
-    def gen(model, prompts, max_new_tokens, **kw):
-        return [tok.encode(queue.pop(0)) + [tok.eos_token_id] for _ in prompts]
+    def gen(engine, prompts, max_new_tokens, *args, **kw):
+        ids = [tok.encode(queue.pop(0)) + [tok.eos_token_id] for _ in prompts]
+        return [sample.Rollout(p, i, [1] * len(i), [0.0] * len(i), "eos") for p, i in zip(prompts, ids)]
     return gen
 
 
@@ -44,10 +45,10 @@ def test_evaluate_pass_and_majority_by_hand(monkeypatch, tmp_path):
     problems = [{"prompt": "a", "answer": "5"}, {"prompt": "b", "answer": "1/2"}]
     completions = ["\\boxed{5}", "\\boxed{4}", "\\boxed{4}", "\\boxed{5}",  # problem 0: 2 of 4 correct, vote tie 5/4
                    "\\boxed{2}", "<think>x</think>\\boxed{0.5}", "\\boxed{0.5}", "no answer"]  # problem 1: 2 of 4
-    monkeypatch.setattr(sample, "generate", fake_generate(completions))
+    monkeypatch.setattr(sample.Engine, "generate", fake_generate(completions))
     model = Transformer(ModelConfig(vocab_size=262, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                     num_attention_heads=1, num_key_value_heads=1))
-    s = sample.evaluate(cpu_run(tmp_path), model, Tokenizer.byte_level(), problems, n=4, batch_size=3,
+    s = sample.evaluate(cpu_run(tmp_path), sample.Engine(model), Tokenizer.byte_level(), problems, n=4, batch_size=3,
                         samples_file=tmp_path / "s.jsonl")
     assert s["pass@1"] == 0.5
     assert s["pass@2"] == pytest.approx(1 - math.comb(2, 2) / math.comb(4, 2))  # 5/6 for both problems
@@ -123,11 +124,11 @@ def test_rollout_stops_at_every_generation_config_eos(two_eos_dir, tmp_path):
     assert json.loads((two_eos_dir / "generation_config.json").read_text())["eos_token_id"] == [tok.eos_token_id, 0]
     assert sample.stop_token_ids(model, tok) == sorted({0, tok.eos_token_id})
     prompts = [sample.prompt_ids(tok, "Compute 1+2."), sample.prompt_ids(tok, "Compute 10+20-3.")]
-    outs, texts, truncated = sample.rollout(cpu_run(tmp_path), model, tok, prompts, 8)
-    assert outs == [[0], [0]] and texts == ["", ""] and truncated == [False, False]
+    records = sample.rollout(cpu_run(tmp_path), sample.Engine(model), tok, prompts, 8)
+    assert [(r.ids, r.text, r.stop) for r in records] == [([0], "", "eos")] * 2
     model.generation_config = {}  # only the tokenizer's eos: the same rows now run to the limit
-    outs, _, truncated = sample.rollout(cpu_run(tmp_path), model, tok, prompts, 8)
-    assert outs == [[0] * 8] * 2 and truncated == [True, True]
+    records = sample.rollout(cpu_run(tmp_path), sample.Engine(model), tok, prompts, 8)
+    assert [(r.ids, r.stop, r.truncated) for r in records] == [([0] * 8, "length", True)] * 2
 
 
 def test_every_script_stops_its_rollouts_at_generation_config_eos(two_eos_dir, tmp_path):
@@ -167,13 +168,14 @@ def test_compiled_decode_step_generates_what_eager_does_and_compiles_once():
              (24, 150, []),  # bucket 24, lengths 128 and 256 (no stop: every row runs 150 tokens), a larger cache
              (12, 60, [tok.eos_token_id])]  # rows leave: buckets 16 -> 8
     buffers = []
+    compiled = sample.Engine(model, compile=True)  # one engine: its cache is kept between calls
     for rows, new_tokens, stop in calls:
         prompts = [sample.prompt_ids(tok, p["prompt"]) for p in problems[:rows]]
-        assert len({len(p) for p in prompts}) > 1  # mixed lengths: left padding is part of what is compared
-        eager = sample.generate(model, prompts, new_tokens, temperature=0, stop_token_ids=stop)
-        assert sample.generate(model, prompts, new_tokens, temperature=0, stop_token_ids=stop, compile=True) == eager
+        assert len({len(p) for p in prompts}) > 1  # mixed lengths: right padding is part of what is compared
+        eager = [r.ids for r in sample.generate(model, prompts, new_tokens, temperature=0, stop_token_ids=stop)]
+        assert [r.ids for r in compiled.generate(prompts, new_tokens, temperature=0, stop_token_ids=stop)] == eager
         assert sum(map(len, eager)) > rows * 10  # real completions, not immediate stops
-        buffers.append(model._decode_cache.buf_k.data_ptr())
+        buffers.append(compiled.cache.buf_k.data_ptr())
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert buffers[2] == buffers[1]  # the grown cache is kept
 
@@ -214,11 +216,13 @@ def test_rollout_metrics_split_lengths_by_correctness():
     from common import Run
     from sample import rollout_metrics
     run = Run(grpo.parse_args(["--device", "cpu"]), "grpo")
-    completions = [[0] * k for k in (2, 4, 6, 8, 10)]
+    records = [sample.Rollout([1], [0] * k, [1] * k, [0.0] * k, "eos") for k in (2, 4, 6, 8, 10)]
     acc = [1.0, 1.0, 0.0, 0.5, 0.0]
-    m = rollout_metrics(run, [1.0, 1.0, 0.0, 0.5, 0.0], {"accuracy": acc, "format": [1.0] * 5}, completions, [False] * 5)
+    m = rollout_metrics(run, records, [1.0, 1.0, 0.0, 0.5, 0.0], {"accuracy": acc, "format": [1.0] * 5})
     assert m["completion_len_mean"] == 6 and m["completion_len_max"] == 10
     assert m["completion_len_correct"] == 3 and m["completion_len_incorrect"] == 8
-    assert m["accuracy"] == 2.5 / 5 and m["reward_format"] == 1.0
-    none_right = rollout_metrics(run, [0.0], {"accuracy": [0.0]}, [[0, 0]], [True])
+    assert m["accuracy"] == 2.5 / 5 and m["reward_format"] == 1.0 and m["truncated_frac"] == 0
+    none_right = rollout_metrics(run, [sample.Rollout([1], [0, 0], [1, 1], [0.0, 0.0], "length")], [0.0],
+                                 {"accuracy": [0.0]})
     assert none_right["completion_len_correct"] is None and none_right["completion_len_incorrect"] == 2
+    assert none_right["truncated_frac"] == 1 and none_right["stop_eos_frac"] == 0
