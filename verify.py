@@ -29,8 +29,9 @@ is_equiv never raises and returns within `timeout` seconds, even for 9^9^9^9 or 
 Public API, in file order: extract_answer, extract_gsm8k_answer (answer extraction); is_equiv
 (equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
-extract_code, code_reward, safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the
-one reward that grades any problem dict by its fields); pass_at_k, majority_vote, maj_at_k
+extract_code, code_reward, sandbox_mode, require_sandbox (how strong the code sandbox is here),
+safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the one reward that grades any
+problem dict by its fields); pass_at_k, majority_vote, maj_at_k
 (evaluation); read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in task), with
 countdown_problem, countdown_problems, countdown_worked_solution (Countdown), task_problems and
 task_solution (either, by the --data name); add_reward_args, compute_rewards
@@ -248,6 +249,28 @@ def code_reward(program, tests, timeout=5.0, memory_mb=512):
     asserts = [t for t in tests if isinstance(t, str)]
     cases = [{"input": str(t.get("input", "")), "output": str(t.get("output", ""))} for t in tests if not isinstance(t, str)]
     return (_pass_asserts(code, asserts, timeout, memory_mb) + _pass_cases(code, cases, timeout, memory_mb)) / len(tests)
+
+def sandbox_mode():
+    """One line saying how the code sandbox confines programs on this machine (probed once; see the
+    comment above _CODEC): strong with namespaces and private read-only mounts, WEAK without."""
+    prefix, drop, private = _sandbox_config()
+    who = "uid nobody" if drop else "as root, capabilities dropped" if os.geteuid() == 0 else f"uid {os.getuid()}"
+    if prefix and private:
+        return f"namespaces (pid, net, mount) + private read-only mounts, {who}"
+    if prefix:
+        return (f"namespaces (pid, net, mount) without private mounts, {who}: programs can write the host's "
+                f"world-writable dirs (/tmp)")
+    return (f"WEAK: no namespaces (unshare not permitted), {who}: programs can write the host's /tmp and "
+            f"reach localhost")
+
+def require_sandbox():
+    """Raise RuntimeError (one line) unless the strong sandbox -- pid, net and mount namespaces with the
+    host mounted read-only -- works here; scripts call this for --require_sandbox."""
+    prefix, _, private = _sandbox_config()
+    if not (prefix and private):
+        raise RuntimeError(f"the code sandbox is too weak here ({sandbox_mode()}); it needs `unshare` with pid, "
+                           f"net and mount namespaces and private read-only mounts (run as root or allow "
+                           f"unprivileged user namespaces)")
 
 _warned = set()
 
@@ -1630,7 +1653,7 @@ class _CountdownParser:
 #    capability at all. If the runner cannot start as nobody here, both run as root with capabilities
 #    dropped: then RLIMIT_NPROC does not hold and a fork bomb is bounded only by the deadline and the pid
 #    namespace. As non-root, RLIMIT_NPROC counts all of the user's tasks (we allow current + 128).
-#  - without unshare (the WEAK mode): no network or pid isolation;
+#  - without unshare (the WEAK mode, see sandbox_mode and require_sandbox): no network or pid isolation;
 #    the scratch dir is a host temp dir (deleted afterwards), the program can write wherever its uid may
 #    and reach localhost. The harness is then a child subreaper and kills every descendant it finds
 #    before it reports, but a process that escapes while the host kills a harness past its deadline can

@@ -810,6 +810,24 @@ def test_weak_mode_kills_daemons_before_the_reward_returns(monkeypatch):
         if os.path.exists(target):
             os.unlink(target)
 
+def test_sandbox_mode_and_require_sandbox(monkeypatch):
+    prefix, drop, private = verify._sandbox_config()
+    mode = verify.sandbox_mode()
+    assert mode and "\n" not in mode
+    if prefix and private:
+        verify.require_sandbox()  # no exception
+        assert mode.startswith("namespaces (pid, net, mount) + private read-only mounts")
+        assert ("uid nobody" in mode) == drop
+    monkeypatch.setattr(verify, "_sandbox", ([], drop, False))
+    assert verify.sandbox_mode().startswith("WEAK: no namespaces (unshare not permitted)")
+    with pytest.raises(RuntimeError, match="too weak") as e:
+        verify.require_sandbox()
+    assert "\n" not in str(e.value) and "WEAK" in str(e.value)
+    monkeypatch.setattr(verify, "_sandbox", (["unshare", "--pid"], drop, False))  # namespaces, host writable
+    assert "without private mounts" in verify.sandbox_mode()
+    with pytest.raises(RuntimeError):
+        verify.require_sandbox()
+
 # -----------------------------------------------------------------------------
 # code sandbox: what test sets do still works through the stubs
 
