@@ -31,7 +31,8 @@ Public API, in file order: extract_answer, extract_gsm8k_answer (answer extracti
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
 extract_code, code_reward, sandbox_mode, require_sandbox (how strong the code sandbox is here),
 safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the one reward that grades any
-problem dict by its fields); pass_at_k, majority_vote, maj_at_k
+problem dict by its fields), grade_all (accuracy_reward over a batch, code graded concurrently); pass_at_k,
+majority_vote, maj_at_k
 (evaluation); read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in task), with
 countdown_problem, countdown_problems, countdown_worked_solution (Countdown), task_problems and
 task_solution (either, by the --data name); add_reward_args, compute_rewards
@@ -333,6 +334,22 @@ def accuracy_reward(problem, completion, timeout=5.0):
         return countdown_reward(completion, problem["numbers"], problem["target"])
     return math_reward(completion, problem["answer"], timeout=timeout)
 
+def grade_all(problems, completions, timeout=5.0):
+    """[accuracy_reward(problem, completion)] for two lists of equal length, in order, each through
+    safe_reward (a verifier that raises gives 0.0 with a warning). Code problems are graded concurrently,
+    one thread per core, and every sandbox run takes one of a process-wide set of per-core slots, so N
+    programs that loop until `timeout` cost about N / cores timeouts; math and countdown are graded here,
+    in the calling thread."""
+    from concurrent.futures import ThreadPoolExecutor
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    grade = lambda p, c: safe_reward(accuracy_reward, p, c, timeout=timeout)
+    is_code = [("tests" in p or ("inputs" in p and "outputs" in p)) for p in problems]
+    with ThreadPoolExecutor(max(1, min(sum(is_code), _SLOTS))) as ex:
+        futures = [ex.submit(grade, p, c) if code else None for p, c, code in zip(problems, completions, is_code)]
+        out = [grade(p, c) if f is None else None for p, c, f in zip(problems, completions, futures)]
+        return [f.result() if f is not None else r for f, r in zip(futures, out)]
+
 # -----------------------------------------------------------------------------
 # evaluation
 
@@ -562,8 +579,9 @@ def add_reward_args(parser):
 def compute_rewards(args, problems, completions, lengths, truncated, reward_model=None):
     """Totals [N] and components {name: [N]} (see REWARD_HELP) for completions (texts) of problems, their lengths in
     tokens and truncated flags (hit max_new_tokens). Groups of args.group_size samples of one prompt are adjacent
-    (kimi compares within a group). A verifier that raises gives 0 for that sample with a warning (safe_reward)."""
-    acc = [safe_reward(accuracy_reward, p, c) for c, p in zip(completions, problems)]
+    (kimi compares within a group). A verifier that raises gives 0 for that sample with a warning (safe_reward). Code
+    problems are graded concurrently, one per core (grade_all)."""
+    acc = grade_all(problems, completions)  # code problems concurrently, one thread per core
     fmt = strict_format_reward if args.strict_format else format_reward
     parts = {"accuracy": acc, "format": [safe_reward(fmt, c) for c in completions]}
     if args.length_reward == "cosine":
@@ -2259,6 +2277,7 @@ JOB = recv(R)
 _SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _SLOTS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_slots = threading.BoundedSemaphore(_SLOTS)  # sandboxes at once, process-wide: nested pools never oversubscribe
 _GRACE = 3.0  # seconds the host waits past the harness's own deadlines (interpreter start-up, clean-up)
 _sandbox = None  # (unshare prefix, drop root, private mounts) that works on this machine, probed once
 _sandbox_lock = threading.Lock()
@@ -2323,21 +2342,22 @@ def _passed(verdict, n):
 def _run_sandbox(job, config, memory_mb, wait_s):
     """The harness's verdict (a dict) on `job`, run in sandbox `config` and given wait_s seconds from its
     start (the harness keeps its own, shorter deadlines); None if it failed, ran out of time or its
-    verdict lacks the run's nonce."""
+    verdict lacks the run's nonce. Waits for one of the _SLOTS first."""
     prefix, drop, private = config
-    scratch = None if private else tempfile.mkdtemp(prefix="verify-sandbox-")
-    try:
-        if scratch and drop:
-            os.chown(scratch, 65534, 65534)
-        job = dict(job, runner=_CODEC + _RUNNER, nonce=os.urandom(16).hex(), scratch=scratch, drop=drop,
-                   private=private, memory=memory_mb << 20, cpu=math.ceil(wait_s) + 1,
-                   nproc=_task_count(65534 if drop else os.getuid()) + 128, start=time.monotonic())
-        tag = f"verify-sandbox-{os.getpid()}-{next(_runs)}"  # names our processes in ps (tests look for it)
-        rc, out = _spawn(prefix + [sys.executable, "-I", "-c", _CODEC + _HARNESS, tag],
-                         json.dumps(job).encode(), scratch or "/", job["start"] + wait_s)
-    finally:
-        if scratch:
-            _remove_tree(scratch)
+    with _slots:
+        scratch = None if private else tempfile.mkdtemp(prefix="verify-sandbox-")
+        try:
+            if scratch and drop:
+                os.chown(scratch, 65534, 65534)
+            job = dict(job, runner=_CODEC + _RUNNER, nonce=os.urandom(16).hex(), scratch=scratch, drop=drop,
+                       private=private, memory=memory_mb << 20, cpu=math.ceil(wait_s) + 1,
+                       nproc=_task_count(65534 if drop else os.getuid()) + 128, start=time.monotonic())
+            tag = f"verify-sandbox-{os.getpid()}-{next(_runs)}"  # names our processes in ps (tests look for it)
+            rc, out = _spawn(prefix + [sys.executable, "-I", "-c", _CODEC + _HARNESS, tag],
+                             json.dumps(job).encode(), scratch or "/", job["start"] + wait_s)
+        finally:
+            if scratch:
+                _remove_tree(scratch)
     try:
         verdict = json.loads(out.rstrip().rsplit(b"\n", 1)[-1])
     except ValueError:

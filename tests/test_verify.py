@@ -924,6 +924,56 @@ def test_code_reward_each_test_has_its_own_deadline():
     assert time.monotonic() - t < 1.0 + 3
 
 # -----------------------------------------------------------------------------
+# concurrent grading
+
+def _peak_sandboxes(fn):
+    """fn()'s result, and the most sandboxes of ours seen alive at once while it ran."""
+    peak, done = [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], len(set(_sandbox_procs().values())))
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return fn(), peak[0]
+    finally:
+        done.set()
+        sampler.join()
+
+def test_grade_all_costs_about_n_over_cores_timeouts():
+    T, n, workers = 1.0, 32, verify._SLOTS
+    problems = [{"prompt": "p", "tests": ["assert f() == 1"]}] * n
+    t = time.monotonic()
+    acc, peak = _peak_sandboxes(lambda: verify.grade_all(problems, ["def f():\n    while True:\n        pass"] * n, timeout=T))
+    elapsed = time.monotonic() - t
+    assert acc == [0.0] * n
+    assert elapsed < (n / workers + 2) * T, (elapsed, workers)  # one after another would take n * T
+    assert peak <= workers and (workers == 1 or peak >= 2), peak
+
+def test_nested_grading_never_oversubscribes():
+    prog = "import time\ntime.sleep(0.3)\nprint(int(input()) + 1)"  # 4 problems x 4 cases, each case a process
+    problems = [{"prompt": "p", "inputs": [str(i) for i in range(4)], "outputs": [str(i + 1) for i in range(4)]}] * 4
+    acc, peak = _peak_sandboxes(lambda: verify.grade_all(problems, [prog] * 4))
+    assert acc == [1.0] * 4
+    assert peak <= verify._SLOTS, peak
+
+def test_compute_rewards_grades_code_concurrently_in_order():
+    from types import SimpleNamespace
+    args = SimpleNamespace(strict_format=False, length_reward="none", accuracy_weight=1.0, format_weight=0.0,
+                           overlong_cache=None, language_weight=0.0)
+    code = {"prompt": "p", "tests": ["assert f() == 1"]}
+    slow = lambda r: f"```python\nimport time\ntime.sleep(1.0)\ndef f():\n    return {r}\n```"
+    problems = [code, {"prompt": "1+1?", "answer": "2"}, code, code, {"prompt": "c", "numbers": [3, 4], "target": 7}, code]
+    completions = [slow(1), "\\boxed{2}", slow(0), slow(1), "\\boxed{3*4}", slow(1)]
+    t = time.monotonic()
+    total, parts = verify.compute_rewards(args, problems, completions, [10] * 6, [False] * 6)
+    elapsed = time.monotonic() - t
+    assert parts["accuracy"] == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0] and total == parts["accuracy"]
+    if verify._SLOTS >= 2:
+        assert elapsed < (4 / verify._SLOTS + 1) * 1.0, elapsed  # one after another: over 4 s
+
+# -----------------------------------------------------------------------------
 # the codec between harness and program: plain data only, exactly
 
 def _codec():
