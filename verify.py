@@ -30,9 +30,9 @@ Public API, in file order: extract_answer, extract_gsm8k_answer (answer extracti
 (equivalence); math_reward, format_reward, strict_format_reward, cosine_length_reward,
 overlong_penalty, lcpo_reward, lcpo_max_reward, kimi_length_reward, language_consistency_reward,
 extract_code, code_reward, sandbox_mode, require_sandbox (how strong the code sandbox is here),
-safe_reward (rewards); countdown_reward, accuracy_reward (countdown, and the one reward that grades any
-problem dict by its fields), grade_all (accuracy_reward over a batch, code graded concurrently); pass_at_k,
-majority_vote, maj_at_k
+run_python and its PythonResult (run a tool call's Python in the sandbox, get its output), safe_reward
+(rewards); countdown_reward, accuracy_reward (countdown, and the one reward that grades any problem dict
+by its fields), grade_all (accuracy_reward over a batch, code graded concurrently); pass_at_k, majority_vote, maj_at_k
 (evaluation); read_jsonl, load_problems (data files); arithmetic_problem, builtin_problems, worked_solution (the built-in task), with
 countdown_problem, countdown_problems, countdown_worked_solution (Countdown), task_problems and
 task_solution (either, by the --data name); add_reward_args, compute_rewards
@@ -41,6 +41,7 @@ task_solution (either, by the --data name); add_reward_args, compute_rewards
 
 import atexit
 import collections
+import dataclasses
 import functools
 import itertools
 import json
@@ -272,6 +273,39 @@ def require_sandbox():
         raise RuntimeError(f"the code sandbox is too weak here ({sandbox_mode()}); it needs `unshare` with pid, "
                            f"net and mount namespaces and private read-only mounts (run as root or allow "
                            f"unprivileged user namespaces)")
+
+@dataclasses.dataclass
+class PythonResult:
+    """What run_python returns: the last cell's output as a notebook user would see it, the error line
+    (None if it ran cleanly) and whether it ran out of time."""
+    output: str
+    error: str | None = None
+    timed_out: bool = False
+
+def run_python(cells, timeout=5.0, memory_mb=512, max_output_chars=2000):
+    """Run model-written Python (tool use) in the code sandbox and return what it printed. cells: the
+    code strings of one sample, earlier calls first (a str is one cell); the earlier cells are re-run
+    with their output discarded so the last one sees their variables. The output is the last cell's
+    stdout and stderr as printed, then, as a notebook shows it, the repr of a final expression's value
+    and one line for an exception ("ZeroDivisionError: division by zero"), a timeout or a crash; cut in
+    the middle to max_output_chars ("...[N characters cut]..."). Never raises; returns within about
+    `timeout` seconds (all cells together) whatever the code does."""
+    try:
+        cells = [cells] if isinstance(cells, str) else [str(c) for c in cells]
+        if not cells:
+            return PythonResult("")
+        job = {"mode": "cells", "cells": cells, "timeout": float(timeout), "max_chars": max(int(max_output_chars), 0)}
+        start = time.monotonic()
+        verdict = _run_sandbox(job, _sandbox_config(), memory_mb, timeout + _GRACE)
+        if verdict is None:
+            late = time.monotonic() - start >= timeout
+            return PythonResult("", "TimeoutError: the sandbox did not answer in time" if late else
+                                "the sandbox failed to run the code", late)
+        error = verdict.get("error")
+        return PythonResult(str(verdict.get("output", "")), error if isinstance(error, str) else None,
+                            verdict.get("timed_out") is True)
+    except Exception as e:
+        return PythonResult("", f"the sandbox failed: {type(e).__name__}: {e}")
 
 _warned = set()
 
@@ -1621,8 +1655,8 @@ class _CountdownParser:
 # -----------------------------------------------------------------------------
 # code sandbox
 #
-# Every run (a program's assert tests, or a group of its stdin/stdout cases) is one sandbox:
-# `unshare ... python -I -c _HARNESS`, whose job (program, tests, expected outputs, limits) it
+# Every run (a program's assert tests, a group of its stdin/stdout cases, or run_python's cells) is one
+# sandbox: `unshare ... python -I -c _HARNESS`, whose job (program, tests, expected outputs, limits) it
 # reads from its stdin -- an unnamed temp file of ours, so nothing of the job is ever in a file the
 # program could open or on a command line. The harness is the trusted half: it confines itself (below),
 # then runs the untrusted program in a separate interpreter (`python -I -c _RUNNER`, its own session,
@@ -1643,6 +1677,8 @@ class _CountdownParser:
 #    test gets a fresh process (the program re-run); a program that fails to start fails every test.
 #  - stdin/stdout cases: one fresh runner per case, its stdin the case's input, its stdout an unnamed
 #    file that the harness compares token by token with the expected output, which the program never sees.
+#  - run_python: the runner re-runs the earlier cells with their output discarded, then the last one with
+#    stdout and stderr going to a pipe the harness reads (head and tail kept, the middle cut).
 # The verdict goes to the host on the harness's own stdout (with a per-run nonce; the runner's output
 # goes elsewhere) and counts only if the harness exits 0. The harness makes itself non-dumpable
 # (PR_SET_DUMPABLE 0), so the program -- same uid, no capabilities -- cannot ptrace it or open its
@@ -1650,7 +1686,7 @@ class _CountdownParser:
 # signals (even SIGKILL), and elsewhere killing it only makes the run fail.
 #
 # Confinement (the harness sets it up before the program exists, and the runner inherits it):
-#  - enforced everywhere: wall-clock deadlines (each test or case; a process that runs
+#  - enforced everywhere: wall-clock deadlines (each test, case or run_python call; a process that runs
 #    past one is SIGKILLed with everything it started), RLIMIT_CPU, RLIMIT_AS (`memory_mb`, per process),
 #    RLIMIT_FSIZE (16 MiB), no core dumps, RLIMIT_NPROC (a fork bomb hits EAGAIN), an empty environment
 #    (PATH/LANG only; HOME and TMPDIR point at the scratch dir, the cwd), stdin from /dev/null or the
@@ -1864,12 +1900,13 @@ def confine():
 class Child:
     """The untrusted program in its own interpreter and session; we talk to it over two pipes."""
 
-    def __init__(self, deadline, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL):
+    def __init__(self, deadline, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         to_r, self.to_w = os.pipe()
         self.from_r, from_w = os.pipe()
+        flags = ["-u"] if JOB["mode"] == "cells" else []  # unbuffered: stdout and stderr interleave as printed
         try:
-            self.proc = subprocess.Popen([sys.executable, "-I", "-c", JOB["runner"], TAG, str(to_r), str(from_w)],
-                                         stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL, pass_fds=(to_r, from_w),
+            self.proc = subprocess.Popen([sys.executable, "-I", *flags, "-c", JOB["runner"], TAG, str(to_r), str(from_w)],
+                                         stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(to_r, from_w),
                                          start_new_session=True)
         except BaseException:
             os.close(self.to_w)
@@ -1881,7 +1918,7 @@ class Child:
         for fd in (self.to_w, self.from_r):
             os.set_blocking(fd, False)
         try:
-            send(self.to_w, {k: JOB.get(k) for k in ("mode", "program")}, deadline)
+            send(self.to_w, {k: JOB.get(k) for k in ("mode", "program", "cells")}, deadline)
         except Exception:
             self.kill()
             raise
@@ -2161,9 +2198,109 @@ def io_case(case):
         got = out.read(16 << 20)
     return code == 0 and got.decode(errors="replace").split() == case["output"].split()
 
+# -- run_python's cells
+
+CONTINUATION = bytes(range(0x80, 0xC0))
+
+class Capture:
+    """The first and last `keep` bytes of a stream, and how many characters went by."""
+
+    def __init__(self, max_chars):
+        self.keep, self.head, self.tail, self.chars, self.size = 4 * max_chars + 4, bytearray(), bytearray(), 0, 0
+
+    def add(self, data):
+        self.chars += len(data.translate(None, CONTINUATION))  # UTF-8: one non-continuation byte per character
+        self.size += len(data)
+        room = self.keep - len(self.head)
+        self.head += data[:max(room, 0)]
+        self.tail += data[max(room, 0):]
+        del self.tail[:-self.keep]
+
+    def text(self, max_chars):
+        half = max_chars // 2
+        if self.size == len(self.head) + len(self.tail):  # nothing dropped: cut exactly
+            s = (self.head + self.tail).decode(errors="replace")
+            if len(s) <= max_chars:
+                return s
+            a, b = s[:half], s[len(s) - (max_chars - half):]
+            cut = len(s) - len(a) - len(b)
+        else:
+            a, b = self.head.decode(errors="replace")[:half], self.tail.decode(errors="replace")
+            b = b[len(b) - (max_chars - half):]
+            cut = self.chars - len(a) - len(b)
+        return f"{a}...[{cut} characters cut]...{b}"
+
+def run_cells():
+    T = JOB["timeout"]
+    deadline, out = JOB["start"] + T, Capture(JOB["max_chars"])
+    r, w = os.pipe()
+    try:
+        child = Child(deadline, stdout=w, stderr=w)
+    except Exception as e:
+        kill_all()
+        return {"output": "", "error": f"could not start Python: {e}", "timed_out": False}
+    finally:
+        os.close(w)
+    os.set_blocking(r, False)
+    code = pump(child, r, out, deadline)
+    report = {}
+    if code == 0:
+        try:
+            report = recv(child.from_r, time.monotonic() + 0.1, 1 << 16)
+        except Exception:
+            pass
+    child.kill()
+    os.close(r)
+    text = out.text(JOB["max_chars"])
+    if code == 0:  # the runner printed the exception's line itself, in its place in the output
+        error = report.get("error") if type(report) is dict and type(report.get("error")) is str else None
+        return {"output": text, "error": error, "timed_out": False}
+    if code is None:
+        error = f"TimeoutError: the code ran longer than {T:g} s"
+    elif code < 0:
+        try:
+            error = f"the process was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            error = f"the process was killed by signal {-code}"
+    else:
+        error = f"the process exited with status {code}"
+    text += ("\n" if text and not text.endswith("\n") else "") + error
+    return {"output": text, "error": error, "timed_out": code is None}
+
+def pump(child, r, out, deadline):
+    """Read the program's output until it exits (its exit status) or the deadline passes (None). After
+    the exit, what its leftover processes still write is read for a moment only."""
+    until = None
+    while True:
+        code = child.proc.poll()
+        now = time.monotonic()
+        if code is None and now >= deadline:
+            return None
+        if code is not None:
+            until = until or now + 0.05
+            if now >= until:
+                return code
+        if not select.select([r], [], [], 0.01 if code is not None else min(0.05, deadline - now))[0]:
+            if code is not None:
+                return code
+            continue
+        try:
+            data = os.read(r, 1 << 16)
+        except BlockingIOError:
+            continue
+        if data:
+            out.add(data)
+        elif code is not None:
+            return code
+        else:  # every writer closed its end: wait for the exit
+            try:
+                return child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return None
+
 def main():
     confine()
-    verdict = {"assert": run_asserts, "io": run_io}[JOB["mode"]]()
+    verdict = {"assert": run_asserts, "io": run_io, "cells": run_cells}[JOB["mode"]]()
     if STATE.child:
         STATE.child.kill()
     kill_all()
@@ -2177,7 +2314,7 @@ main()
 _RUNNER = r'''
 # verify-sandbox runner: the untrusted half of verify.py's code sandbox. It runs the model's program and
 # answers the harness's requests; nothing it sends is trusted (the harness decodes plain data only).
-import builtins, sys, traceback, types
+import ast, builtins, sys, traceback, types
 sys.set_int_max_str_digits(0)
 R, W = int(sys.argv[2]), int(sys.argv[3])
 HANDLES = []
@@ -2270,8 +2407,41 @@ def run_script(job):
         code = 1
     os._exit(code)  # don't wait for threads or atexit handlers the program left behind
 
+def run_cells(job):
+    """run_python: earlier cells re-run with their output discarded, then the last one shown."""
+    os.close(R)
+    cells, g = job["cells"], {"__name__": "__main__", "__builtins__": builtins}
+    out, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    for src in cells[:-1]:
+        try:
+            run_cell(src, g, False)
+        except BaseException:
+            pass
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    error = None
+    try:
+        run_cell(cells[-1], g, True)
+    except BaseException as e:  # as a notebook would show it, in one line: "NameError: name 'x' is not defined"
+        error = traceback.format_exception_only(type(e), e)[-1].strip()
+        print(error, file=sys.stderr)
+    send(W, {"error": error})
+    os._exit(0)
+
+def run_cell(src, g, show):
+    """exec a cell; with show, the value of a final expression is printed (repr), as a notebook shows it."""
+    tree = ast.parse(src, "<cell>")
+    last = tree.body.pop() if show and tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, "<cell>", "exec"), g)
+    if last is not None:
+        value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), g)
+        if value is not None:
+            print(repr(value))
+
 JOB = recv(R)
-{"assert": serve, "io": run_script}[JOB["mode"]](JOB)
+{"assert": serve, "io": run_script, "cells": run_cells}[JOB["mode"]](JOB)
 '''
 
 _SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",

@@ -803,6 +803,7 @@ def test_weak_mode_kills_daemons_before_the_reward_returns(monkeypatch):
             f"        open({target!r}, 'w').write('x')\n    os._exit(0)\ndef f():\n    return 1")
     try:
         assert code_reward(prog, ["assert f() == 1"]) == 1.0
+        assert "1" in verify.run_python(prog + "\nprint(f())").output
         assert _wait_no_sandbox_procs() == {}
         time.sleep(1.5)
         assert not os.path.exists(target)  # the detached grandchild died with the harness
@@ -972,6 +973,68 @@ def test_compute_rewards_grades_code_concurrently_in_order():
     assert parts["accuracy"] == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0] and total == parts["accuracy"]
     if verify._SLOTS >= 2:
         assert elapsed < (4 / verify._SLOTS + 1) * 1.0, elapsed  # one after another: over 4 s
+
+# -----------------------------------------------------------------------------
+# run_python: tool calls' code, run in the same sandbox, output returned
+
+def test_run_python_output_as_a_notebook_shows_it():
+    r = verify.run_python(["x = 2\nprint('earlier output is not shown')", "import sys\nprint(x + 1)\n"
+                           "print('to stderr', file=sys.stderr)\nx * 10"])
+    assert r == verify.PythonResult("3\nto stderr\n20\n", None, False)
+    assert verify.run_python(["y = 1/0", "print('still runs')"]).output == "still runs\n"  # an earlier error is skipped
+    r = verify.run_python("print('before')\n1/0")
+    assert r.output == "before\nZeroDivisionError: division by zero\n" and r.error == "ZeroDivisionError: division by zero"
+    assert verify.run_python("def f(:\n  pass").error == "SyntaxError: invalid syntax"
+    assert verify.run_python("print(undefined)").error == "NameError: name 'undefined' is not defined"
+    assert verify.run_python("None").output == "" and verify.run_python([]).output == ""
+    assert verify.run_python("'a'").output == "'a'\n"
+
+def test_run_python_cuts_long_output_in_the_middle():
+    r = verify.run_python("print('a' * 5000 + 'b' * 5000)", max_output_chars=100)
+    assert r.output == "a" * 50 + "...[9901 characters cut]..." + "b" * 49 + "\n" and r.error is None
+    r = verify.run_python("print('é' * 3000)", max_output_chars=10)  # characters, not bytes
+    assert r.output == "é" * 5 + "...[2991 characters cut]..." + "é" * 4 + "\n"
+
+@pytest.mark.parametrize("code, error", [
+    ("import time\nprint('started', flush=True)\ntime.sleep(60)", "TimeoutError"),
+    ("while True:\n    pass", "TimeoutError"),
+    ("while True:\n    print('y' * 1000)", "TimeoutError"),  # megabytes of output: still cut to size
+    ("import ctypes\nctypes.string_at(0)", "the process was killed by SIGSEGV"),
+    ("x = bytearray(10 ** 10)", "MemoryError"),
+    ("import os\nos._exit(3)", "the process exited with status 3"),
+    ("import os\nos.kill(os.getpid(), 9)", "the process was killed by SIGKILL"),
+])
+def test_run_python_returns_in_time_whatever_the_code_does(code, error):
+    t = time.monotonic()
+    r = verify.run_python(code, timeout=1.0, max_output_chars=300)
+    assert time.monotonic() - t < 1.0 + 2
+    assert r.error.startswith(error) and r.output.endswith(r.error + ("\n" if error == "MemoryError" else ""))
+    assert r.timed_out == (error == "TimeoutError") and len(r.output) < 300 + 100
+    if code.startswith("import time"):
+        assert r.output.startswith("started\n")
+
+def test_run_python_is_contained():
+    # the checks of the code_reward tests above, through run_python's path
+    if verify._sandbox_config()[0]:
+        net = "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    print('connected')\nexcept OSError:\n    print('no network')"
+        assert verify.run_python(net).output == "no network\n"
+    if verify._sandbox_config()[2]:
+        name = f"/tmp/verify-pwned-{os.getpid()}-{time.monotonic_ns()}"
+        project = os.path.join(_host_dir(), os.path.basename(name))
+        r = verify.run_python(f"import os\nopen({name!r}, 'w').write('x')\ntry:\n    open({project!r}, 'w')\n"
+                              f"except OSError as e:\n    print(e.errno)\nprint(os.path.exists({name!r}))")
+        assert r.output == "30\nTrue\n"  # EROFS on the project; /tmp is the sandbox's own
+        assert not os.path.exists(name) and not os.path.exists(project)
+    prog = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')"
+    assert verify.run_python(prog).output == "parent done\n"
+    assert _wait_no_sandbox_procs() == {}
+    if not (os.geteuid() == 0 and not verify._sandbox_config()[1]):
+        bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+        t = time.monotonic()
+        assert verify.run_python(bomb, timeout=1.0).timed_out
+        assert time.monotonic() - t < 10
+        assert _wait_no_sandbox_procs() == {}
+    assert verify.run_python("print(sum(range(10)))").output == "45\n"
 
 # -----------------------------------------------------------------------------
 # the codec between harness and program: plain data only, exactly
