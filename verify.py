@@ -288,13 +288,13 @@ def run_python(cells, timeout=5.0, memory_mb=512, max_output_chars=2000):
     with their output discarded so the last one sees their variables. The output is the last cell's
     stdout and stderr as printed, then, as a notebook shows it, the repr of a final expression's value
     and one line for an exception ("ZeroDivisionError: division by zero"), a timeout or a crash; cut in
-    the middle to max_output_chars ("...[N characters cut]..."). Never raises; returns within about
-    `timeout` seconds (all cells together) whatever the code does."""
+    the middle to max_output_chars (at most 1,000,000; "...[N characters cut]..."). Never raises; returns
+    within about `timeout` seconds (all cells together) whatever the code does."""
     try:
         cells = [cells] if isinstance(cells, str) else [str(c) for c in cells]
         if not cells:
             return PythonResult("")
-        job = {"mode": "cells", "cells": cells, "timeout": float(timeout), "max_chars": max(int(max_output_chars), 0)}
+        job = {"mode": "cells", "cells": cells, "timeout": float(timeout), "max_chars": min(max(int(max_output_chars), 0), 10 ** 6)}
         start = time.monotonic()
         verdict = _run_sandbox(job, _sandbox_config(), memory_mb, timeout + _GRACE)
         if verdict is None:
@@ -2452,6 +2452,12 @@ _GRACE = 3.0  # seconds the host waits past the harness's own deadlines (interpr
 _sandbox = None  # (unshare prefix, drop root, private mounts) that works on this machine, probed once
 _sandbox_lock = threading.Lock()
 _runs = itertools.count()
+
+def _reset_sandbox_locks_after_fork():  # a forked child holds none of the slots its parent's threads held
+    global _slots, _sandbox_lock
+    _slots, _sandbox_lock = threading.BoundedSemaphore(_SLOTS), threading.Lock()
+
+os.register_at_fork(after_in_child=_reset_sandbox_locks_after_fork)
 
 def _sandbox_config():
     """The strongest setup that runs a trivial test (and writes to its scratch dir) here: namespaces

@@ -974,6 +974,25 @@ def test_compute_rewards_grades_code_concurrently_in_order():
     if verify._SLOTS >= 2:
         assert elapsed < (4 / verify._SLOTS + 1) * 1.0, elapsed  # one after another: over 4 s
 
+def _grade_in_forked_child(queue):
+    queue.put(code_reward(ADD, ["assert add(1, 2) == 3"]))
+
+def test_a_forked_child_does_not_inherit_busy_slots():
+    for _ in range(verify._SLOTS):  # as if other threads were grading when the process forked
+        verify._slots.acquire()
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_grade_in_forked_child, args=(queue,))
+        child.start()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        assert queue.get(timeout=1) == 1.0
+    finally:
+        for _ in range(verify._SLOTS):
+            verify._slots.release()
+
 # -----------------------------------------------------------------------------
 # run_python: tool calls' code, run in the same sandbox, output returned
 
