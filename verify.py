@@ -256,7 +256,10 @@ def sandbox_mode():
     """One line saying how the code sandbox confines programs on this machine (probed once; see the
     comment above _CODEC): strong with namespaces and private read-only mounts, WEAK without."""
     prefix, drop, private = _sandbox_config()
-    who = "uid nobody" if drop else "as root, capabilities dropped" if os.geteuid() == 0 else f"uid {os.getuid()}"
+    if drop or os.geteuid() != 0:
+        who = "uid nobody" if drop else f"uid {os.getuid()}"
+    else:  # root could not drop to nobody here: capabilities go only with the private mounts' setup
+        who = "as root, capabilities dropped" if private else "as root with all capabilities"
     if prefix and private:
         return f"namespaces (pid, net, mount) + private read-only mounts, {who}"
     if prefix:
@@ -289,7 +292,8 @@ def run_python(cells, timeout=5.0, memory_mb=512, max_output_chars=2000):
     stdout and stderr as printed, then, as a notebook shows it, the repr of a final expression's value
     and one line for an exception ("ZeroDivisionError: division by zero"), a timeout or a crash; cut in
     the middle to max_output_chars (at most 1,000,000; "...[N characters cut]..."). Never raises; returns
-    within about `timeout` seconds (all cells together) whatever the code does."""
+    within about `timeout` seconds (all cells together) whatever the code does, once a sandbox slot is free
+    (one per core, shared with code_reward)."""
     try:
         cells = [cells] if isinstance(cells, str) else [str(c) for c in cells]
         if not cells:

@@ -826,6 +826,9 @@ def test_sandbox_mode_and_require_sandbox(monkeypatch):
     assert "\n" not in str(e.value) and "WEAK" in str(e.value)
     monkeypatch.setattr(verify, "_sandbox", (["unshare", "--pid"], drop, False))  # namespaces, host writable
     assert "without private mounts" in verify.sandbox_mode()
+    if os.geteuid() == 0:
+        monkeypatch.setattr(verify, "_sandbox", (["unshare", "--pid"], False, False))  # root kept root: says so
+        assert "as root with all capabilities" in verify.sandbox_mode()
     with pytest.raises(RuntimeError):
         verify.require_sandbox()
 
