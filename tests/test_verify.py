@@ -384,8 +384,9 @@ def test_language_consistency():
 ADD = "def add(a, b):\n    return a + b\n"
 
 def _sandbox_procs():
-    """pids of live processes whose command line mentions a sandbox temp dir."""
-    found = []
+    """{pid: tag} of live processes of this test process's sandboxes (harness, program, and whatever the
+    program forked: their command lines carry the run's tag, verify-sandbox-<our pid>-<n>)."""
+    found, mine = {}, f"verify-sandbox-{os.getpid()}-".encode()
     for p in os.listdir("/proc"):
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
@@ -394,9 +395,15 @@ def _sandbox_procs():
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"verify-sandbox-" in cmd and state != "Z":
-            found.append(int(p))
+        if mine in cmd and state != "Z":
+            found[int(p)] = next(a for a in cmd.split(b"\0") if a.startswith(mine))
     return found
+
+def _wait_no_sandbox_procs(seconds=5):
+    deadline = time.monotonic() + seconds
+    while _sandbox_procs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _sandbox_procs()
 
 def test_code_reward_correct_partial_and_syntax_error():
     assert code_reward(ADD, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]) == 1.0
@@ -433,21 +440,13 @@ def test_code_reward_fork_bomb_is_contained():
     t = time.monotonic()
     assert code_reward(bomb, ["assert True"], timeout=1.0) == 0.0
     assert time.monotonic() - t < 10
-    deadline = time.monotonic() + 5
-    while _sandbox_procs() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _sandbox_procs() == []  # nothing left running
+    assert _wait_no_sandbox_procs() == {}  # nothing left running
     assert code_reward(ADD, ["assert add(1, 2) == 3"]) == 1.0  # and the caller is fine
 
 def test_code_reward_background_child_is_killed():
     prog = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
     assert code_reward(prog, ["assert True"]) == 1.0
-    deadline = time.monotonic() + 5
-    while _sandbox_procs() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not verify._sandbox_config()[0]:
-        pytest.skip("no pid namespace here: a setsid() child can outlive the sandbox (documented)")
-    assert _sandbox_procs() == []
+    assert _wait_no_sandbox_procs() == {}  # killed with the harness (pid namespace, or its subreaper sweep)
 
 def test_code_reward_leftover_threads_do_not_hang():
     prog = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\ndef f():\n    return 1"
@@ -574,6 +573,19 @@ def _private_mounts():
     if not verify._sandbox_config()[2]:
         pytest.skip("no private mount namespace here: the program can write wherever its uid may (documented)")
 
+def _host_dir():
+    """A host dir this test may write in and any uid may reach, outside the dirs the sandbox replaces
+    with its own tmpfs (so these tests hold for a checkout under /tmp or /root too)."""
+    for d in (os.path.dirname(os.path.abspath(verify.__file__)), os.path.expanduser("~"), os.getcwd(), "/var/lib", "/"):
+        d = os.path.realpath(d)
+        parents = [d]
+        while parents[-1] != "/":
+            parents.append(os.path.dirname(parents[-1]))
+        if (not any(d == t or d.startswith(t + "/") for t in ("/tmp", "/var/tmp", "/dev/shm")) and os.access(d, os.W_OK)
+                and all(os.stat(p).st_mode & 0o001 for p in parents)):  # others may search every dir on the way
+            return d
+    pytest.skip("no writable host dir outside /tmp, /var/tmp and /dev/shm")
+
 def test_code_reward_scratch_dir_home_and_tempfile():
     prog = ("import os, tempfile\nopen('scratch.txt', 'w').write('x' * 1000)\nos.makedirs('a/b')\n"
             "f = tempfile.NamedTemporaryFile(delete=False)\nf.write(b'x')\nf.close()\n"
@@ -585,7 +597,7 @@ def test_code_reward_scratch_dir_home_and_tempfile():
 def test_code_reward_cannot_write_on_the_host():
     _private_mounts()
     name = f"verify-pwned-{os.getpid()}-{time.monotonic_ns()}"
-    project = os.path.dirname(os.path.abspath(verify.__file__))
+    project = _host_dir()
     # a dir anyone may write to, outside /tmp (which the program sees as its own tmpfs): only the
     # read-only remount of the host's mounts stops a write here, whatever the program's uid
     open_dir = tempfile.mkdtemp(prefix=".verify-test-", dir=project)
@@ -619,7 +631,7 @@ def test_code_reward_cannot_undo_the_private_mounts():
             "results += [libc.umount2(b'/tmp', 2), libc.mount(None, b'/', None, 32 | 4096, None)]\n"  # mounts stay locked
             f"open({name!r}, 'w').write('x')\n")
     assert code_reward(prog, ["assert all(r != 0 for r in results), results",
-                              "assert 'CapEff:\\t0000000000000004' in status"]) == 1.0
+                              "assert 'CapEff:\\t0000000000000000' in status"]) == 1.0  # the program keeps no capability
     assert not os.path.exists(name)
 
 def test_code_reward_scratch_space_is_capped():
@@ -629,3 +641,467 @@ def test_code_reward_scratch_space_is_capped():
             "                f.write(chunk)\n                f.flush()\n                written += len(chunk)\n"
             "except OSError:\n    pass")
     assert code_reward(prog, ["assert 32 << 20 <= written <= 64 << 20, written"]) == 1.0  # /tmp: 64 MiB of tmpfs
+
+# -----------------------------------------------------------------------------
+# code sandbox: the tests' source, their expected values and the pass signal are out of the program's
+# reach. AUDIT holds the five cheats an audit found, each of which scored 1.0 against the previous
+# harness (it exec'd the tests in the program's own globals, after it, and printed a marker); MORE holds
+# further attempts (the previous harness's score in a comment). "assert True" is a control: it passes
+# iff the program started, so a cheat that merely crashed cannot make these tests pass.
+
+SCAN_FOR_TESTS = r'''
+import gc, os, re, stat, sys
+PAT = re.compile(rb"assert f\(0\) == (\d+)")
+found, scanned = [], 0
+def look(blob):
+    global scanned
+    scanned += 1
+    m = PAT.search(blob if isinstance(blob, bytes) else str(blob).encode(errors="ignore"))
+    if m:
+        found.append(int(m.group(1)))
+def read(path):
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):  # not pipes: our own request pipe would block
+            with open(path, "rb") as fh:
+                look(fh.read(1 << 20))
+    except OSError:
+        pass
+for top in (os.getcwd(), "/tmp", "/var/tmp", "/dev/shm"):  # the old harness wrote test.py into the cwd
+    for d, _, files in os.walk(top):
+        for n in files:
+            read(os.path.join(d, n))
+for p in os.listdir("/proc"):
+    if p.isdigit():
+        for n in ("cmdline", "environ"):
+            read(f"/proc/{p}/{n}")
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                read(f"/proc/{p}/fd/{fd}")
+        except OSError:
+            pass
+look(" ".join(sys.argv))
+look(str(os.environ))
+def f(x):  # at call time: every string the interpreter holds, and every frame's locals
+    for o in gc.get_objects():
+        if isinstance(o, (dict, list, tuple)):
+            for v in list(o.values() if isinstance(o, dict) else o):
+                if isinstance(v, (str, bytes)):
+                    look(v)
+    frame = sys._getframe()
+    while frame:
+        look(repr(frame.f_locals))
+        frame = frame.f_back
+    return found[0] if found else -1
+'''
+
+AUDIT = {  # name: (program, tests, score)
+    "prints the harness's marker, read through __main__": (
+        "import __main__, os\nprint(getattr(__main__, 'marker', 'no marker'), flush=True)\nos._exit(0)",
+        ["assert f(3) == 9"], 0.0),
+    "prints the marker from sys.excepthook": (
+        "import sys, os, __main__\ndef hook(*a):\n    print(getattr(__main__, 'marker', 'no marker'), flush=True)\n"
+        "    os._exit(0)\nsys.excepthook = hook\ndef f(x):\n    return 0", ["assert f(3) == 9", "assert True"], 0.5),
+    "returns an always-equal object": (
+        "class A:\n    __eq__ = lambda s, o: True\n    __ne__ = lambda s, o: False\n    __hash__ = lambda s: 0\n"
+        "def f(x):\n    return A()\ndef g(x):\n    return [A()]",
+        ["assert f(3) == 9", "assert g(3) == [9]", "assert not f(3) != 9", "assert True"], 0.25),
+    "patches builtins before the tests run": (
+        "import builtins\nbuiltins.sorted = lambda *a, **k: [1, 2, 3]\nbuiltins.abs = lambda x: 0\n"
+        "builtins.len = lambda x: 3\nbuiltins.set = lambda *a: {1, 2}\ndef g(x):\n    return [9]",
+        ["assert sorted(g([3, 1, 2])) == [1, 2, 3]", "assert abs(g(0)[0] - 1) < 1e-9", "assert len(g(0)) == 3",
+         "assert set(g(0)) == {1, 2}", "assert g(0) == [9]"], 0.2),
+    "reads the tests and answers from them": (  # the previous harness wrote test.py into the program's cwd
+        SCAN_FOR_TESTS, ["assert f(0) == 1000000000007", "assert scanned >= 4, scanned"], 0.5),
+}
+
+MORE = {  # name: (program, tests, score)
+    "returns an object that passes a tolerance check": (  # previously 1.0
+        "class N:\n    def __sub__(s, o): return s\n    __rsub__ = __add__ = __radd__ = __sub__\n"
+        "    def __abs__(s): return s\n    def __lt__(s, o): return True\n    __le__ = __gt__ = __ge__ = __lt__\n"
+        "    def __float__(s): return 1.41\ndef f(x):\n    return N()",
+        ["assert abs(f(2.0) - 1.41) < 1e-2", "import math\nassert math.isclose(f(2.0), 1.41)", "assert True"], 1 / 3),
+    "returns subclasses of list / str / dict with their own __eq__": (  # previously 1.0
+        "class L(list):\n    __eq__ = lambda s, o: True\nclass S(str):\n    __eq__ = lambda s, o: True\n    __hash__ = str.__hash__\n"
+        "class D(dict):\n    __eq__ = lambda s, o: True\ndef f(x):\n    return L([0])\ndef g(x):\n    return S('no')\n"
+        "def h(x):\n    return D(a=0)",  # compared as the plain list / str / dict they hold
+        ["assert f(3) == [9]", "assert g(3) == 'yes'", "assert h(3) == {'a': 1}", "assert f(3) == [0] and g(3) == 'no'"], 0.25),
+    "shadows builtins with its own globals": (  # previously 1.0
+        "def sorted(*a, **k):\n    return [1, 2, 3]\nabs = lambda x: 0\nlen = lambda x: 3\ndef g(x):\n    return [9]",
+        ["assert sorted(g([3, 1, 2])) == [1, 2, 3]", "assert abs(g(0)[0] - 1) < 1e-9", "assert len(g(0)) == 3",
+         "assert g(0) == [9]"], 0.25),
+    "replaces a stdlib module the test uses without importing it": (  # previously 1.0
+        "import math\nclass M:\n    def isclose(self, *a, **k):\n        return True\nmath = M()\ndef f(x):\n    return 0",
+        ["assert math.isclose(f(2), 1.41)", "assert f(2) == 0"], 0.5),
+    "tampers with sys.modules and the runner's json": (  # previously 0.75
+        "import sys, json, types\nreal = json.dumps\n"  # every reply forged into a tag that is not plain data
+        "json.dumps = lambda o, **k: real({'ok': {'eq': True}, 'a': [], 'k': {}} if 'ok' in o else o, **k)\n"
+        "sys.modules['json'] = types.ModuleType('json')\nsys.modules['builtins'].sorted = lambda *a, **k: [1, 2, 3]\n"
+        "sys.modules['solution'] = types.SimpleNamespace(f=lambda x: 9)\ndef f(x):\n    return 0",
+        ["assert f(3) == 9", "assert sorted(f(3)) == [1, 2, 3]", "from solution import f as g\nassert g(3) == 9", "assert True"], 0.25),
+    "writes modules for the harness to import": (  # previously 1/3 too
+        "import os\nfor d in {os.getcwd(), os.environ['HOME'], os.environ['TMPDIR']}:\n"  # the harness's cwd too
+        "    for name in ('statistics', 'fractions', 'sitecustomize', 'usercustomize'):\n"
+        "        open(os.path.join(d, name + '.py'), 'w').write('mean = lambda xs: 2\\nFraction = lambda *a: 2\\n')\n"
+        "def f():\n    return [9]",
+        ["import statistics\nassert statistics.mean(f()) == 2", "from fractions import Fraction\nassert Fraction(9) == 2",
+         "assert True"], 1 / 3),
+    "exits early with status 0": ("import os\nos._exit(0)", ["assert True"], 0.0),  # previously 0.0 too
+    "exits with status 0 during a call that the test guards": (  # previously 1/3 too
+        "import os\ndef f(x):\n    os._exit(0)", ["assert f(1) is None", "try:\n    f(1)\nexcept BaseException:\n    pass", "assert True"], 1 / 3),
+}
+
+@pytest.mark.parametrize("name", list(AUDIT) + list(MORE))
+def test_code_reward_cheats_earn_nothing(name):
+    program, tests, score = {**AUDIT, **MORE}[name]
+    assert code_reward(program, tests) == pytest.approx(score)
+
+def test_code_reward_oversized_results_fail_only_their_test():
+    # a documented limit: a reply over 32 MiB is refused (the call fails); the harness and the next test are fine
+    assert code_reward("def f(x):\n    return 'x' * (40 << 20)\ndef g():\n    return 1",
+                       ["assert len(f(1)) > 0", "assert g() == 1", "assert len(f(1)) > 0 or True"]) == pytest.approx(1 / 3)
+
+def test_code_reward_cannot_signal_or_stop_the_harness():
+    prog = ("import os, signal\nfor s in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):\n"
+            "    for pid in {os.getppid(), 1}:\n        try:\n            os.kill(pid, s)\n        except OSError:\n"
+            "            pass\ndef f(x):\n    os.kill(os.getppid(), signal.SIGSTOP)\n    os.kill(os.getppid(), signal.SIGKILL)\n    return 0")
+    # in a pid namespace the harness is pid 1: the program's signals never reach it. Without one, a
+    # killed or stopped harness reports nothing, which scores 0
+    expected = 2 / 3 if verify._sandbox_config()[0] else 0.0
+    assert code_reward(prog, ["assert f(3) == 9", "assert f(0) == 0", "assert True"], timeout=1.0) == pytest.approx(expected)
+
+def test_code_reward_cannot_read_or_write_the_harness_through_proc():
+    secret = f"s{os.getpid()}x{time.monotonic_ns()}"
+    prog = ("import ctypes, os\nppid = os.getppid()\nblob, denied, opened = [], set(), []\n"
+            "for name in os.listdir(f'/proc/{ppid}'):\n    try:\n"
+            "        blob.append(open(f'/proc/{ppid}/{name}', 'rb').read(1 << 20).decode(errors='replace'))\n"
+            "    except OSError:\n        denied.add(name)\n"
+            "for fd in range(32):\n    for mode in ('rb', 'wb'):\n        try:\n"
+            "            with open(f'/proc/{ppid}/fd/{fd}', mode) as fh:\n                opened.append((fd, mode))\n"
+            "                if mode == 'wb':\n                    fh.write(b'{\"results\": [true], \"nonce\": \"\"}\\n')\n"
+            "        except OSError:\n            pass\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\nptrace = libc.ptrace(16, ppid, None, None)\n"  # PTRACE_ATTACH
+            "print('{\"results\": [true, true, true]}')\n")  # a fake verdict on the program's own stdout
+    assert code_reward(prog, [f"assert {secret!r} not in ''.join(blob)",
+                              "assert {'environ', 'mem', 'maps', 'fd'} <= denied, denied",
+                              "assert opened == [] and ptrace == -1, (opened, ptrace)"]) == 1.0
+
+def _weak_sandbox(monkeypatch):
+    """The sandbox as it runs where `unshare` is not permitted (root still drops to nobody)."""
+    drop = verify._sandbox_config()[1]
+    monkeypatch.setattr(verify, "_sandbox", ([], drop, False))
+
+@pytest.mark.parametrize("name", list(AUDIT) + ["writes modules for the harness to import"])
+def test_code_reward_cheats_earn_nothing_in_the_weak_mode_too(monkeypatch, name):
+    _weak_sandbox(monkeypatch)
+    program, tests, score = {**AUDIT, **MORE}[name]
+    assert code_reward(program, tests) == pytest.approx(score)
+
+def test_weak_mode_kills_daemons_before_the_reward_returns(monkeypatch):
+    _weak_sandbox(monkeypatch)
+    target = f"/tmp/verify-daemon-{os.getpid()}-{time.monotonic_ns()}"
+    prog = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(1.0)\n"
+            f"        open({target!r}, 'w').write('x')\n    os._exit(0)\ndef f():\n    return 1")
+    try:
+        assert code_reward(prog, ["assert f() == 1"]) == 1.0
+        assert "1" in verify.run_python(prog + "\nprint(f())").output
+        assert _wait_no_sandbox_procs() == {}
+        time.sleep(1.5)
+        assert not os.path.exists(target)  # the detached grandchild died with the harness
+    finally:
+        if os.path.exists(target):
+            os.unlink(target)
+
+def test_sandbox_mode_and_require_sandbox(monkeypatch):
+    prefix, drop, private = verify._sandbox_config()
+    mode = verify.sandbox_mode()
+    assert mode and "\n" not in mode
+    if prefix and private:
+        verify.require_sandbox()  # no exception
+        assert mode.startswith("namespaces (pid, net, mount) + private read-only mounts")
+        assert ("uid nobody" in mode) == drop
+    monkeypatch.setattr(verify, "_sandbox", ([], drop, False))
+    assert verify.sandbox_mode().startswith("WEAK: no namespaces (unshare not permitted)")
+    with pytest.raises(RuntimeError, match="too weak") as e:
+        verify.require_sandbox()
+    assert "\n" not in str(e.value) and "WEAK" in str(e.value)
+    monkeypatch.setattr(verify, "_sandbox", (["unshare", "--pid"], drop, False))  # namespaces, host writable
+    assert "without private mounts" in verify.sandbox_mode()
+    if os.geteuid() == 0:
+        monkeypatch.setattr(verify, "_sandbox", (["unshare", "--pid"], False, False))  # root kept root: says so
+        assert "as root with all capabilities" in verify.sandbox_mode()
+    with pytest.raises(RuntimeError):
+        verify.require_sandbox()
+
+# -----------------------------------------------------------------------------
+# code sandbox: what test sets do still works through the stubs
+
+PROGRAM = '''
+import math, collections
+from collections import Counter, namedtuple
+Pt = namedtuple("Pt", "x y")
+TABLE = [1, 2, 3]
+class Solution:
+    def twoSum(self, nums, target):
+        seen = {}
+        for i, n in enumerate(nums):
+            if target - n in seen:
+                return [seen[target - n], i]
+            seen[n] = i
+class Node:
+    def __init__(self, val, next=None):
+        self.val, self.next = val, next
+def to_list(node):
+    out = []
+    while node:
+        out.append(node.val)
+        node = node.next
+    return out
+def add(a, b):
+    return a + b
+def root(x):
+    return math.sqrt(x)
+def nothing(x):
+    return None
+def uniq(xs):
+    return list(set(xs))
+class MyError(KeyError):
+    pass
+def check(x):
+    if x < 0:
+        raise ValueError("negative")
+    if x == 0:
+        raise MyError("zero")
+    return x
+def sort_in_place(xs):
+    xs.sort()
+def fill(d, s, m):
+    d["k"] = 1
+    s.add(5)
+    m[0][0] = 9
+def squares(n):
+    for i in range(n):
+        yield i * i
+def counts(s):
+    return Counter(s)
+def point():
+    return Pt(1, 2)
+def mixed():
+    return {(1, 2): frozenset({1}), b"x": 1.5 + 2j, "big": 3 ** 500, "nan": float("nan"), "neg0": -0.0}
+def adder(n):
+    return lambda x: x + n
+'''
+
+WORKING_TESTS = [  # (test, a change to PROGRAM that makes it fail)
+    ("assert add(1, 2) == 3 and add([2], [3]) == [2, 3] and add('a', 'b') == 'ab'", ("return a + b", "return b + a")),
+    ("assert abs(root(2.0) - 1.41) < 1e-2 and math.isclose(root(4), 2)", ("math.sqrt(x)", "x / 2")),
+    ("assert nothing(1) is None", ("return None", "return 0")),
+    ("assert set(uniq([1, 1, 2])) == {1, 2} and sorted(uniq([3, 1])) == [1, 3]", ("list(set(xs))", "xs[:1]")),
+    ("try:\n    check(-1)\n    assert False\nexcept ValueError as e:\n    assert 'negative' in str(e)",
+     ('ValueError("negative")', 'TypeError("negative")')),
+    ("try:\n    check(0)\nexcept KeyError:\n    pass\nelse:\n    assert False",  # the program's own KeyError subclass
+     ("class MyError(KeyError)", "class MyError(LookupError)")),
+    ("xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]", ("xs.sort()", "xs = sorted(xs)")),
+    ("d, s, m = {}, set(), [[0, 0], [0]]\ninner = m[0]\nfill(d, s, m)\nassert d == {'k': 1} and s == {5} and inner == [9, 0]",
+     ("m[0][0] = 9", "m[1][0] = 9")),
+    ("assert Solution().twoSum([2, 7, 11, 15], 9) == [0, 1]", ("return [seen[target - n], i]", "return [i, seen[target - n]]")),
+    ("head = Node(1, Node(2, Node(3)))\nassert to_list(head) == [1, 2, 3]\nhead.next.val = 5\nassert to_list(head) == [1, 5, 3]",
+     ("node = node.next", "node = node.next and node.next.next")),
+    ("assert list(squares(4)) == [0, 1, 4, 9] and 4 in squares(3) and next(iter(squares(2))) == 0", ("yield i * i", "yield i")),
+    ("assert counts('aab') == {'a': 2, 'b': 1} and point() == (1, 2) and point()[1] == 2", ("Pt(1, 2)", "Pt(2, 1)")),
+    ("m = mixed()\nassert m[(1, 2)] == frozenset({1}) and m[b'x'] == 1.5 + 2j and m['big'] == 3 ** 500\n"
+     "assert type(m['big']) is int and m['nan'] != m['nan'] and math.copysign(1, m['neg0']) == -1", ('"neg0": -0.0', '"neg0": 0.0')),
+    ("assert adder(2)(3) == 5 and TABLE == [1, 2, 3]", ("TABLE = [1, 2, 3]", "TABLE = (1, 2, 3)")),
+    ("from solution import add as plus\nassert plus(2, 3) == 5", ("return a + b", "return a * b")),
+    ("def check(candidate):\n    assert candidate(1, 1) == 2\n    assert candidate(-1, 1) == 0\ncheck(add)",  # HumanEval's shape
+     ("return a + b", "return abs(a) + b")),
+]
+
+def test_code_reward_supports_what_test_sets_do():
+    assert code_reward(PROGRAM, [t for t, _ in WORKING_TESTS]) == 1.0
+    for t, (old, new) in WORKING_TESTS:  # and each of them can fail
+        assert PROGRAM.count(old) == 1 and code_reward(PROGRAM.replace(old, new), [t]) == 0.0, t
+
+def test_code_reward_each_test_has_its_own_deadline():
+    prog = "import time\ndef f(x):\n    time.sleep(x)\n    return x"
+    t = time.monotonic()  # a test that times out kills the program; the next test gets a fresh one
+    assert code_reward(prog, ["assert f(10) == 10", "assert f(0) == 0", "assert f(0.2) == 0.2"], timeout=1.0) == pytest.approx(2 / 3)
+    assert time.monotonic() - t < 1.0 + 3
+
+# -----------------------------------------------------------------------------
+# concurrent grading
+
+def _peak_sandboxes(fn):
+    """fn()'s result, and the most sandboxes of ours seen alive at once while it ran."""
+    peak, done = [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], len(set(_sandbox_procs().values())))
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return fn(), peak[0]
+    finally:
+        done.set()
+        sampler.join()
+
+def test_grade_all_costs_about_n_over_cores_timeouts():
+    T, n, workers = 1.0, 32, verify._SLOTS
+    problems = [{"prompt": "p", "tests": ["assert f() == 1"]}] * n
+    t = time.monotonic()
+    acc, peak = _peak_sandboxes(lambda: verify.grade_all(problems, ["def f():\n    while True:\n        pass"] * n, timeout=T))
+    elapsed = time.monotonic() - t
+    assert acc == [0.0] * n
+    assert elapsed < (n / workers + 2) * T, (elapsed, workers)  # one after another would take n * T
+    assert peak <= workers and (workers == 1 or peak >= 2), peak
+
+def test_nested_grading_never_oversubscribes():
+    prog = "import time\ntime.sleep(0.3)\nprint(int(input()) + 1)"  # 4 problems x 4 cases, each case a process
+    problems = [{"prompt": "p", "inputs": [str(i) for i in range(4)], "outputs": [str(i + 1) for i in range(4)]}] * 4
+    acc, peak = _peak_sandboxes(lambda: verify.grade_all(problems, [prog] * 4))
+    assert acc == [1.0] * 4
+    assert peak <= verify._SLOTS, peak
+
+def test_compute_rewards_grades_code_concurrently_in_order():
+    from types import SimpleNamespace
+    args = SimpleNamespace(strict_format=False, length_reward="none", accuracy_weight=1.0, format_weight=0.0,
+                           overlong_cache=None, language_weight=0.0)
+    code = {"prompt": "p", "tests": ["assert f() == 1"]}
+    slow = lambda r: f"```python\nimport time\ntime.sleep(1.0)\ndef f():\n    return {r}\n```"
+    problems = [code, {"prompt": "1+1?", "answer": "2"}, code, code, {"prompt": "c", "numbers": [3, 4], "target": 7}, code]
+    completions = [slow(1), "\\boxed{2}", slow(0), slow(1), "\\boxed{3*4}", slow(1)]
+    t = time.monotonic()
+    total, parts = verify.compute_rewards(args, problems, completions, [10] * 6, [False] * 6)
+    elapsed = time.monotonic() - t
+    assert parts["accuracy"] == [1.0, 1.0, 0.0, 1.0, 0.0, 1.0] and total == parts["accuracy"]
+    if verify._SLOTS >= 2:
+        assert elapsed < (4 / verify._SLOTS + 1) * 1.0, elapsed  # one after another: over 4 s
+
+def _grade_in_forked_child(queue):
+    queue.put(code_reward(ADD, ["assert add(1, 2) == 3"]))
+
+def test_a_forked_child_does_not_inherit_busy_slots():
+    for _ in range(verify._SLOTS):  # as if other threads were grading when the process forked
+        verify._slots.acquire()
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_grade_in_forked_child, args=(queue,))
+        child.start()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+        assert queue.get(timeout=1) == 1.0
+    finally:
+        for _ in range(verify._SLOTS):
+            verify._slots.release()
+
+# -----------------------------------------------------------------------------
+# run_python: tool calls' code, run in the same sandbox, output returned
+
+def test_run_python_output_as_a_notebook_shows_it():
+    r = verify.run_python(["x = 2\nprint('earlier output is not shown')", "import sys\nprint(x + 1)\n"
+                           "print('to stderr', file=sys.stderr)\nx * 10"])
+    assert r == verify.PythonResult("3\nto stderr\n20\n", None, False)
+    assert verify.run_python(["y = 1/0", "print('still runs')"]).output == "still runs\n"  # an earlier error is skipped
+    r = verify.run_python("print('before')\n1/0")
+    assert r.output == "before\nZeroDivisionError: division by zero\n" and r.error == "ZeroDivisionError: division by zero"
+    assert verify.run_python("def f(:\n  pass").error == "SyntaxError: invalid syntax"
+    assert verify.run_python("print(undefined)").error == "NameError: name 'undefined' is not defined"
+    assert verify.run_python("None").output == "" and verify.run_python([]).output == ""
+    assert verify.run_python("'a'").output == "'a'\n"
+
+def test_run_python_cuts_long_output_in_the_middle():
+    r = verify.run_python("print('a' * 5000 + 'b' * 5000)", max_output_chars=100)
+    assert r.output == "a" * 50 + "...[9901 characters cut]..." + "b" * 49 + "\n" and r.error is None
+    r = verify.run_python("print('é' * 3000)", max_output_chars=10)  # characters, not bytes
+    assert r.output == "é" * 5 + "...[2991 characters cut]..." + "é" * 4 + "\n"
+
+@pytest.mark.parametrize("code, error", [
+    ("import time\nprint('started', flush=True)\ntime.sleep(60)", "TimeoutError"),
+    ("while True:\n    pass", "TimeoutError"),
+    ("while True:\n    print('y' * 1000)", "TimeoutError"),  # megabytes of output: still cut to size
+    ("import ctypes\nctypes.string_at(0)", "the process was killed by SIGSEGV"),
+    ("x = bytearray(10 ** 10)", "MemoryError"),
+    ("import os\nos._exit(3)", "the process exited with status 3"),
+    ("import os\nos.kill(os.getpid(), 9)", "the process was killed by SIGKILL"),
+])
+def test_run_python_returns_in_time_whatever_the_code_does(code, error):
+    t = time.monotonic()
+    r = verify.run_python(code, timeout=1.0, max_output_chars=300)
+    assert time.monotonic() - t < 1.0 + 2
+    assert r.error.startswith(error) and r.output.endswith(r.error + ("\n" if error == "MemoryError" else ""))
+    assert r.timed_out == (error == "TimeoutError") and len(r.output) < 300 + 100
+    if code.startswith("import time"):
+        assert r.output.startswith("started\n")
+
+def test_run_python_is_contained():
+    # the checks of the code_reward tests above, through run_python's path
+    if verify._sandbox_config()[0]:
+        net = "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    print('connected')\nexcept OSError:\n    print('no network')"
+        assert verify.run_python(net).output == "no network\n"
+    if verify._sandbox_config()[2]:
+        name = f"/tmp/verify-pwned-{os.getpid()}-{time.monotonic_ns()}"
+        project = os.path.join(_host_dir(), os.path.basename(name))
+        r = verify.run_python(f"import os\nopen({name!r}, 'w').write('x')\ntry:\n    open({project!r}, 'w')\n"
+                              f"except OSError as e:\n    print(e.errno)\nprint(os.path.exists({name!r}))")
+        assert r.output == "30\nTrue\n"  # EROFS on the project; /tmp is the sandbox's own
+        assert not os.path.exists(name) and not os.path.exists(project)
+    prog = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')"
+    assert verify.run_python(prog).output == "parent done\n"
+    assert _wait_no_sandbox_procs() == {}
+    if not (os.geteuid() == 0 and not verify._sandbox_config()[1]):
+        bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+        t = time.monotonic()
+        assert verify.run_python(bomb, timeout=1.0).timed_out
+        assert time.monotonic() - t < 10
+        assert _wait_no_sandbox_procs() == {}
+    assert verify.run_python("print(sum(range(10)))").output == "45\n"
+
+# -----------------------------------------------------------------------------
+# the codec between harness and program: plain data only, exactly
+
+def _codec():
+    ns = {}
+    exec(verify._CODEC, ns)
+    return ns
+
+def _same(a, b):
+    if type(a) is not type(b):
+        return False
+    if type(a) is float:
+        return repr(a) == repr(b)
+    if type(a) in (list, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a) is dict:
+        return len(a) == len(b) and all(k in b and _same(v, b[k]) for k, v in a.items())
+    return a == b
+
+def test_codec_round_trips_plain_data_exactly():
+    c = _codec()
+    no_ref = lambda x, depth: pytest.fail(f"not plain: {x!r}")
+    for x in [None, True, 0, -5, 2 ** 53, -(2 ** 200), 0.5, -0.0, float("inf"), float("nan"), 1 + 2j, "é\ud800",
+              b"\x00\xff", [], (), (1, [2, {3: (4,)}]), {(1, 2): frozenset({1}), "k": {1, 2}, 3: None}, [[[]]] * 3]:
+        back = c["decode"](json.loads(json.dumps(c["encode"](x, no_ref))), lambda tag, v: pytest.fail(tag))
+        assert _same(back, x), (x, back)
+    class L(list):
+        pass
+    assert c["encode"](L(), lambda x, depth: "ref") == "ref"  # a subclass is not plain data
+
+@pytest.mark.parametrize("message", [{"eq": True}, {"a": 1, "b": 2}, {"x": 5}, {"d": [[1]]}, {"s": [[1]]}, {"d": [[[1], 2]]},
+                                     {"c": ["1", 2]}, {"h": [0, "A"]}, {"t": 5}])
+def test_codec_rejects_anything_else(message):
+    def unref(tag, v):
+        raise ValueError(tag)
+    with pytest.raises((ValueError, TypeError)):
+        _codec()["decode"](message, unref)
+
+def test_codec_rejects_deep_nesting():
+    c = _codec()
+    deep = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(ValueError, match="deeply"):
+        c["decode"](deep, None)
+    with pytest.raises(ValueError, match="deeply"):
+        c["encode"](deep, None)
