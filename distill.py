@@ -59,7 +59,8 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     load_frozen, load_model, load_tokenizer, lr_at, make_optimizer, micro_batches, non_negative_int,
                     optimizer_step, positive, resume, save_checkpoint, step_problems, user_input)
 from model import ModelConfig, tokenizer_mismatch
-from sample import Engine, ToolUse, add_rl_data_args, add_tool_args, heldout_accuracy, prompt_ids, rl_problems, rollout
+from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, prompt_ids,
+                    rl_problems, rollout)
 from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
 
@@ -379,6 +380,7 @@ def main(argv=None):
         # prompts that leave no room for max_new_tokens in either model's context are dropped (and reported)
         models = [(teacher, teacher_tok)] + ([(student, student_tok)] if student is not None else [])
         data, heldout = rl_problems(args, [(tok, m.config.max_position_embeddings) for m, tok in models])
+        check_sandbox(run, args, (data or []) + heldout)
         formats = tools.tool_formats(args.tools, args.tool_formats).values()  # their outputs: no loss
         teacher_tools = ToolUse.from_args(args, teacher_tok)
         student_tools = ToolUse.from_args(args, student_tok) if student is not None else None

@@ -41,8 +41,8 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     make_optimizer, non_negative, non_negative_int, optimizer_step, positive, resume,
                     shared_prompt_micro_batches, step_problems, user_input, world_size)
 from reward_model import load_reward_model
-from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, heldout_accuracy, log_heldout, rl_problems,
-                    rollout_metrics, sample_groups)
+from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, log_heldout,
+                    rl_problems, rollout_metrics, sample_groups)
 from verify import add_reward_args
 
 
@@ -242,6 +242,7 @@ def main(argv=None):
     with user_input():
         policy, tokenizer, ref_model = load_policy(run, args, args.beta)
         data, heldout = rl_problems(args, [(tokenizer, policy.config.max_position_embeddings)])
+        check_sandbox(run, args, (data or []) + heldout)
         reward_model = load_reward_model(args.reward_model, run.device, tokenizer_of_policy=tokenizer)
         tool_use = ToolUse.from_args(args, tokenizer)
 

@@ -43,8 +43,8 @@ from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer
 from grpo import clipped_surrogate
 from model import Tokenizer
 from reward_model import RewardModel, last_token_index, load_reward_model
-from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, heldout_accuracy, log_heldout, rl_problems,
-                    rollout_metrics, sample_groups)
+from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, log_heldout,
+                    rl_problems, rollout_metrics, sample_groups)
 from verify import add_reward_args
 
 
@@ -242,6 +242,7 @@ def main(argv=None):
         critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
         critic.backbone.grad_checkpointing = args.grad_checkpointing
         data, heldout = rl_problems(args, [(tokenizer, policy.config.max_position_embeddings)])
+        check_sandbox(run, args, (data or []) + heldout)
         tool_use = ToolUse.from_args(args, tokenizer)
 
     train_policy, train_critic = run.wrap(policy), run.wrap(critic)

@@ -696,7 +696,23 @@ def add_tool_args(p):
     g.add_argument("--search_top_k", type=count, default=tools.DEFAULT_SEARCH_K, help="search: documents per call")
     g.add_argument("--search_max_chars", type=count, default=tools.DEFAULT_MAX_CHARS, help="search: characters of "
                    "each document's text")
+    g.add_argument("--require_sandbox", action="store_true", help="refuse to run model-written code (code rewards, "
+                   "the python tool) unless the sandbox has its namespaces and read-only mounts here")
     return p
+
+
+def check_sandbox(run, args, problems):
+    """Before model-written code runs (code problems, the python tool): say once how the sandbox contains it here
+    (verify.sandbox_mode), and with --require_sandbox refuse a weak one (ValueError naming the flag)."""
+    code = any("tests" in p or ("inputs" in p and "outputs" in p) for p in problems or ())
+    if not (code or "python" in tools.tool_names(args.tools)):
+        return
+    run.print(f"code sandbox: {verify.sandbox_mode()}")
+    if args.require_sandbox:
+        try:
+            verify.require_sandbox()
+        except RuntimeError as e:
+            raise ValueError(f"--require_sandbox: {e}") from None
 
 
 def rl_problems(args, models):
@@ -837,6 +853,7 @@ def run_eval(args):
     with user_input():
         folders = eval_folders(args)
         problems = load_eval_problems(args.eval, args.prompt_template)[:args.limit]
+        check_sandbox(run, args, problems)
     results = {}
     for name, out in folders.items():
         with user_input():
@@ -866,6 +883,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(args, args.model)
         model = Transformer.from_pretrained(args.model, dtype=args.dtype, device=args.device)
         tool_use = ToolUse.from_args(args, tokenizer)
+        check_sandbox(Run(args, "sample"), args, [])
     prompt = tokenizer.encode(args.prompt) if args.no_chat_template else prompt_ids(tokenizer, args.prompt)
     generated = []
     printed = ""

@@ -31,7 +31,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     load_model, lr_at, make_optimizer, micro_batches, non_negative_int, optimizer_step, resume,
                     save_checkpoint, step_indices, user_input)
 from model import ModelConfig
-from sample import Engine, ToolUse, add_tool_args, heldout_accuracy, render
+from sample import Engine, ToolUse, add_tool_args, check_sandbox, heldout_accuracy, render
 from tools import TOOL_OF_TASK, is_builtin, observation_spans, task_problems, task_solution, tool_formats
 from verify import read_jsonl
 
@@ -252,6 +252,7 @@ def main(argv=None):
         examples, stats = tokenize_dataset(tokenizer, train_chats, args.max_len, formats)
         evals = tokenize_dataset(tokenizer, eval_chats, args.max_len, formats)[0] if eval_chats else None
         tool_use = ToolUse.from_args(args, tokenizer) if builtin else None
+        check_sandbox(run, args, [])
     if not examples:
         raise SystemExit(f"{args.data}: every example was dropped (no assistant tokens within --max_len {args.max_len})")
     run.print(f"{len(examples)} training examples ({stats['truncated']} truncated to {args.max_len} tokens, "

@@ -481,23 +481,24 @@ class ToolRunner:
         self.timeout = timeout
 
     def submit(self, tool, calls):
-        """Start tool.run(calls); -> (future, the ToolCall it will fill)."""
-        call = ToolCall(tool.name, calls[-1])
-        return self.pool.submit(self._run, tool, calls, call), call
+        """Start tool.run(calls) -> (future, the ToolCall that ready() fills in once it has answered)."""
+        return self.pool.submit(self.run, tool, calls), ToolCall(tool.name, calls[-1])
 
     @staticmethod
-    def _run(tool, calls, call):
+    def run(tool, calls):
+        """tool.run(calls) -> (output, error, seconds); a broken tool answers with its error, the rollout goes on."""
         start = time.monotonic()
         try:
-            call.output, call.error = tool.run(calls)
-        except Exception as e:  # a broken tool answers with its error; the rollout goes on
-            call.output, call.error = f"Error: {type(e).__name__}: {e}", True
-        call.seconds = time.monotonic() - start
-        return call
+            output, error = tool.run(calls)
+        except Exception as e:
+            output, error = f"Error: {type(e).__name__}: {e}", True
+        return output, error, time.monotonic() - start
 
     def ready(self, future, call, started):
-        """Whether the call is answered: done, or past the timeout (then answered with an error)."""
+        """Whether the call has its answer (filled into call): done, or past the timeout (then an error; whatever
+        the call returns later is ignored)."""
         if future.done():
+            call.output, call.error, call.seconds = future.result()
             return True
         if time.monotonic() - started > self.timeout:
             call.output, call.error, call.seconds = f"Error: no answer within {self.timeout:g} s", True, self.timeout

@@ -378,3 +378,34 @@ def test_fsdp_dapo_finishes_when_one_ranks_groups_are_all_equal(tmp_path):
     assert rounds[0] == rounds[1] == ["3", "3"]  # rank 0 never fills, so both ranks sample all three rounds
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "reward" in l]
     assert all(0.5 <= r["all_equal_groups_frac"] < 1.0 for r in rows)  # rank 0: 1.0; rank 1: its own groups
+
+
+def test_tool_observations_are_context_in_the_policy_loss(tmp_path, monkeypatch):
+    """Rollouts with tool observations (mask 0 inside the completion) through grpo.policy_loss_step (shared prompts,
+    several micro-batches): its gradient is that of -1/N sum_i A_i / |o_i| sum_{t: the model's tokens} log pi(y_t),
+    computed by scoring each prompt + completion on its own. Observations only condition the tokens after them: they
+    take no loss and are not counted in |o_i|."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    prompts = [torch.randint(1, 50, (5,)).tolist(), torch.randint(1, 50, (7,)).tolist()]
+    masks = [[1, 1, 0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0, 0, 1, 1]]
+    records = [Rollout(prompts[i // 2], torch.randint(1, 50, (len(m),)).tolist(), m, [0.0] * len(m), "eos")
+               for i, m in enumerate(masks)]
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    args = grpo.parse_args(["--group_size", "2", "--batch_size", "4", "--micro_batch_tokens", "30", "--device", "cpu",
+                            "--out", str(tmp_path)])
+    got = {}
+    monkeypatch.setattr(grpo, "optimizer_step", lambda run, m, opt, lr: (
+        got.update({n: p.grad.clone() for n, p in m.named_parameters()}), (0.0, False))[1])
+    grpo.policy_loss_step(Run(args, "test"), args, model, None, None, records, rewards, 0.0)
+    model.zero_grad()
+    adv = group_advantages(torch.tensor(rewards), 2)
+    loss = 0.0
+    for r, a in zip(records, adv):
+        logp, _ = model(torch.tensor([r.prompt + r.ids[:-1]]), targets=torch.tensor([r.ids]), logits_from=len(r.prompt) - 1)
+        mask = torch.tensor(r.mask, dtype=torch.float)
+        loss = loss - a * (logp[0] * mask).sum() / mask.sum() / len(records)
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n

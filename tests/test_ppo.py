@@ -306,3 +306,19 @@ def test_reward_model_replaces_the_verifier(tmp_path):
     assert all(r["reward"] == pytest.approx(r["reward_reward_model"]) and "accuracy" in r for r in rows if "reward" in r)
     # the verifier's mean over 4 samples is a multiple of 0.025 (each is 0, 0.1, 1 or 1.1); a learned score is not
     assert not any(abs(r * 40 - round(r * 40)) < 1e-4 for r in rewards), rewards
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.9, 0.8), (0.99, 0.0)])
+def test_gae_skips_a_tool_observation_as_if_it_were_not_there(gamma, lam):
+    """A completion with an observation span (mask 0 between model tokens): the advantages and returns of the model's
+    tokens are those of the same completion with the span removed; the span gets none."""
+    torch.manual_seed(0)
+    rewards, values = torch.randn(2, 10), torch.randn(2, 10)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 1, 1, 1, 0, 1, 0]], dtype=torch.float)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for row in range(2):
+        keep = mask[row].bool()
+        want_adv, want_ret = gae(rewards[row, keep][None], values[row, keep][None], mask[row, keep][None], gamma, lam)
+        assert torch.allclose(adv[row, keep], want_adv[0], atol=1e-6) and torch.allclose(ret[row, keep], want_ret[0],
+                                                                                            atol=1e-6)
+        assert (adv[row, ~keep] == 0).all() and (ret[row, ~keep] == 0).all()
