@@ -381,7 +381,7 @@ def main(argv=None):
         models = [(teacher, teacher_tok)] + ([(student, student_tok)] if student is not None else [])
         data, heldout = rl_problems(args, [(tok, m.config.max_position_embeddings) for m, tok in models])
         check_sandbox(run, args, (data or []) + heldout)
-        formats = tools.tool_formats(args.tools, args.tool_formats).values()  # their outputs: no loss
+        formats = tools.tool_formats(tools.task_tools(args), args.tool_formats).values()  # their outputs: no loss
         teacher_tools = ToolUse.from_args(args, teacher_tok)
         student_tools = ToolUse.from_args(args, student_tok) if student is not None else None
     teacher_engine = Engine.for_run(run, teacher)

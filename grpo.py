@@ -43,12 +43,14 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
 from reward_model import load_reward_model
 from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, log_heldout,
                     rl_problems, rollout_metrics, sample_groups)
+from tools import default_checkpoint
 from verify import add_reward_args
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
+    p.add_argument("--model", default=None, help="policy to start from (Hugging Face folder; default: the built-in "
+                   "task's committed tiny policy, checkpoints/tiny-sft for a file)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL term (default: --model)")
     add_rl_data_args(p, max_new_tokens=64)
     p.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="grpo", help="loss variant (see above)")
@@ -69,6 +71,7 @@ def parse_args(argv=None):
     add_reward_args(p)
     add_tool_args(p)
     args = p.parse_args(argv)
+    args.model = args.model or default_checkpoint(args.data)
     dapo = args.loss == "dapo"
     args.epsilon_high = args.epsilon_high if args.epsilon_high is not None else (0.28 if dapo else args.epsilon)
     args.dynamic_sampling = bool(dapo if args.dynamic_sampling is None else args.dynamic_sampling)

@@ -45,12 +45,14 @@ from model import Tokenizer
 from reward_model import RewardModel, last_token_index, load_reward_model
 from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, log_heldout,
                     rl_problems, rollout_metrics, sample_groups)
+from tools import default_checkpoint
 from verify import add_reward_args
 
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="checkpoints/tiny-sft", help="policy to start from (Hugging Face folder)")
+    p.add_argument("--model", default=None, help="policy to start from (Hugging Face folder; default: the built-in "
+                   "task's committed tiny policy, checkpoints/tiny-sft for a file)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL penalty (default: --model)")
     p.add_argument("--critic_model", default=None, help="value model init: a reward-model or causal LM folder "
                    "(default: --reward_model if given, else --model)")
@@ -80,6 +82,7 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    args.model = args.model or default_checkpoint(args.data)
     world = world_size()
     if args.batch_size % (args.group_size * world):
         p.error(f"--batch_size {args.batch_size} is not divisible by --group_size {args.group_size} x {world} ranks")

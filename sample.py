@@ -659,8 +659,8 @@ def load_eval_problems(source, template, n=500):
 def add_rl_data_args(p, max_new_tokens, temperature=1.0):
     """The problem and rollout flags of every script that samples from prompts (grpo.py, ppo.py, distill.py), read by
     rl_problems and the rollouts. temperature None: the script chooses (and checks) its own default."""
-    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code or "
-                   "Countdown records), or a built-in task: 'builtin' (arithmetic) or 'builtin:countdown'")
+    p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code, Countdown "
+                   f"or knights records), or a built-in task: {', '.join(tools.BUILTIN_TASKS)} ('builtin': arithmetic)")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: the task's held-out split)")
     p.add_argument("--heldout_problems", type=count, default=500, help="held-out problems for greedy accuracy")
     p.add_argument("--prompt_template", type=prompt_template, default=PROMPT_TEMPLATE,
@@ -678,8 +678,8 @@ def add_tool_args(p):
     g = p.add_argument_group("tools", "calls to tools while the model writes (tools.py)")
     g.add_argument("--tools", default="", help="comma-separated: python (Qwen2.5-Math's ```python blocks, run in the "
                    "sandbox), search (<search>query</search>, BM25 over --corpus), or module:function (your own, a "
-                   "callable text -> text); their outputs are context, out of every loss (default: none; sft.py: "
-                   "the built-in task's tool)")
+                   "callable text -> text); their outputs are context, out of every loss (default: the built-in "
+                   "task's tool, if it has one; 'none': no tools)")
     g.add_argument("--tool_formats", type=json_object, default={}, metavar="JSON", help='delimiters per tool, e.g. '
                    '\'{"search": ["<query>", "</query>", "<docs>", "</docs>"]}\' (call open, call close, result '
                    'open, result close)')
@@ -705,7 +705,7 @@ def check_sandbox(run, args, problems):
     """Before model-written code runs (code problems, the python tool): say once how the sandbox contains it here
     (verify.sandbox_mode), and with --require_sandbox refuse a weak one (ValueError naming the flag)."""
     code = any("tests" in p or ("inputs" in p and "outputs" in p) for p in problems or ())
-    if not (code or "python" in tools.tool_names(args.tools)):
+    if not (code or "python" in tools.tool_names(tools.task_tools(args))):
         return
     run.print(f"code sandbox: {verify.sandbox_mode()}")
     if args.require_sandbox:

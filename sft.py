@@ -32,7 +32,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     save_checkpoint, step_indices, user_input)
 from model import ModelConfig
 from sample import Engine, ToolUse, add_tool_args, check_sandbox, heldout_accuracy, render
-from tools import TOOL_OF_TASK, is_builtin, observation_spans, task_problems, task_solution, tool_formats
+from tools import is_builtin, observation_spans, task_problems, task_solution, task_tools, tool_formats
 from verify import read_jsonl
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,9 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--n_embd", type=count, default=128, help="fresh model: hidden size")
     p.add_argument("--n_head", type=count, default=4, help="fresh model: attention heads")
     add_training_args(p, "sft", lr=3e-3, max_steps=500, batch_size=64)
-    args = p.parse_args(argv)
-    args.tools = args.tools or TOOL_OF_TASK.get(args.data, "")  # a built-in tool task's solutions call its tool
-    return args
+    return p.parse_args(argv)
 
 
 def train(run, args, model, tokenizer, train, evals=None):
@@ -248,7 +246,7 @@ def main(argv=None):
                        else load_chats(args.data))
         eval_chats = load_chats(args.eval_data) if args.eval_data else (
             builtin_chats(args.data, "heldout", args.heldout_problems, args.seed, args.step_fraction) if builtin else None)
-        formats = tool_formats(args.tools, args.tool_formats).values()  # their outputs: no loss
+        formats = tool_formats(task_tools(args), args.tool_formats).values()  # their outputs: no loss
         examples, stats = tokenize_dataset(tokenizer, train_chats, args.max_len, formats)
         evals = tokenize_dataset(tokenizer, eval_chats, args.max_len, formats)[0] if eval_chats else None
         tool_use = ToolUse.from_args(args, tokenizer) if builtin else None

@@ -534,9 +534,11 @@ def tool_formats(spec, custom=None):
 
 
 def make_tools(args):
-    """The Tools that --tools names, with their flags (ValueError naming the flag on a mistake)."""
-    formats, tools = tool_formats(args.tools, args.tool_formats), []
-    for name in tool_names(args.tools):
+    """The Tools a run uses (task_tools: --tools, or the built-in task's), with their flags (ValueError naming the
+    flag on a mistake)."""
+    spec = task_tools(args)
+    formats, tools = tool_formats(spec, args.tool_formats), []
+    for name in tool_names(spec):
         short = name.partition(":")[2] or name
         if name == "python":
             tool = python_tool(args.tool_timeout, args.tool_memory_mb, formats[short])
@@ -564,16 +566,29 @@ def observation_spans(text, formats):
 # -----------------------------------------------------------------------------
 # every built-in task by its --data name: generated problems (train / held-out) and worked solutions
 
-TASKS = {  # name -> (problems(split, n, seed), worked solution(problem, show_steps))
-    "builtin": (verify.builtin_problems, verify.worked_solution),
-    "builtin:countdown": (verify.countdown_problems, verify.countdown_worked_solution),
-    "builtin:knights": (verify.knights_problems, verify.knights_worked_solution),
-    TOOL_ARITHMETIC_TASK: (tool_arithmetic_problems, tool_arithmetic_worked_solution),
-    SEARCH_TASK: (search_problems, lambda problem, show_steps=True: search_worked_solution(
-        problem, builtin_search_index()) if show_steps else search_no_tool_solution(problem)),
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: problems(split, n, seed) of its "train" or "heldout" split, solution(problem, show_steps)
+    its worked solution, the tool those solutions call (sft.py masks its outputs; the RL scripts give it to the
+    policy unless --tools says otherwise) and the committed tiny policy trained on it (the RL scripts' default)."""
+    problems: Callable
+    solution: Callable
+    tool: str = ""
+    checkpoint: str = "checkpoints/tiny-sft"
+
+
+TASKS = {
+    "builtin": Task(verify.builtin_problems, verify.worked_solution),
+    "builtin:countdown": Task(verify.countdown_problems, verify.countdown_worked_solution,
+                              checkpoint="checkpoints/tiny-countdown"),
+    "builtin:knights": Task(verify.knights_problems, verify.knights_worked_solution, checkpoint="checkpoints/tiny-knights"),
+    TOOL_ARITHMETIC_TASK: Task(tool_arithmetic_problems, tool_arithmetic_worked_solution, "python",
+                               "checkpoints/tiny-tool-arithmetic"),
+    SEARCH_TASK: Task(search_problems, lambda problem, show_steps=True: search_worked_solution(
+        problem, builtin_search_index()) if show_steps else search_no_tool_solution(problem), "search",
+        "checkpoints/tiny-search"),
 }
 BUILTIN_TASKS = tuple(TASKS)
-TOOL_OF_TASK = {TOOL_ARITHMETIC_TASK: "python", SEARCH_TASK: "search"}  # what each tool task's solutions call
 
 
 def is_builtin(data):
@@ -584,13 +599,27 @@ def task_problems(data, split, n, seed=0):
     """n problems of the split ("train" or "heldout") of the built-in task that --data names."""
     if data not in TASKS:
         raise ValueError(f"--data {data}: not a built-in task ({', '.join(TASKS)}) and not a file")
-    return TASKS[data][0](split, n, seed)
+    return TASKS[data].problems(split, n, seed)
 
 
 def task_solution(data, problem, show_steps=True):
     """The worked solution of a built-in problem. show_steps=False is the terse one (for the tool tasks: without
     the tool, the no-tool baseline's data)."""
-    return TASKS[data][1](problem, show_steps)
+    return TASKS[data].solution(problem, show_steps)
+
+
+def task_tools(args):
+    """The tools a run uses: --tools, or by default the built-in task's tool (--data, or sample.py's --eval); "none"
+    for none."""
+    data = getattr(args, "data", None) or getattr(args, "eval", None)
+    spec = args.tools or (TASKS[data].tool if is_builtin(data) else "")
+    return "" if spec == "none" else spec
+
+
+def default_checkpoint(data):
+    """The committed tiny policy of a built-in task where there is one (else checkpoints/tiny-sft)."""
+    path = TASKS[data].checkpoint if is_builtin(data) else "checkpoints/tiny-sft"
+    return path if os.path.isdir(path) else "checkpoints/tiny-sft"
 
 
 @functools.cache

@@ -18,8 +18,9 @@ import torch
 
 import grpo
 from common import Run, shared_prompt_micro_batches
-from model import ModelConfig, Transformer
-from sample import Engine, Rollout, cast_weights
+from model import ModelConfig, Tokenizer, Transformer
+from sample import Engine, Rollout, ToolUse, cast_weights
+from tools import PYTHON_FORMAT, Tool, ToolRunner
 
 QWEN25_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, max_position_embeddings=32768,
@@ -74,6 +75,23 @@ def forced_lengths(model, lengths, prompt_len, stop):
         target = torch.where(produced >= lengths[a % len(lengths)], stop, a)
         return torch.full_like(out, -1e4).scatter(-1, target[:, None, None], 0.0)
     return model.register_forward_hook(hook)
+
+
+CALL_TEXT = "```python\nprint(6*7)\n```"
+
+
+def scripted_call(model, prompt_len, length, call):
+    """Make every row write `length` tokens (bytes 'a'), the call's bytes from its 3rd token on, then stop (token 2):
+    the next token is chosen by rope position (a forward hook on the logits), so a tool's observation fed in
+    between takes its place and the rows stay the same length with tools and without."""
+    script = torch.tensor([97] * 2 + list(call.encode()) + [97] * length)
+
+    def hook(_, args, kwargs, out):
+        lf = kwargs.get("logits_from", 0)
+        j = (lf if torch.is_tensor(lf) else args[2][:, -1]) + 1 - prompt_len  # index of the next completion token
+        target = torch.where(j >= length - 1, 2, script.to(j.device)[j.clamp(0, len(script) - 1)])
+        return torch.full_like(out, -1e4).scatter(-1, target[:, None, None].expand(-1, out.shape[1], 1), 0.0)
+    return model.register_forward_hook(hook, with_kwargs=True)
 
 
 def main():
@@ -190,6 +208,22 @@ def main():
                      f"{t_again:.2f} s (first {t_first:.1f} s; same tokens as eager: {outs_compiled == outs})"))
     else:
         rows.append(("rollout, compiled decode step", "skipped on CPU (--compile)"))
+
+    # 4b. rollouts whose every row makes one tool call mid-way, answered after a fixed 100 ms, next to the same
+    # rollout without tools (the same tokens, the call text staying plain text): what pausing costs
+    half = max(max_len // 2, 48)  # room for the call and its answer in the tiny run too
+    handle = scripted_call(roll, P, half, CALL_TEXT)
+    tokenizer = Tokenizer.byte_level()
+    slow = Tool("python", PYTHON_FORMAT, lambda calls: (time.sleep(0.1), ("42\n", False))[1])
+    tool_use = ToolUse([slow], tokenizer, ToolRunner(workers=64, timeout=10.0))
+    t_plain, plain = timed(lambda: eager.generate(prompts, half, temperature=1.0, stop_token_ids=[stop], seed=0), device)
+    t_tools, with_tools = timed(lambda: eager.generate(prompts, half, temperature=1.0, stop_token_ids=[stop], seed=0,
+                                                       tool_use=tool_use), device)
+    handle.remove()
+    calls = sum(len(r.calls) for r in with_tools)
+    rows.append((f"rollout {groups} x {G}, {half} tokens a row: single-turn / one 100 ms tool call a row",
+                 f"{t_plain:.2f} s / {t_tools:.2f} s ({calls} calls, {sum(map(len, (r.ids for r in plain)))} and "
+                 f"{sum(len(r.ids) for r in with_tools)} tokens)"))
 
     # 5. one GRPO training step on that rollout
     run_args = grpo.parse_args(["--group_size", str(G), "--batch_size", str(groups * G), "--max_new_tokens",

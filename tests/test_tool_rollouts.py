@@ -4,7 +4,6 @@ model here is scripted: a forward hook forces each row's next token from a scrip
 every test knows exactly what the engine must produce (a misplaced position or a token fed twice shows up)."""
 import concurrent.futures
 import os
-import sys
 import threading
 import time
 
