@@ -180,6 +180,21 @@ class Run:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
+    def all_gather(self, values):
+        """A 1-D tensor of each rank, concatenated in rank order on every rank (lengths may differ)."""
+        if self.world == 1:
+            return values
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        n = torch.tensor([len(values)], device=device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        longest = int(max(sizes))
+        padded = torch.zeros(longest, dtype=values.dtype, device=device)
+        padded[:len(values)] = values.to(device)
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:int(k)] for p, k in zip(parts, sizes)]).to(values.device)
+
     def broadcast_str(self, text):
         """Rank 0's string on every rank."""
         if self.world == 1:

@@ -1,4 +1,5 @@
 """grpo.py: each formula against a hand computation, and the gradient identities the algorithm rests on."""
+import argparse
 import math
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import torch
 
 import grpo
 from common import Run
-from grpo import aggregate, all_equal_groups, clipped_surrogate, group_advantages, kl_penalty
+from grpo import PRESETS, advantages, aggregate, all_equal_groups, clipped_surrogate, kl_penalty
 from model import ModelConfig, Transformer
 from sample import Rollout
 
@@ -30,10 +31,19 @@ LOGP = OLD + RATIOS.log()
 STD_SCALED = 0.5 / (math.sqrt(0.5) + 1e-4)  # |A| with std normalisation: 0.5 / (std([1, 0]) + eps)
 
 
+def knobs(preset, group_size=2):
+    """The advantage and aggregation knobs of a --loss preset, as parse_args fills them in."""
+    return argparse.Namespace(group_size=group_size, **PRESETS[preset])
+
+
+def group_advantages(rewards, group_size, preset="grpo"):
+    return advantages(rewards, knobs(preset, group_size))
+
+
 def variant_loss(loss, eps_high=0.2):
-    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, scale=loss != "dr_grpo")
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, loss)
     per_token, clipped = clipped_surrogate(LOGP, OLD, adv[:, None], 0.2, eps_high)
-    return aggregate(per_token, MASK, loss, n_seqs=2, n_tokens=MASK.sum(), max_len=3), clipped
+    return aggregate(per_token, MASK, PRESETS[loss]["aggregation"], n_seqs=2, n_tokens=MASK.sum(), max_len=3), clipped
 
 
 def test_group_advantages_by_hand():
@@ -44,7 +54,7 @@ def test_group_advantages_by_hand():
 
 
 def test_dr_grpo_advantages_are_not_scaled():
-    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0, 5.0, 1.0]), 2, scale=False),
+    assert torch.equal(group_advantages(torch.tensor([1.0, 0.0, 5.0, 1.0]), 2, "dr_grpo"),
                        torch.tensor([0.5, -0.5, 2.0, -2.0]))
 
 
@@ -140,7 +150,7 @@ def test_beta0_mu1_gradient_is_reinforce_with_group_baseline(tiny):
     adv = group_advantages(rewards, 2)
     logp = naive_logprobs(model(x), y)
     per_token, _ = clipped_surrogate(logp, logp.detach(), adv[:, None], 0.2, 0.2)
-    aggregate(per_token, mask, "grpo", 4, mask.sum(), 9).backward()
+    aggregate(per_token, mask, "seq_mean", 4, mask.sum(), 9).backward()
     ours = grads(model)
     model.zero_grad()
     # REINFORCE with the group mean as baseline: grad = -1/N sum_i A_i 1/|o_i| sum_t grad log pi(o_it)
@@ -156,7 +166,7 @@ def test_masked_tokens_get_no_gradient(tiny, loss):
     logp = naive_logprobs(logits, y)
     per_token, _ = clipped_surrogate(logp, logp.detach() + 0.05, torch.tensor([1.0, -1.0, 0.5, 2.0])[:, None], 0.2, 0.28)
     per_token = per_token + 0.1 * kl_penalty(logp, logp.detach() - 0.3)
-    aggregate(per_token, mask, loss, 4, mask.sum(), 9).backward()
+    aggregate(per_token, mask, PRESETS[loss]["aggregation"], 4, mask.sum(), 9).backward()
     assert (logits.grad[mask == 0] == 0).all()
     assert (logits.grad[mask == 1].abs().sum(-1) > 0).all()
 
@@ -409,3 +419,187 @@ def test_tool_observations_are_context_in_the_policy_loss(tmp_path, monkeypatch)
     loss.backward()
     for n, p in model.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6), n
+
+
+PRESET_RUN = ["--max_steps", "3", "--batch_size", "16", "--group_size", "4", "--heldout_problems", "16",
+              "--eval_every", "0", "--max_new_tokens", "48", "--beta", "0.05", "--mu", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_presets_log_what_the_code_before_the_knobs_logged(tmp_path, loss):
+    """--loss grpo / dr_grpo / dapo are now presets over separate knobs: `python grpo.py` (KL on, mu = 2, so the ratio
+    and the clip matter) logs exactly what the code before the knobs logged, step for step (its metrics, recorded in
+    tests/fixtures/grpo_preset_metrics.json)."""
+    import json
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "grpo.py", "--loss", loss, *PRESET_RUN, "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    want = json.loads((Path(__file__).parent / "fixtures" / "grpo_preset_metrics.json").read_text())[loss]
+    got = grpo_metrics(tmp_path)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for w, g in zip(want, got):
+        assert {k: g.get(k) for k in w} == pytest.approx(w, rel=1e-9, abs=1e-12), w["step"]
+
+
+# ------------------------------------------------------------------ the knobs, each against its formula written out
+
+
+def test_advantage_knobs_by_hand():
+    """Two groups of G = 3: [1, 0, 0] and [2, 2, 5]; every baseline and normalisation written out."""
+    r = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0])
+    means, stds = [1 / 3] * 3 + [3.0] * 3, [math.sqrt(1 / 3)] * 3 + [math.sqrt(3.0)] * 3
+    centered = [x - m for x, m in zip(r.tolist(), means)]
+
+    def adv(**kw):
+        return advantages(r, argparse.Namespace(group_size=3, **kw)).tolist()
+    assert adv(baseline="group", adv_norm="none") == pytest.approx(centered)
+    assert adv(baseline="group", adv_norm="group") == pytest.approx([c / (s + 1e-4) for c, s in zip(centered, stds)])
+    # RLOO: r_i minus the mean of the group's other two
+    loo = [1 - 0, 0 - 0.5, 0 - 0.5, 2 - 3.5, 2 - 3.5, 5 - 2]
+    assert adv(baseline="leave_one_out", adv_norm="none") == pytest.approx(loo)
+    # REINFORCE++: the rewards whitened over the batch (unbiased std); -baseline: the group-centered ones whitened
+    for base, raw in (("none", r.tolist()), ("group", centered)):
+        m = sum(raw) / 6
+        sd = math.sqrt(sum((x - m) ** 2 for x in raw) / 5)
+        assert adv(baseline=base, adv_norm="batch") == pytest.approx([(x - m) / sd for x in raw], abs=1e-6)
+
+
+def test_reinforce_pp_whitens_over_every_rank():
+    """Batch whitening counts all ranks: two ranks' halves whitened together equal the whole batch on one."""
+    r = torch.tensor([1.0, 0.0, 3.0, 2.0, 0.5, 0.0, 4.0, 1.0])
+    ns = argparse.Namespace(group_size=2, baseline="none", adv_norm="batch")
+    whole, mean = advantages(r, ns), r.mean().item()
+    for rank in (0, 1):
+        other = r[4:] if rank == 0 else r[:4]
+        # what the other rank adds to each all-reduced sum, in batch_whiten's order: count, sum, squared deviations
+        adds = iter([len(other), other.sum().item(), ((other - mean) ** 2).sum().item()])
+        got = advantages(r[rank * 4:(rank + 1) * 4], ns, lambda x: x + next(adds))
+        assert torch.allclose(got, whole[rank * 4:(rank + 1) * 4], atol=1e-6)
+
+
+def test_ratio_objectives_and_aggregations_by_hand():
+    """RATIOS / MASK as above (A = +-0.5, no std): GSPO's sequence ratios, CISPO's clipped weights, the plain policy
+    gradient, and the three aggregations, each written out."""
+    adv = torch.tensor([0.5, -0.5])[:, None]
+    seq = [math.exp((math.log(1.1) + math.log(1.5)) / 2), math.exp((math.log(0.9) + math.log(0.5) + 0.0) / 3)]
+    ratio = grpo.importance_ratio(LOGP, OLD, MASK, "sequence")
+    assert ratio[0, :2].tolist() == pytest.approx([seq[0]] * 2) and ratio[1].tolist() == pytest.approx([seq[1]] * 3)
+    per_token, clipped = clipped_surrogate(LOGP, OLD, adv, 0.2, 0.2, ratio)
+    want = [-min(seq[0] * 0.5, 1.2 * 0.5), -min(seq[1] * -0.5, max(seq[1], 0.8) * -0.5)]
+    assert per_token[0, 0].item() == pytest.approx(want[0]) and per_token[1, 0].item() == pytest.approx(want[1])
+    cispo, clip_mask = grpo.cispo_loss(LOGP, RATIOS, adv, 1.0, 0.28)  # weights: 1.1, 1.28 (from 1.5); 0.9, 0.5, 1.0
+    weights = [[1.1, 1.28, 1.0], [0.9, 0.5, 1.0]]
+    for i in range(2):
+        for t in range(3):
+            assert cispo[i, t].item() == pytest.approx(-weights[i][t] * adv[i, 0].item() * LOGP[i, t].item())
+    assert clip_mask.tolist() == [[0, 1, 0], [0, 0, 0]]
+    per_token = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])  # the 9 sits off the mask
+    assert aggregate(per_token, MASK, "seq_mean", 2, 5, 3).item() == pytest.approx(((1 + 2) / 2 + (3 + 4 + 5) / 3) / 2)
+    assert aggregate(per_token, MASK, "token_mean", 2, 5, 3).item() == pytest.approx(15 / 5)
+    assert aggregate(per_token, MASK, "token_sum", 2, 5, 3).item() == pytest.approx(15 / (2 * 3))
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate(per_token, MASK, "grpo", 2, 5, 3)
+
+
+@pytest.mark.parametrize("objective,ratio", [("clip", "token"), ("clip", "sequence"), ("cispo", "token"),
+                                             ("pg", "token"), ("pg", "sequence")])
+def test_objective_gradients_equal_autograd_of_the_written_out_formula(objective, ratio):
+    torch.manual_seed(0)
+    logp = (torch.randn(3, 4) * 0.1 - 1).requires_grad_()
+    old = (logp.detach() + torch.randn(3, 4) * 0.2)
+    adv = torch.tensor([1.0, -0.5, 2.0])[:, None]
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    args = argparse.Namespace(objective=objective, ratio=ratio, epsilon=0.2, epsilon_high=0.28)
+    got = torch.autograd.grad(aggregate(grpo.policy_objective(logp, old, adv, mask, args)[0], mask, "seq_mean", 3, 8, 4),
+                              logp)[0]
+    lp = logp.detach().clone().requires_grad_()
+    total = 0.0
+    for i in range(3):
+        n = int(mask[i].sum())
+        if ratio == "sequence":
+            r = [torch.exp(sum(lp[i, t] - old[i, t] for t in range(n)) / n)] * n
+        else:
+            r = [torch.exp(lp[i, t] - old[i, t]) for t in range(n)]
+        terms = []
+        for t in range(n):
+            a = adv[i, 0]
+            if objective == "clip":
+                terms.append(-torch.min(r[t] * a, torch.clamp(r[t], 0.8, 1.28) * a))
+            elif objective == "cispo":
+                terms.append(-torch.clamp(r[t], 0.8, 1.28).detach() * a * lp[i, t])
+            else:
+                terms.append(-r[t] * a)
+        total = total + sum(terms) / n / 3
+    want = torch.autograd.grad(total, lp)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_gspo_at_ratio_one_has_grpos_gradient():
+    """mu = 1: pi_old = pi detached, every ratio 1. GSPO's gradient, -1/N sum_i A_i 1/|o_i| sum_t grad log pi, is
+    GRPO's (sequence mean of token means), as the math says; with tokens off the mask too."""
+    torch.manual_seed(1)
+    logp = (torch.randn(4, 5) * 0.3 - 1).requires_grad_()
+    adv = torch.randn(4)[:, None]
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    grads = {}
+    for r in ("token", "sequence"):
+        args = argparse.Namespace(objective="clip", ratio=r, epsilon=3e-4, epsilon_high=4e-4)
+        loss = aggregate(grpo.policy_objective(logp, logp.detach(), adv, mask, args)[0], mask, "seq_mean", 4, 0, 5)
+        grads[r] = torch.autograd.grad(loss, logp)[0]
+    assert torch.allclose(grads["token"], grads["sequence"], atol=1e-7)
+
+
+def test_rollout_correction_weights_and_masks_by_hand():
+    """r = pi_old / pi_sampler per token: [2.5, 0.4, 1.0] and [1.5, 1.2, x] (x off the mask)."""
+    sampler = torch.zeros(2, 3)
+    old = torch.tensor([[2.5, 0.4, 1.0], [1.5, 1.2, 7.0]]).log()
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    corr = lambda mode, o=old: grpo.rollout_correction(o, sampler, mask, mode, 0.5, 2.0)
+    assert torch.allclose(corr("token_tis"), torch.tensor([[2.0, 0.4, 1.0], [1.5, 1.2, 1.0]]))  # min(r, C = 2)
+    assert corr("token_mask").tolist() == [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]  # (off the mask: r = 1)
+    assert torch.allclose(corr("seq_tis"), torch.tensor([[1.0] * 3, [1.8] * 3]))  # prod: 1.0 and 1.8 (<= C)
+    assert corr("seq_mask").tolist() == [[1.0] * 3, [1.0] * 3]
+    assert corr("seq_mask", old * 3).tolist() == [[1.0] * 3, [0.0] * 3]  # r cubed: 1.0 and 5.8
+    assert corr("none").tolist() == [[1.0] * 3] * 2
+    k3, outside = grpo.sampler_mismatch(old, sampler, mask)  # d = log r
+    d = [math.log(x) for x in (2.5, 0.4, 1.0, 1.5, 1.2)]
+    assert k3 == pytest.approx(sum(math.exp(x) - x - 1 for x in d)) and outside == 2
+
+
+def test_top_entropy_quantile_over_two_ranks_equals_one_rank():
+    """The threshold is a quantile over every rank's tokens: each rank's mask, with the other rank's entropies
+    gathered in, equals the mask one process computes over all of them."""
+    torch.manual_seed(2)
+    ent = [torch.rand(3, 6) for _ in range(4)]  # 4 micro-batches: 2 per rank
+    masks = [(torch.rand(3, 6) > 0.3).float() for _ in range(4)]
+    alone = grpo.top_entropy_mask(ent, masks, 0.2)
+    kept = torch.cat([m.flatten() for m in alone]).sum().item()
+    assert kept == math.ceil(0.2 * sum(m.sum().item() for m in masks))  # the top fifth (no ties in random floats)
+    values = lambda e, m: torch.cat([x[y > 0] for x, y in zip(e, m)])
+    for rank, mine in ((0, slice(0, 2)), (1, slice(2, 4))):
+        other = slice(2, 4) if rank == 0 else slice(0, 2)
+        gather = lambda v: torch.cat([v, values(ent[other], masks[other])] if rank == 0 else
+                                     [values(ent[other], masks[other]), v])
+        assert all(torch.equal(a, b) for a, b in zip(grpo.top_entropy_mask(ent[mine], masks[mine], 0.2, gather),
+                                                      alone[mine]))
+
+
+def test_presets_and_knobs_parse_and_meaningless_combinations_are_refused(capsys):
+    args = grpo.parse_args(["--loss", "gspo"])
+    assert (args.ratio, args.epsilon, args.epsilon_high, args.aggregation) == ("sequence", 3e-4, 4e-4, "seq_mean")
+    args = grpo.parse_args(["--loss", "dapo", "--aggregation", "seq_mean", "--epsilon_high", "0.3"])
+    assert (args.aggregation, args.epsilon_high, args.dynamic_sampling, args.overlong_cache) == ("seq_mean", 0.3, True, 16)
+    assert grpo.parse_args(["--loss", "rloo"]).baseline == "leave_one_out"
+    for argv, why in ((["--loss", "gspo", "--objective", "cispo"], "CISPO weights each token"),
+                      (["--baseline", "none", "--adv_norm", "group"], "has no baseline"),
+                      (["--rollout_correction", "token_tis", "--old_logprobs", "sampler"], "always 1"),
+                      (["--loss", "ppo"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            grpo.parse_args(argv)
+        assert why in capsys.readouterr().err
+    import subprocess
+    import sys
+    help_text = subprocess.run([sys.executable, "grpo.py", "--help"], capture_output=True, text=True).stdout
+    assert "reinforce_pp_baseline  group          batch" in help_text  # the preset table

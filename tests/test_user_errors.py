@@ -2,9 +2,6 @@
 traceback, from every script, and leaves an earlier run in --out exactly as it was. Table-driven: each row is a bad
 input fed to a script's main() in this process (fast), and a few run as real commands to check what a user sees."""
 import importlib
-import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
