@@ -36,7 +36,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm import tqdm
 
-from model import Block, Tokenizer, Transformer, parse_dtype, read_safetensors, replace_dir, tokenizer_mismatch
+from model import (LORA_TARGETS, Block, LoraConfig, Tokenizer, Transformer, load_adapter, parse_dtype,
+                   read_safetensors, read_safetensors_file, replace_dir, tokenizer_mismatch)
 from tools import task_problems
 
 
@@ -412,6 +413,17 @@ def add_training_args(p, script, lr, max_steps, batch_size):
                    "(FSDP2) instead of replicating them (DDP): for models that do not fit one GPU with DDP")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--max_bad_steps", type=count, default=5, help="stop after this many consecutive NaN/inf steps")
+    g = p.add_argument_group("LoRA", "low-rank adapters on a frozen base (Hu et al. 2021): the base in bf16 on CUDA, "
+                             "the adapters and their optimizer state in float32; a LoRA run's KL reference is the "
+                             "base itself; the final folder holds the merged weights and the adapter in PEFT's layout")
+    g.add_argument("--lora_rank", type=non_negative_int, default=0, help="r (0: train every weight)")
+    g.add_argument("--lora_alpha", type=positive, default=None, help="alpha: the update is (alpha / r) B A x "
+                   "(default: 2 r)")
+    g.add_argument("--lora_dropout", type=fraction, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora_targets", default=",".join(LORA_TARGETS), help="the projections that get adapters, "
+                   "comma-separated")
+    g.add_argument("--lora_from", default=None, metavar="DIR", help="start from a saved adapter (PEFT's layout, e.g. "
+                   "a LoRA run's final folder)")
     return p
 
 
@@ -421,17 +433,53 @@ def add_training_args(p, script, lr, max_steps, batch_size):
 
 def load_model(run, path, config=None):
     """A checkpoint folder (model + tokenizer), or with path None a fresh model of `config` with a byte-level
-    tokenizer. Ranks start from identical weights: the fresh init is seeded identically everywhere."""
+    tokenizer. Ranks start from identical weights: the fresh init is seeded identically everywhere. With
+    --lora_rank the checkpoint is the frozen base (bf16 on CUDA) of float32 adapters (--lora_from: saved ones)."""
     tokenizer = load_tokenizer(run.args, path)
+    lora = lora_config(run.args)
     if path is None:
+        if lora is not None:
+            raise ValueError("--lora_rank adapts a trained checkpoint: give --model (a fresh model trains in full)")
         torch.manual_seed(run.args.seed)
         config.vocab_size, config.eos_token_id = tokenizer.vocab_size, tokenizer.eos_token_id
         model = Transformer(config).to(run.device, run.dtype)
         torch.manual_seed(run.args.seed + run.rank)
     else:
-        model = Transformer.from_pretrained(path, dtype=run.dtype, device=run.device)
+        torch.manual_seed(run.args.seed)  # adapters start identical on every rank
+        model = Transformer.from_pretrained(path, dtype=weights_dtype(run), device=run.device, lora=lora)
+        torch.manual_seed(run.args.seed + run.rank)
+        if run.args.lora_from:
+            load_adapter(model, run.args.lora_from)
     model.grad_checkpointing = run.args.grad_checkpointing
     return model, tokenizer
+
+
+def lora_config(args):
+    """The run's LoraConfig (--lora_rank, --lora_alpha, --lora_dropout, --lora_targets), or None."""
+    if not getattr(args, "lora_rank", 0):
+        return None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown or not targets:
+        raise ValueError(f"--lora_targets {args.lora_targets}: choose among {', '.join(LORA_TARGETS)}")
+    return LoraConfig(args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, args.lora_dropout, targets)
+
+
+def weights_dtype(run):
+    """The dtype a trained model is loaded in: --dtype, except a LoRA run's frozen base on CUDA, bf16."""
+    return torch.bfloat16 if lora_config(run.args) is not None and run.device.type == "cuda" else run.dtype
+
+
+class WithoutAdapters:
+    """The base of a LoRA policy, called like a model: its forward with the adapters switched off. The KL reference
+    of a LoRA run, at no memory (TRL does the same)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with unwrap(self.model).adapters_off():
+            return self.model(*args, **kwargs)
 
 
 def load_policy(run, args, kl_coef):
@@ -441,7 +489,11 @@ def load_policy(run, args, kl_coef):
     policy, tokenizer = load_model(run, args.model)
     if kl_coef > 0 and args.ref_model is not None:
         check_same_tokenizer(Tokenizer.from_pretrained(args.ref_model), tokenizer, what="reference model")
-    return policy, tokenizer, load_frozen(run, args.ref_model or args.model) if kl_coef > 0 else None
+    if kl_coef <= 0:
+        return policy, tokenizer, None
+    if policy.config.lora is not None and args.ref_model is None:
+        return policy, tokenizer, WithoutAdapters(policy)
+    return policy, tokenizer, load_frozen(run, args.ref_model or args.model)
 
 
 def check_same_tokenizer(model_tokenizer, policy_tokenizer, what="reward model"):
@@ -643,7 +695,8 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
     run.claim_out()
     try:
         write_checkpoint(run, tmp, models, optimizers, tokenizer,
-                         {"step": step, "world_size": run.world, "identity": run_identity(run), **(state or {})})
+                         {"step": step, "world_size": run.world, "identity": run_identity(run), **(state or {})},
+                         final=name is not None)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"error: could not save {final}: {e}") from None
@@ -659,14 +712,16 @@ def save_checkpoint(run, step, models, optimizers, tokenizer, state=None, name=N
     return final
 
 
-def write_checkpoint(run, tmp, models, optimizers, tokenizer, state):
+def write_checkpoint(run, tmp, models, optimizers, tokenizer, state, final=False):
     """The checkpoint's files into folder tmp: each model's Hugging Face folder, the optimizers' state (every FSDP
     rank its own shard) and training_state.json."""
     sharded = run.args.fsdp and run.world > 1
     for sub, model in sorted(models.items()):  # "" first: the top-level save replaces the (empty) folder
         with run.full_params(model) as m:
-            if run.is_main:
-                m.save_pretrained(tmp / sub if sub else tmp, tokenizer=tokenizer)
+            if run.is_main:  # LoRA: a step checkpoint holds the adapters only, the final folder merged weights too
+                lora = getattr(getattr(m, "config", None), "lora", None)
+                m.save_pretrained(tmp / sub if sub else tmp, tokenizer=tokenizer,
+                                  base=getattr(run.args, "model", None), adapter_only=not final and lora is not None)
     run.barrier()
     for key, opt in optimizers.items():
         if run.is_main or sharded:
@@ -803,8 +858,11 @@ def load_checkpoint(run, path, state, models, optimizers):
 
 
 def load_weights(model, folder):
-    """A checkpoint's weights into a plain or an FSDP-sharded model (then each rank keeps its own shard)."""
+    """A checkpoint's weights into a plain or an FSDP-sharded model (then each rank keeps its own shard); a LoRA
+    model's adapters only (its base is the run's --model)."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if getattr(getattr(model, "config", None), "lora", None) is not None:
+        return load_adapters(model, folder, units)
     param = next(model.parameters())
     device = param.device_mesh.device_type if isinstance(param, DTensor) else param.device
     tensors = read_safetensors(folder, dtype=param.dtype, device=device)
@@ -814,6 +872,18 @@ def load_weights(model, folder):
         plain = type(model)(model.config)
     plain.load_hf_state_dict(tensors, source=str(folder), assign=True)
     set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+
+
+def load_adapters(model, folder, units):
+    """A checkpoint's LoRA adapters (PEFT's layout) into a plain or FSDP-sharded model."""
+    if not units:
+        return load_adapter(model, folder)
+    tensors = read_safetensors_file(Path(folder) / "adapter" / "adapter_model.safetensors")
+    names = model.adapter_names()
+    if set(names) != set(tensors):
+        raise ValueError(f"{folder}: its adapters do not match this model's (another --lora_rank or --lora_targets?)")
+    set_model_state_dict(model, {names[k]: v for k, v in tensors.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def flatten_optimizer(sd):

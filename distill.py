@@ -65,7 +65,6 @@ from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
 
 DEFAULT_TEACHERS = ("out/grpo/final", "checkpoints/tiny-sft")  # the first that exists is the default --teacher
-CHUNK_ELEMENTS = 2**24  # float32 elements of one [rows, V] chunk of the divergence (64 MiB; 443 rows at V = 151k)
 
 
 def parser():
@@ -156,53 +155,30 @@ def token_divergence(student_logits, teacher_logits, loss, beta=0.5, temperature
     return d * temperature ** 2
 
 
-class ChunkedDivergence(torch.autograd.Function):
-    """sum_n w_n D(student_n, teacher_n) over rows [N, V], with its gradient w.r.t. the student logits computed in the
-    forward pass one chunk of rows at a time: only one chunk's float32 [rows, V] intermediates exist at once (plain
-    autograd would keep every chunk's softmaxes until backward: several float32 copies of [N, V])."""
+def divergence_head_loss(teacher_h, teacher_w, mask, loss, beta=0.5, temperature=1.0, vocab_size=None):
+    """Logit distillation as a loss over the student's logits a chunk of rows at a time (Transformer.forward's
+    head_loss: the student's [B, T, V] logits are never held whole, nor kept for backward): for the chunk's rows,
+    sum_t mask_t D(P_t, Q_t) with the teacher's logits made from its hidden states teacher_h [B, T, C_t] and lm_head
+    weight teacher_w there (no gradient), both cut to the tokenizer's vocab_size (checkpoints pad their embedding
+    past it, by different amounts). The caller divides by the step's number of completion tokens."""
+    hidden, weights = teacher_h.reshape(-1, teacher_h.shape[-1]), mask.reshape(-1).float()
 
-    @staticmethod
-    def forward(ctx, student, teacher, weight, loss, beta, temperature, chunk_rows):
-        grad = torch.zeros_like(student) if ctx.needs_input_grad[0] else None  # d total / d student, student's dtype
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for i in range(0, student.shape[0], chunk_rows):
-            s = student[i:i + chunk_rows].detach().float().requires_grad_(grad is not None)  # [rows, V] float32
-            with torch.enable_grad(), torch.autocast(student.device.type, enabled=False):
-                d = token_divergence(s, teacher[i:i + chunk_rows], loss, beta, temperature)  # [rows]
-                d = (d * weight[i:i + chunk_rows]).sum()
-            if grad is not None:
-                grad[i:i + chunk_rows] = torch.autograd.grad(d, s)[0]
-            total += d.detach()
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None, None, None
-
-
-def distill_loss_sum(student_logits, teacher_logits, mask, loss, beta=0.5, temperature=1.0, vocab_size=None,
-                     chunk_rows=None):
-    """sum_t mask_t D(P_t, Q_t) over the completion tokens: logits [B, T, V] (the student's with gradient), mask [B, T]
-    -> scalar. The caller divides by the step's number of completion tokens. Only rows with mask > 0 are computed, and
-    only the first vocab_size logits (checkpoints pad their embedding past the tokenizer, by different amounts)."""
-    V = vocab_size or student_logits.shape[-1]
-    rows = mask.reshape(-1).nonzero().squeeze(-1)  # the completion tokens  [N]
-    s = student_logits.reshape(-1, student_logits.shape[-1])[rows, :V]  # [N, V]
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])[rows, :V]  # [N, V]
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // V)
-    return ChunkedDivergence.apply(s, t, mask.reshape(-1)[rows].float(), loss, beta, temperature, chunk_rows)
+    def chunk_loss(student_logits, rows):
+        with torch.no_grad():
+            teacher_logits = F.linear(hidden[rows].to(teacher_w.dtype), teacher_w).float()
+        V = vocab_size or student_logits.shape[-1]
+        return (token_divergence(student_logits[:, :V], teacher_logits[:, :V], loss, beta, temperature)
+                * weights[rows]).sum()
+    return chunk_loss
 
 
 @torch.no_grad()
-def teacher_logits(run, teacher, x, max_tokens, logits_from=0):
-    """Teacher logits [B, T - logits_from, V] for a micro-batch x [B, T], scored at most max_tokens padded tokens per
-    forward pass (a teacher much larger than the student needs smaller pieces), without gradient, in the teacher's
-    dtype."""
+def teacher_hidden(run, teacher, x, max_tokens, logits_from=0):
+    """The teacher's final hidden states [B, T - logits_from, C] for a micro-batch x [B, T], at most max_tokens
+    padded tokens per forward pass (a teacher much larger than the student needs smaller pieces), no gradient."""
     rows = max(1, max_tokens // x.shape[1])
     with run.autocast():
-        return torch.cat([teacher(x[i:i + rows], logits_from=logits_from) for i in range(0, x.shape[0], rows)])
+        return torch.cat([teacher.hidden(x[i:i + rows])[:, logits_from:] for i in range(0, x.shape[0], rows)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,13 +308,13 @@ def train_logits(run, args, student, teacher, engines, tokenizer, data, kd_examp
         for (_, x, _, w), sync in run.lockstep(chunks, train_model):
             start = first_loss_position(w)  # neither model needs logits over the prompt
             x, w = x.to(run.device), w[:, start:].to(run.device)
-            t_logits = teacher_logits(run, teacher, x, args.teacher_micro_batch_tokens, start)  # [B, T', V], no grad
+            t_h = teacher_hidden(run, teacher, x, args.teacher_micro_batch_tokens, start)  # [B, T', C_t], no grad
+            kd = divergence_head_loss(t_h, teacher.lm_head.weight, w, args.loss, args.beta, args.kd_temperature,
+                                      tokenizer.vocab_size)
             with run.no_sync(train_model, sync), run.autocast():
-                loss = distill_loss_sum(train_model(x, logits_from=start), t_logits, w, args.loss, args.beta,
-                                        args.kd_temperature, tokenizer.vocab_size)
+                loss = train_model(x, logits_from=start, head_loss=kd)  # logits a chunk of rows at a time
                 (loss * run.world / n_tokens).backward()  # DDP averages over ranks; we want the global token mean
             loss_sum += loss.item()
-            del t_logits, loss  # the teacher's logits of this micro-batch are no longer needed
         grad_norm, skipped = optimizer_step(run, train_model, optimizer, lr_at(args, step))
         step += 1
         stats = {k: run.all_sum(v) for k, v in sorted(stats.items())}

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +58,19 @@ def parse_dtype(name):
 # Config
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on the projections named in targets: W x + (alpha / rank) B A x, with A
+    [rank, in] and B [out, rank], B zero at the start (the adapted model starts as the base)."""
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple = LORA_TARGETS
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 262
@@ -78,6 +92,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged
+    lora: LoraConfig | None = None  # adapters on the projections (training); never written to config.json
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -153,13 +168,41 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster inference path for a few rows of input on CPU (the decode step), where
-    F.linear's matrix-vector product reads W on one core. There y^T = W x^T is computed as a batched product
-    over 4 row blocks of W, which runs on every core and streams W up to 2x faster (tests/bench_generate.py).
-    Training, GPUs, autocast, half precision and small weights (where the extra ops cost more than they save)
-    take F.linear."""
+    """nn.Linear, optionally with a LoRA adapter (lora: a LoraConfig), and a faster inference path for a few rows of
+    input on CPU (the decode step), where F.linear's matrix-vector product reads W on one core. There y^T = W x^T is
+    computed as a batched product over 4 row blocks of W, which runs on every core and streams W up to 2x faster
+    (tests/bench_generate.py). Training, GPUs, autocast, half precision and small weights (where the extra ops cost
+    more than they save) take F.linear."""
+
+    def __init__(self, in_features, out_features, bias=False, lora=None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora, self.lora_on = lora, True  # lora_on: False gives the base layer (the KL reference of a LoRA run)
+        if lora is not None:
+            self.lora_A = nn.Parameter(torch.empty(lora.rank, in_features, dtype=torch.float32))
+            self.lora_B = nn.Parameter(torch.empty(out_features, lora.rank, dtype=torch.float32))
+            self.reset_adapter()
+
+    def reset_adapter(self):
+        """A as nn.Linear initialises its weight (and PEFT its A), B = 0: the adapted layer starts as the base."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     def forward(self, x):
+        y = self.base_forward(x)
+        if self.lora is not None and self.lora_on:
+            h = F.dropout(x, self.lora.dropout, self.training) if self.lora.dropout else x
+            y = y + F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B).to(y.dtype) * (
+                self.lora.alpha / self.lora.rank)  # (alpha / r) B A x
+        return y
+
+    def merged_weight(self):
+        """W + (alpha / r) B A, in W's dtype (W itself without an adapter)."""
+        if self.lora is None:
+            return self.weight
+        delta = (self.lora_B.float() @ self.lora_A.float()) * (self.lora.alpha / self.lora.rank)
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+    def base_forward(self, x):
         rows = x.numel() // self.in_features
         if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or rows > 256
                 or self.weight.dtype != torch.float32 or self.weight.numel() < 2**18 or self.out_features % 4):
@@ -169,6 +212,11 @@ class Linear(nn.Linear):
         y = torch.bmm(w, xt).view(self.out_features, rows).T  # [rows, out]
         y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).contiguous()
+
+
+def lora_of(cfg, name):
+    """The LoraConfig of projection `name` (None: no adapter there)."""
+    return cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
 
 
 def rope_inv_freq(cfg, device=None):
@@ -202,10 +250,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.qkv_bias or cfg.o_bias
-        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_head * self.head_dim, bias, lora_of(cfg, "q_proj"))
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias, lora_of(cfg, "k_proj"))
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias, lora_of(cfg, "v_proj"))
+        self.o_proj = Linear(self.n_head * self.head_dim, cfg.hidden_size, cfg.o_bias, lora_of(cfg, "o_proj"))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -248,9 +296,9 @@ def decode_attention(q, k, v, mask):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, lora_of(cfg, "gate_proj"))
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, lora_of(cfg, "up_proj"))
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, lora_of(cfg, "down_proj"))
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
@@ -372,11 +420,12 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx, attention_mask=None, positions=None, cache=None, cache_pos=None, logits_from=0,
-                targets=None, prompts=None):
+                targets=None, prompts=None, head_loss=None):
         """idx [B, T] -> logits [B, T - logits_from, V] of positions logits_from.. (training skips the prompt,
         whose logits carry no loss: the lm_head is a fifth of a small model's compute); the rest as hidden().
         With targets [B, T - logits_from]: (log-probs of the targets, entropy), each [B, T - logits_from] float32,
-        the logits never held whole (logprobs_from_hidden). With prompts (see completion_logprobs): idx are
+        the logits never held whole (logprobs_from_hidden). With head_loss(logits [n, V], rows) -> scalar: its sum
+        over chunks of rows (loss_from_hidden: logit distillation). With prompts (see completion_logprobs): idx are
         completions of those prompts, scored with each prompt forwarded once. Modes of forward() so that DDP, FSDP
         and torch.compile wrappers see the call."""
         if prompts is not None:
@@ -386,6 +435,8 @@ class Transformer(nn.Module):
         h = h[:, logits_from:] if isinstance(logits_from, int) else h[torch.arange(len(h)), logits_from][:, None]
         if targets is not None:
             return logprobs_from_hidden(h, self.lm_head.weight, targets)
+        if head_loss is not None:
+            return loss_from_hidden(h, self.lm_head.weight, head_loss)
         return self.lm_head(h)
 
     def completion_logprobs(self, completions, prompt_ids, prompt_lens, rows):
@@ -441,9 +492,10 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ checkpoints (Hugging Face format)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
+    def from_pretrained(cls, path, dtype=None, device=None, lora=None):
         """Load a Hugging Face folder: config.json + model.safetensors (or sharded, with
-        model.safetensors.index.json). dtype None keeps the checkpoint's stored dtype."""
+        model.safetensors.index.json). dtype None keeps the checkpoint's stored dtype. lora (a LoraConfig): the
+        loaded weights become the frozen base of fresh float32 adapters (add_adapters)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder not found: {path}")
@@ -458,13 +510,55 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg, device=device)
         if (path / "generation_config.json").exists():
             model.generation_config = read_json(path / "generation_config.json")
-        return model
+        return model.add_adapters(lora) if lora is not None else model
+
+    # ------------------------------------------------------------------ LoRA
+
+    def add_adapters(self, lora):
+        """The model with fresh LoRA adapters (float32, B = 0) on lora.targets, and every other weight frozen: the
+        config records them, so anything that rebuilds this model from its config has them too."""
+        self.config.lora = lora
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, Linear) and name in lora.targets and child.lora is None:
+                    w = child.weight
+                    adapted = Linear(child.in_features, child.out_features, child.bias is not None, lora).to(w.device)
+                    adapted.weight, adapted.bias = child.weight, child.bias
+                    setattr(module, name, adapted)
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_adapter(name))
+        return self
+
+    def adapter_names(self):
+        """{key in PEFT's adapter_model.safetensors: our parameter name} of what a LoRA run trains."""
+        return {peft_name(n): n for n, _ in self.named_parameters() if is_adapter(n)}
+
+    @contextmanager
+    def adapters_off(self):
+        """Inside the block the model is its base: the KL reference of a LoRA run, at no memory."""
+        layers = [m for m in self.modules() if isinstance(m, Linear) and m.lora is not None]
+        for m in layers:
+            m.lora_on = False
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.lora_on = True
+
+    def merged_weights(self):
+        """{parameter name: tensor} of the equivalent model without adapters: W + (alpha / r) B A for each adapted
+        projection (what a merged checkpoint and the rollouts' weight copy hold)."""
+        merged = {n: p for n, p in self.named_parameters() if not is_adapter(n)}
+        for name, m in self.named_modules():
+            if isinstance(m, Linear) and m.lora is not None:
+                merged[f"{name}.weight"] = m.merged_weight()
+        return merged
 
     def load_hf_state_dict(self, tensors, source="checkpoint", assign=False):
         """Take weights named as in Hugging Face (model.layers.0...). Missing, unexpected or mis-shaped tensors
         are errors naming the tensor, never a silent partial load. Values are copied into the existing parameters
         (an optimizer holding them stays valid) unless assign, which adopts the given tensors (meta-device init)."""
-        expected = {hf_name(n): p for n, p in self.named_parameters()}  # tied lm_head appears once, as embed
+        expected = {hf_name(n): p for n, p in self.named_parameters() if not is_adapter(n)}  # tied lm_head: once
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
         if missing or unexpected:
@@ -477,18 +571,51 @@ class Transformer(nn.Module):
                                  f"config.json implies {tuple(p.shape)}")
             if tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
                 raise ValueError(f"{source}: tensor {name} holds NaN or inf values (saved from a diverged run?)")
-        state = {n: tensors[hf_name(n)] for n, _ in self.named_parameters()}
+        state = {n: tensors[hf_name(n)] for n, _ in self.named_parameters() if not is_adapter(n)}
         self.load_state_dict(state, strict=False, assign=assign)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def save_pretrained(self, path, tokenizer=None):
+    def save_pretrained(self, path, tokenizer=None, base=None, adapter_only=False):
         """A Hugging Face folder (see save_folder) with generation_config.json: the loaded checkpoint's, so that
-        its stop tokens and sampling defaults survive training, with bos/eos from the config where it had none."""
+        its stop tokens and sampling defaults survive training, with bos/eos from the config where it had none.
+        With adapters: the merged weights (a plain checkpoint transformers and vLLM load) and, in its subfolder
+        adapter/, the adapters in PEFT's layout (base: the folder they adapt); adapter_only: those alone (step
+        checkpoints)."""
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                **self.generation_config}
-        save_folder(path, self.config.to_hf(self.embed_tokens.weight.dtype),
-                    {hf_name(n): p for n, p in self.named_parameters()}, tokenizer, {"generation_config.json": gen})
+        extra = {"generation_config.json": gen}
+        adapter = {}
+        if self.config.lora is not None:  # in a subfolder: transformers would apply an adapter it finds beside
+            extra["adapter/adapter_config.json"] = peft_config(self.config.lora, base)  # the merged weights again
+            params = dict(self.named_parameters())
+            adapter = {"adapter/adapter_model.safetensors": {k: params[n] for k, n in self.adapter_names().items()}}
+        tensors = {} if adapter_only else {hf_name(n): p for n, p in self.merged_weights().items()}
+        save_folder(path, self.config.to_hf(self.embed_tokens.weight.dtype), tensors, tokenizer, extra, adapter)
+
+
+def load_adapter(model, folder):
+    """The adapters of a folder in PEFT's layout (adapter_model.safetensors; or a LoRA run's checkpoint, which holds
+    one in adapter/) into a model's (a Transformer, or a RewardModel: its adapters and head), every one of them,
+    shapes checked (ValueError naming the tensor)."""
+    folder = Path(folder)
+    file = folder / "adapter_model.safetensors"
+    file = file if file.exists() else folder / "adapter" / "adapter_model.safetensors"
+    if not file.exists():
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (a LoRA adapter folder in PEFT's layout)")
+    tensors = read_safetensors_file(file)
+    params = dict(model.named_parameters())
+    mine = {k: params[n] for k, n in model.adapter_names().items()}
+    missing, unexpected = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+    if missing or unexpected:
+        raise ValueError(f"{file}: adapters do not match this model's (rank, targets): missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, p in mine.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{file}: {name} has shape {tuple(tensors[name].shape)}, this model's "
+                                 f"{tuple(p.shape)} (another --lora_rank?)")
+            p.copy_(tensors[name])
 
 
 def read_json(file):
@@ -498,20 +625,27 @@ def read_json(file):
         raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
-def save_folder(path, hf_config, tensors, tokenizer=None, extra_json=None):
-    """Write a Hugging Face folder: config.json, model.safetensors (shards over 4 GB, with an index), the tokenizer
-    files and extra_json ({file name: object}), atomically: into a temporary folder first, then renamed into place,
-    so a crash never leaves a half-written checkpoint at `path`. Files 0644, folder 0755, like any download."""
+def save_folder(path, hf_config, tensors, tokenizer=None, extra_json=None, extra_tensors=None):
+    """Write a Hugging Face folder: config.json, model.safetensors (shards over 4 GB, with an index; none for no
+    tensors), the tokenizer files, extra_json ({file name: object}) and extra_tensors ({file name: {name: tensor}}),
+    atomically: into a temporary folder first, then renamed into place, so a crash never leaves a half-written
+    checkpoint at `path`. Files 0644, folder 0755, like any download."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         for name, obj in {"config.json": hf_config, **(extra_json or {})}.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        write_safetensors({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        if tensors:
+            write_safetensors({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        for name, group in (extra_tensors or {}).items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            save_file({n: t.detach().contiguous().cpu() for n, t in group.items()}, tmp / name,
+                      metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for f in [tmp, *tmp.iterdir()]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp made the folder private; a checkpoint is meant to be shared
             f.chmod(0o755 if f.is_dir() else 0o644)
     except (OSError, SafetensorError) as e:  # a full disk: no half-written folder left behind, `path` untouched
         shutil.rmtree(tmp, ignore_errors=True)
@@ -521,6 +655,24 @@ def save_folder(path, hf_config, tensors, tokenizer=None, extra_json=None):
 
 def hf_name(name):
     return name if name.startswith("lm_head.") else "model." + name
+
+
+def is_adapter(name):
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def peft_name(name):
+    """Our adapter parameter name -> PEFT's key in adapter_model.safetensors (a causal LM wrapped by PeftModel):
+    layers.0.self_attn.q_proj.lora_A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return f"base_model.model.{hf_name(name)}.weight"
+
+
+def peft_config(lora, base, task_type="CAUSAL_LM", modules_to_save=None):
+    """adapter_config.json for PEFT's PeftModel.from_pretrained(base model, folder)."""
+    return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": str(base) if base else None,
+            "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": list(lora.targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": modules_to_save, "use_rslora": False, "use_dora": False}
 
 
 def read_safetensors(path, dtype=None, device=None):
@@ -540,14 +692,17 @@ def read_safetensors(path, dtype=None, device=None):
     for f in files:
         if not (path / f).exists():
             raise FileNotFoundError(f"{path / f} is listed in {index.name} but missing")
-        try:
-            with safe_open(path / f, framework="pt", device=str(device or "cpu")) as st:
-                for name in st.keys():
-                    t = st.get_tensor(name)
-                    tensors[name] = t.to(dtype) if dtype is not None else t
-        except SafetensorError as e:  # truncated download, disk full during a save, not a safetensors file
-            raise ValueError(f"{path / f}: not a readable safetensors file ({e}); re-download or re-save it") from None
+        tensors.update(read_safetensors_file(path / f, dtype, device))
     return tensors
+
+
+def read_safetensors_file(file, dtype=None, device=None):
+    """Every tensor of one safetensors file, by name (ValueError naming the file if it is not one)."""
+    try:
+        with safe_open(file, framework="pt", device=str(device or "cpu")) as st:
+            return {name: st.get_tensor(name).to(dtype) if dtype else st.get_tensor(name) for name in st.keys()}
+    except SafetensorError as e:  # truncated download, disk full during a save, not a safetensors file
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from None
 
 
 def write_safetensors(state, folder, max_shard_bytes=4 * 2**30):
@@ -652,6 +807,51 @@ def logprobs_from_hidden(h, weight, targets, chunk_rows=None):
         logp, entropy = _LogprobsFromHidden.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
                                                   chunk_rows, dtype)
     return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+class _LossFromHidden(torch.autograd.Function):
+    """sum over chunks of rows of loss_fn(z, rows), z = h W^T the chunk's logits [n, V] (float32): each chunk's
+    gradient w.r.t. z is taken in forward (autograd through loss_fn) and turned at once into the gradients w.r.t. h and
+    W, so only those ([N, C] and [V, C]) are kept for backward: never [N, V], in any dtype. For losses that need the
+    whole distribution (logit distillation), as logprobs_from_hidden is for the chosen tokens' log-probs."""
+
+    @staticmethod
+    def forward(ctx, h, weight, loss_fn, chunk_rows, compute_dtype):
+        w = weight.to(compute_dtype)
+        grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk_rows):
+            rows = slice(i, min(i + chunk_rows, h.shape[0]))
+            hc = h[rows].to(compute_dtype)
+            with torch.enable_grad():
+                z = F.linear(hc, w).float().requires_grad_(grad_h is not None or grad_w is not None)
+                loss = loss_fn(z, rows)
+            if z.requires_grad:
+                g = torch.autograd.grad(loss, z)[0].to(compute_dtype)  # dL/dz [n, V]
+                if grad_h is not None:
+                    grad_h[rows] = g @ w
+                if grad_w is not None:
+                    grad_w += (g.T @ hc).float()
+            total += loss.detach()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_total,
+                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None, None)
+
+
+def loss_from_hidden(h, weight, loss_fn, chunk_rows=None):
+    """sum over chunks of loss_fn(logits [n, V] float32, rows: a slice of h's flattened rows) -> scalar, with its
+    gradients w.r.t. h [B, T, C] and the lm_head weight [V, C], the logits made and dropped a chunk at a time."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    chunk_rows = chunk_rows or logprob_chunk_rows(weight.shape[0])
+    with torch.autocast(h.device.type, enabled=False):
+        return _LossFromHidden.apply(h.reshape(-1, h.shape[-1]), weight, loss_fn, chunk_rows, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

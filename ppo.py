@@ -37,9 +37,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, finish_run, count, first_loss_position, fraction,
-                    length_buckets, load_policy, lr_at, make_optimizer, micro_batches, non_negative, non_negative_int,
-                    optimizer_step, positive, resume, step_problems, user_input, world_size)
+from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, count, finish_run,
+                    first_loss_position, fraction, length_buckets, load_policy, lora_config, lr_at, make_optimizer,
+                    micro_batches, non_negative, non_negative_int, optimizer_step, positive, resume, step_problems,
+                    user_input, weights_dtype, world_size)
 from grpo import clipped_surrogate
 from model import Tokenizer
 from reward_model import RewardModel, last_token_index, load_reward_model
@@ -242,7 +243,8 @@ def main(argv=None):
         reward_model = load_reward_model(args.reward_model, run.device, tokenizer_of_policy=tokenizer)
         critic_path = args.critic_model or args.reward_model or args.model
         check_same_tokenizer(Tokenizer.from_pretrained(critic_path), tokenizer, what="critic")  # it reads policy ids
-        critic = RewardModel.from_pretrained(critic_path, dtype=run.dtype, device=run.device)
+        critic = RewardModel.from_pretrained(critic_path, dtype=weights_dtype(run), device=run.device,
+                                             lora=lora_config(args))
         critic.backbone.grad_checkpointing = args.grad_checkpointing
         data, heldout = rl_problems(args, [(tokenizer, policy.config.max_position_embeddings)])
         check_sandbox(run, args, (data or []) + heldout)

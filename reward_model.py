@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ArgumentParser, Run, add_training_args, check_same_tokenizer, checkpoint_or_stop, count,
-                    length_buckets, load_tokenizer,
-                    lr_at, make_optimizer, non_negative_int, optimizer_step, pad_right, resume, save_checkpoint,
-                    step_indices, user_input)
-from model import (ModelConfig, Tokenizer, Transformer, hf_name, parse_dtype, read_json, read_safetensors, rope_inv_freq,
-                   save_folder)
+                    length_buckets, load_tokenizer, lora_config, lr_at, make_optimizer, non_negative_int, optimizer_step,
+                    pad_right, resume, save_checkpoint, step_indices, user_input, weights_dtype)
+from model import (ModelConfig, Tokenizer, Transformer, hf_name, load_adapter, parse_dtype, peft_config, read_json, read_safetensors,
+                   rope_inv_freq, save_folder)
 from sample import render
 from verify import builtin_problems, read_jsonl, worked_solution
 
@@ -77,9 +76,10 @@ class RewardModel(nn.Module):
         return self.head(self.backbone.hidden(idx, attention_mask)).float().sum(-1)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
+    def from_pretrained(cls, path, dtype=None, device=None, lora=None):
         """A reward-model folder (*ForSequenceClassification: backbone + score head), or any causal LM folder
-        (*ForCausalLM: its lm_head is dropped and the head starts at zero)."""
+        (*ForCausalLM: its lm_head is dropped and the head starts at zero). lora (a LoraConfig): the backbone
+        becomes the frozen base of float32 adapters; the head trains in full, in float32 (PEFT's modules_to_save)."""
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.exists():
@@ -99,7 +99,17 @@ class RewardModel(nn.Module):
             model = cls(cfg)
         model.load_hf_state_dict(tensors, source=str(path), assign=True)
         model.backbone.inv_freq = rope_inv_freq(model.backbone.config, device=device)
+        if lora is not None:
+            model.backbone.add_adapters(lora)
+            model.config.lora = lora
+            model.head.float().requires_grad_(True)
         return model
+
+    def adapter_names(self):
+        """{key in PEFT's adapter_model.safetensors (a sequence classifier): our parameter name}: the backbone's
+        adapters and the whole head."""
+        names = {k: f"backbone.{n}" for k, n in self.backbone.adapter_names().items()}
+        return {**names, "base_model.model.score.weight": "head.weight"}
 
     def load_hf_state_dict(self, tensors, source="checkpoint", assign=False):
         """Backbone tensors as named in Hugging Face ("model.*"; an lm_head is ignored) and "score.weight" (a
@@ -116,15 +126,23 @@ class RewardModel(nn.Module):
                              f"(1, {self.config.hidden_size}) (one label)")
         self.head.load_state_dict({"weight": score.to(w.dtype)}, assign=assign)
 
-    def save_pretrained(self, path, tokenizer=None):
+    def save_pretrained(self, path, tokenizer=None, base=None, adapter_only=False):
         """The Hugging Face sequence-classification folder described at the top (model.save_folder: atomic, the
-        same file modes as a policy folder)."""
-        hf = self.config.to_hf(self.backbone.embed_tokens.weight.dtype)
+        same file modes as a policy folder). With adapters: merged weights, and beside them the adapters and the
+        head in PEFT's layout (adapter_only: those alone)."""
+        dtype = self.backbone.embed_tokens.weight.dtype
+        hf = self.config.to_hf(dtype)
         pad = tokenizer.pad_token_id if tokenizer is not None else hf.get("pad_token_id")
         hf.update(architectures=[self.config.architecture.replace("ForCausalLM", "ForSequenceClassification")],
                   num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad)
-        tensors = {hf_name(n): p for n, p in self.backbone.named_parameters()}
-        save_folder(path, hf, {**tensors, "score.weight": self.head.weight}, tokenizer)
+        tensors = {hf_name(n): p for n, p in self.backbone.merged_weights().items()}
+        extra_json, adapter = {}, {}
+        if self.config.lora is not None:
+            extra_json["adapter/adapter_config.json"] = peft_config(self.config.lora, base, "SEQ_CLS", ["score"])
+            params = dict(self.named_parameters())
+            adapter["adapter/adapter_model.safetensors"] = {k: params[n] for k, n in self.adapter_names().items()}
+        tensors = {} if adapter_only else {**tensors, "score.weight": self.head.weight.to(dtype)}
+        save_folder(path, hf, tensors, tokenizer, extra_json, adapter)
 
     @torch.no_grad()
     def score(self, prompts, responses, batch_size=64):
@@ -386,7 +404,11 @@ def main(argv=None):
     kinds = args.builtin_kinds
     with user_input():
         tokenizer = load_tokenizer(args, args.model)
-        model = RewardModel.from_pretrained(args.model, dtype=run.dtype, device=run.device)
+        torch.manual_seed(args.seed)  # adapters start identical on every rank
+        model = RewardModel.from_pretrained(args.model, dtype=weights_dtype(run), device=run.device,
+                                            lora=lora_config(args))
+        if args.lora_from:
+            load_adapter(model, args.lora_from)
         model.backbone.grad_checkpointing = args.grad_checkpointing
         train_pairs = builtin_pairs("train", args.builtin_size, args.seed, kinds) if builtin else load_pairs(args.data)
         eval_pairs = load_pairs(args.eval_data) if args.eval_data else (

@@ -16,6 +16,7 @@ GPU (one device is enough for sampling; --compile_decode auto replays the decode
 import argparse
 import bisect
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
@@ -116,14 +117,15 @@ def batch_bucket(n, device_type, compile):
 
 
 def cast_weights(model, dtype, into=None):
-    """The model's weights in dtype, for inference: a new Transformer (tied weights stay tied, rope frequencies stay
-    float32), or `into` (an earlier copy) refreshed in place. Loaded strictly: a weight the copy lacks, or one it
-    has and the model not, is an error, never silently left out. Rollouts on a GPU decode from a bf16 copy of
-    float32 training weights: every step then reads 2-byte weights and casts nothing, also inside a compiled graph."""
-    weights = {n: p.detach() for n, p in model.named_parameters()}
+    """The model's weights in dtype, for inference: a new Transformer without adapters (a LoRA model's merged
+    W + (alpha / r) B A: rollouts sample the policy being trained), or `into` (an earlier copy) refreshed in place
+    (tied weights stay tied, rope frequencies stay float32). Loaded strictly: a weight the copy lacks, or one it has
+    and the model not, is an error, never silently left out. Rollouts on a GPU decode from a bf16 copy of float32
+    training weights: every step then reads 2-byte weights and casts nothing, also inside a compiled graph."""
+    weights = {n: w.detach() for n, w in model.merged_weights().items()}
     if into is None:
         with torch.device("meta"):
-            into = Transformer(model.config)
+            into = Transformer(dataclasses.replace(model.config, lora=None))
         into.load_state_dict({n: w.to(dtype) for n, w in weights.items()}, strict=False, assign=True)
         if model.config.tie_word_embeddings:
             into.lm_head.weight = into.embed_tokens.weight

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, count, first_loss_position, fraction,
@@ -148,11 +147,11 @@ def tokenize_dataset(tokenizer, chats, max_len, formats=()):
 
 
 def sft_loss_sum(model, x, y, w):
-    """sum_t w_t * -log pi(y_t | x_<=t): the caller divides by the number of loss tokens in the whole step."""
+    """sum_t w_t * -log pi(y_t | x_<=t): the caller divides by the number of loss tokens in the whole step. Through
+    the log-prob path (model(x, targets=y)): the logits are made a chunk of rows at a time, never [B, T, V] at once."""
     start = first_loss_position(w)
-    logits, y, w = model(x, logits_from=start), y[:, start:], w[:, start:]  # logits [B, T - start, V]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="none")
-    return (nll * w.reshape(-1)).sum()
+    logp, _ = model(x, targets=y[:, start:], logits_from=start)  # [B, T - start]
+    return -(logp * w[:, start:]).sum()
 
 
 # ----------------------------------------------------------------------------------------------------

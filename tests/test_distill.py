@@ -13,9 +13,9 @@ import torch
 import distill
 import sft
 import verify
-from distill import distill_loss_sum, select_traces, token_divergence, write_traces
+from distill import divergence_head_loss, select_traces, token_divergence, write_traces
 from sample import Rollout
-from model import ModelConfig, Tokenizer, Transformer, tokenizer_mismatch
+from model import ModelConfig, Tokenizer, Transformer, loss_from_hidden, tokenizer_mismatch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,52 +86,89 @@ def test_temperature_scaling():
 
 
 @pytest.fixture
-def logits():
+def hidden():
+    """Student and teacher hidden states and lm_heads (the teacher's vocabulary padded wider), a completion mask."""
     torch.manual_seed(0)
-    s, t = torch.randn(3, 5, 7, requires_grad=True), torch.randn(3, 5, 7)
+    sh, sw = torch.randn(3, 5, 6, requires_grad=True), torch.randn(7, 6, requires_grad=True)
+    th, tw = torch.randn(3, 5, 4), torch.randn(9, 4)
     mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.float)
-    return s, t, mask
+    return sh, sw, th, tw, mask
 
 
-def test_forward_kl_gradient_is_q_minus_p(logits):
+def kd_loss(hidden, loss, beta=0.5, temperature=1.0, chunk_rows=2):
+    sh, sw, th, tw, mask = hidden
+    head = divergence_head_loss(th, tw, mask, loss, beta, temperature, vocab_size=7)
+    return loss_from_hidden(sh, sw, head, chunk_rows=chunk_rows)
+
+
+def test_forward_kl_gradient_is_q_minus_p(hidden):
     # d/dz_s sum_t KL(P_t || Q_t) = softmax(z_s) - softmax(z_t) on every completion token, 0 elsewhere; chunk_rows=2
-    # spreads the 9 completion tokens over 5 chunks
-    s, t, mask = logits
-    distill_loss_sum(s, t, mask, "forward_kl", chunk_rows=2).backward()
-    want = (s.detach().softmax(-1) - t.softmax(-1)) * mask[..., None]
-    assert torch.allclose(s.grad, want, atol=1e-6)
+    # spreads the 15 rows over 8 chunks
+    sh, sw, th, tw, mask = hidden
+    z = (sh @ sw.T).detach().requires_grad_()
+    kd_loss(hidden, "forward_kl").backward()
+    want_dz = (z.softmax(-1) - (th @ tw.T)[..., :7].softmax(-1)) * mask[..., None]
+    assert torch.allclose(sh.grad, want_dz @ sw.detach(), atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
-def test_chunked_loss_and_gradient_equal_plain_autograd(logits, loss):
-    s, t, mask = logits
-    total = distill_loss_sum(s, t, mask, loss, beta=0.3, temperature=1.5, chunk_rows=2)
+def test_chunked_loss_and_gradients_equal_plain_autograd_on_whole_logits(hidden, loss):
+    sh, sw, th, tw, mask = hidden
+    total = kd_loss(hidden, loss, beta=0.3, temperature=1.5)
     total.backward()
-    ours = s.grad.clone()
-    s.grad = None
-    plain = (token_divergence(s.reshape(-1, 7), t.reshape(-1, 7), loss, 0.3, 1.5) * mask.reshape(-1)).sum()
+    ours = sh.grad.clone(), sw.grad.clone()
+    sh.grad = sw.grad = None
+    s_logits, t_logits = (sh @ sw.T).reshape(-1, 7), (th @ tw.T)[..., :7].reshape(-1, 7)
+    plain = (token_divergence(s_logits, t_logits, loss, 0.3, 1.5) * mask.reshape(-1)).sum()
     plain.backward()
     assert total.item() == pytest.approx(plain.item(), abs=1e-5)
-    assert torch.allclose(ours, s.grad, atol=1e-6)
+    assert torch.allclose(ours[0], sh.grad, atol=1e-5) and torch.allclose(ours[1], sw.grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
-def test_masked_tokens_contribute_nothing(logits, loss):
-    s, t, mask = logits
-    total = distill_loss_sum(s, t, mask, loss)
+def test_masked_tokens_contribute_nothing(hidden, loss):
+    sh, sw, th, tw, mask = hidden
+    total = kd_loss(hidden, loss)
     total.backward()
-    assert (s.grad[mask == 0] == 0).all() and (s.grad[mask == 1].abs().sum(-1) > 0).all()
-    # changing the logits of masked positions (either model) leaves the loss unchanged
-    s2, t2 = s.detach().clone(), t.clone()
-    s2[mask == 0], t2[mask == 0] = torch.randn(int((mask == 0).sum()), 7) * 5, torch.randn(int((mask == 0).sum()), 7)
-    assert distill_loss_sum(s2, t2, mask, loss).item() == pytest.approx(total.item(), abs=1e-6)
+    assert (sh.grad[mask == 0] == 0).all() and (sh.grad[mask == 1].abs().sum(-1) > 0).all()
+    # changing the hidden states of masked positions (either model) leaves the loss unchanged
+    sh2, th2 = sh.detach().clone(), th.clone()
+    sh2[mask == 0], th2[mask == 0] = torch.randn(int((mask == 0).sum()), 6) * 5, torch.randn(int((mask == 0).sum()), 4)
+    assert kd_loss((sh2, sw, th2, tw, mask), loss).item() == pytest.approx(total.item(), abs=1e-5)
 
 
-def test_padded_vocabulary_is_cut_to_the_tokenizer():
-    # logits past vocab_size (embedding padding) are ignored, even if teacher and student pad differently
-    s, t, mask = torch.randn(1, 3, 5), torch.randn(1, 3, 8), torch.ones(1, 3)
-    assert distill_loss_sum(s, t, mask, "forward_kl", vocab_size=4).item() == pytest.approx(
-        token_divergence(s[0, :, :4], t[0, :, :4], "forward_kl").sum().item(), abs=1e-6)
+def kept_bytes(fn):
+    """Bytes of the tensors autograd saved while fn() built its graph that are still alive once it returned: what
+    is kept for backward (a chunk's logits saved and freed inside a custom forward does not count)."""
+    import gc
+    import weakref
+    seen = []
+
+    def pack(t):
+        seen.append((weakref.ref(t), t.numel() * t.element_size(), t.untyped_storage().data_ptr()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    gc.collect()
+    alive = {ptr: size for ref, size, ptr in seen if ref() is not None}
+    return sum(alive.values()), out
+
+
+def test_logit_distillation_keeps_no_logits_for_backward():
+    """The student's forward with head_loss: what autograd keeps for backward grows with the vocabulary by
+    weight-sized tensors (the lm_head, the embedding, their gradients: V x C each), never by B x T x V logits (here
+    4 x 199 rows: the whole logits would add 26 MB when V grows by 8192, five weight-sized tensors 10.5 MB)."""
+    from test_engine import tiny
+    x = torch.randint(0, 100, (4, 200))
+    got = {}
+    for V in (8192, 16384):
+        student = tiny(vocab_size=V, tie_word_embeddings=False).train()
+        th, tw = torch.randn(4, 199, 16), torch.randn(V, 16)
+        head = divergence_head_loss(th, tw, torch.ones(4, 199), "forward_kl", vocab_size=V)
+        got[V], loss = kept_bytes(lambda: student(x, logits_from=1, head_loss=head))
+        loss.backward()
+    weight_growth, logits_growth = 8192 * 64 * 4, 4 * 199 * 8192 * 4
+    assert got[16384] - got[8192] <= 5 * weight_growth < logits_growth
 
 
 # ------------------------------------------------------------------ rejection sampling and the dataset

@@ -252,3 +252,19 @@ def test_fine_tunes_a_real_checkpoint(smollm2_dir, tmp_path):
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     assert Tokenizer.from_pretrained(tmp_path / "out" / "final").encode("Hello") == \
         Tokenizer.from_pretrained(smollm2_dir).encode("Hello")
+
+
+def test_sft_loss_keeps_no_logits_for_backward():
+    """sft_loss_sum goes through the log-prob path (as the RL losses do, and distill.py's trace SFT, which runs it):
+    what autograd saves grows with the vocabulary by weight-sized tensors, not by the B x T x V logits (4 x 199 rows
+    here: 26 MB per 8192 more entries, five weight-sized tensors 10.5 MB), in any dtype."""
+    from test_engine import saved_bytes, tiny
+    x = torch.randint(0, 100, (4, 200))
+    w = torch.ones(4, 199)
+    got = {}
+    for V in (8192, 16384):
+        model = tiny(vocab_size=V, tie_word_embeddings=False).train()
+        got[V], loss = saved_bytes(lambda: sft.sft_loss_sum(model, x[:, :-1], x[:, 1:], w))
+    assert got[16384] - got[8192] <= 5 * 8192 * 64 * 4 < 4 * 199 * 8192 * 4
+    naive = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-5)  # the same loss as the plain logits path

@@ -1,0 +1,134 @@
+"""LoRA (model.py: adapters driven by the config; common.py: flags, loading, the KL reference, checkpoints): the math
+against its formula, what trains and what stays frozen, rollouts that sample the adapted policy, and PEFT / transformers
+reading what is saved."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import common
+import sample
+from model import Linear, LoraConfig, ModelConfig, Tokenizer, Transformer, load_adapter
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def tiny(lora=None, **kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return Transformer(ModelConfig(**{**cfg, **kw}, lora=lora))
+
+
+def with_random_adapters(model, scale=0.1):
+    """Adapters with nonzero B (a fresh one is 0: the base), as after some training."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, scale)
+    return model
+
+
+def test_a_fresh_adapter_is_the_base_and_merging_is_w_plus_scaled_ba():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24, bias=True)
+    layer = Linear(16, 24, True, LoraConfig(rank=4, alpha=12.0))
+    layer.weight, layer.bias = base.weight, base.bias
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), base(x))  # B = 0
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = base(x) + (12.0 / 4) * x @ layer.lora_A.T @ layer.lora_B.T
+    assert torch.allclose(layer(x), want, atol=1e-5)
+    assert torch.allclose(layer.merged_weight(), base.weight + 3.0 * layer.lora_B @ layer.lora_A, atol=1e-6)
+    assert torch.allclose(torch.nn.functional.linear(x, layer.merged_weight(), layer.bias), want, atol=1e-5)
+
+
+def test_adapter_gradients_equal_autograd_of_the_explicit_formula():
+    torch.manual_seed(0)
+    layer = Linear(8, 6, False, LoraConfig(rank=3, alpha=6.0))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, g = torch.randn(4, 8), torch.randn(4, 6)
+    (layer(x) * g).sum().backward()
+    A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    ((x @ layer.weight.detach().T + 2.0 * x @ A.T @ B.T) * g).sum().backward()
+    assert torch.allclose(layer.lora_A.grad, A.grad, atol=1e-6) and torch.allclose(layer.lora_B.grad, B.grad, atol=1e-6)
+
+
+def test_only_adapters_train_and_the_base_stays_bit_identical(tmp_path):
+    tok = Tokenizer.byte_level()
+    plain = tiny(vocab_size=tok.vocab_size)
+    plain.save_pretrained(tmp_path / "base", tokenizer=tok)
+    model = Transformer.from_pretrained(tmp_path / "base", lora=LORA)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    assert len(trainable) == 2 * 7 * 2 and all(p.dtype == torch.float32 for n, p in model.named_parameters()
+                                               if n in trainable)
+    args = argparse.Namespace(weight_decay=0.1, lr=1e-2)
+    opt = common.make_optimizer(args, model)
+    x = torch.randint(0, 200, (2, 12))
+    for _ in range(3):
+        model(x[:, :-1], targets=x[:, 1:])[0].sum().neg().backward()
+        opt.step()
+        opt.zero_grad()
+    assert {id(p) for p in opt.state} == {id(p) for n, p in model.named_parameters() if n in trainable}
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+
+
+def test_the_reference_of_a_lora_run_is_the_base_and_rollouts_sample_the_adapted_policy(tmp_path):
+    """WithoutAdapters(policy) gives the base model's log-probs; generation (eager, and compiled on CPU) samples the
+    adapted model: its greedy tokens and the trainer's logits agree after adapters changed; a bf16 rollout copy merges
+    the adapters (refreshed in place for the compiled engine)."""
+    tok = Tokenizer.byte_level()
+    tiny(vocab_size=tok.vocab_size).save_pretrained(tmp_path / "base", tokenizer=tok)
+    base = Transformer.from_pretrained(tmp_path / "base")
+    policy = with_random_adapters(Transformer.from_pretrained(tmp_path / "base", lora=LORA), 0.3)
+    x = torch.randint(0, 200, (2, 10))
+    ref = common.WithoutAdapters(policy)
+    assert torch.allclose(ref(x[:, :-1], targets=x[:, 1:])[0], base(x[:, :-1], targets=x[:, 1:])[0], atol=1e-6)
+    assert not torch.allclose(policy(x), base(x), atol=1e-3)  # the adapters do change the model
+    prompts = [[5, 6, 7], [8, 9]]
+    greedy = [r.ids for r in sample.generate(policy, prompts, 8, temperature=0)]
+    for p, ids in zip(prompts, greedy):  # the trainer's argmax at each step is the token generated
+        logits = policy(torch.tensor([p + ids]))[0, len(p) - 1:-1]
+        assert logits.argmax(-1).tolist() == ids
+    assert [r.ids for r in sample.Engine(policy, compile=True).generate(prompts, 8, temperature=0)] == greedy
+    engine = sample.Engine(policy, compile=True, dtype=torch.bfloat16)
+    copy = engine.weights()
+    merged = {n: w.to(torch.bfloat16) for n, w in policy.merged_weights().items()}
+    assert all(torch.equal(p, merged[n]) for n, p in copy.named_parameters())
+    with torch.no_grad():
+        policy.layers[0].self_attn.q_proj.lora_B.add_(0.5)  # an optimizer step
+    again = engine.weights()
+    assert again is copy and torch.equal(again.layers[0].self_attn.q_proj.weight,
+                                         policy.layers[0].self_attn.q_proj.merged_weight().to(torch.bfloat16))
+
+
+def test_saved_folder_loads_in_transformers_and_the_adapter_in_peft_with_our_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    tok = Tokenizer.byte_level()
+    tiny(vocab_size=tok.vocab_size, tie_word_embeddings=False).save_pretrained(tmp_path / "base", tokenizer=tok)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    policy = with_random_adapters(Transformer.from_pretrained(tmp_path / "base", lora=lora))
+    policy.save_pretrained(tmp_path / "final", tokenizer=tok, base=tmp_path / "base")
+    x = torch.randint(0, 200, (2, 9))
+    ours = policy(x)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    assert torch.allclose(merged(x).logits, ours, atol=1e-4)
+    config = json.loads((tmp_path / "final" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["target_modules"] == ["q_proj", "v_proj",
+                                                                                             "down_proj"]
+    on_base = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "final" / "adapter").eval()
+    assert torch.allclose(on_base(x).logits, ours, atol=1e-4)
+    again = Transformer.from_pretrained(tmp_path / "base", lora=lora)  # --lora_from: our own loader reads it back
+    load_adapter(again, tmp_path / "final")
+    assert torch.allclose(again(x), ours, atol=1e-6)
+    with pytest.raises(ValueError, match="adapters do not match"):
+        load_adapter(Transformer.from_pretrained(tmp_path / "base", lora=LORA), tmp_path / "final")
