@@ -8,7 +8,8 @@ with SDPA's math kernel disabled, decode tokens/s at batch 1/64/512
 next to transformers' generate, a GRPO-shaped rollout (64 prompts x 8 samples, 200-token prompts, long-tailed lengths
 of median 300 and max 1024) with its lower bound (weight + KV bytes per step / measured read bandwidth) and peak
 memory, eager and with the compiled decode step (CUDA graphs, as RL rollouts run on CUDA by default), and one GRPO
-training step on that rollout (tokens/s, MFU, peak memory).
+training step on that rollout (tokens/s, MFU, peak memory); a rollout with a 100 ms tool call per row next to the
+single-turn one; the sampler/trainer log-prob mismatch; a LoRA training step.
 """
 import argparse
 import tempfile
@@ -18,7 +19,7 @@ import torch
 
 import grpo
 from common import Run, shared_prompt_micro_batches
-from model import ModelConfig, Tokenizer, Transformer
+from model import LoraConfig, ModelConfig, Tokenizer, Transformer
 from sample import Engine, Rollout, ToolUse, cast_weights
 from tools import PYTHON_FORMAT, Tool, ToolRunner
 
@@ -244,6 +245,35 @@ def main():
     rows.append(("training MFU (6 N forwarded tokens / s / 989 TFLOP/s)",
                  f"{100 * mfu:.1f}%" if device.type == "cuda" else "-"))
     rows.append(("training peak memory", peak_gib(device)))
+
+    # 6. sampler vs trainer: the rollout engine's log-probs (bf16 weights, the compiled step on CUDA) against the
+    # trainer's (float32 weights under bf16 autocast) on the same tokens: what grpo.py logs every step
+    sampler = compiled if device.type == "cuda" else eager
+    sampled = sampler.generate(group_prompts, 64, temperature=1.0, seed=1)
+    k3 = outside = count = 0.0
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+        for r in sampled:
+            trainer, _ = model(torch.tensor([r.prompt + r.ids[:-1]], device=device),
+                               targets=torch.tensor([r.ids], device=device), logits_from=len(r.prompt) - 1)
+            a, b = grpo.sampler_mismatch(trainer[0].float(), torch.tensor(r.logprobs, device=device),
+                                         torch.ones(len(r.ids), device=device))
+            k3, outside, count = k3 + a, outside + b, count + len(r.ids)
+    rows.append((f"sampler vs trainer log-probs ({int(count)} tokens): k3 per token, ratio outside [0.5, 2]",
+                 f"{k3 / count:.2e}, {outside / count:.2%}"))
+
+    # 7. a LoRA GRPO step (r 16 on every projection; the base frozen in bf16 on CUDA), next to the full step above
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lora_model = cast_weights(model, base_dtype).add_adapters(LoraConfig(rank=16, alpha=32.0)).train()
+    optimizer = model = None  # the full model's state out of the measurement
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    lora_opt = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-6)
+    reset_peak(device)
+    t, _ = timed(lambda: grpo.policy_loss_step(run, run_args, lora_model, None, lora_opt, records, rewards, 1e-6),
+                 device)
+    adapters = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
+    rows.append((f"LoRA GRPO training step (r 16, {adapters:,} adapter parameters, base {base_dtype})",
+                 f"{tokens / t:.0f} sample tokens/s, {t:.2f} s, peak {peak_gib(device)}"))
 
     name = "tiny" if tiny else "Qwen2.5-1.5B shape"
     print(f"\n| check ({name}, {device}, random weights) | result |\n|---|---|")

@@ -398,6 +398,6 @@ def test_gpu_check_runs_tiny_on_cpu():
     proc = subprocess.run([sys.executable, "-m", "tests.gpu_check", "--device", "cpu", "--tiny"],
                           capture_output=True, text=True, check=True)
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 14 and all(line.count("|") == 3 for line in table)
+    assert len(table) == 16 and all(line.count("|") == 3 for line in table)
     assert any(line.startswith("| rollout 4 x 2") for line in table)
     assert "| rollout prefill + decode and shared-prompt training, math kernel disabled | yes |" in table

@@ -132,3 +132,63 @@ def test_saved_folder_loads_in_transformers_and_the_adapter_in_peft_with_our_log
     assert torch.allclose(again(x), ours, atol=1e-6)
     with pytest.raises(ValueError, match="adapters do not match"):
         load_adapter(Transformer.from_pretrained(tmp_path / "base", lora=LORA), tmp_path / "final")
+
+
+def test_reward_model_adapter_and_head_load_in_peft_as_a_sequence_classifier(tmp_path):
+    """A LoRA reward model: adapters on the backbone, the head trained whole (PEFT's modules_to_save); the saved
+    adapter loads onto the base as PEFT's SEQ_CLS model with our scores, the merged folder in transformers too."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from reward_model import RewardModel
+    tok = Tokenizer.byte_level()
+    base = RewardModel(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    with torch.no_grad():
+        base.head.weight.normal_()
+    base.save_pretrained(tmp_path / "base", tokenizer=tok)
+    rm = RewardModel.from_pretrained(tmp_path / "base", lora=LORA)
+    assert {n for n, p in rm.named_parameters() if p.requires_grad} == {"head.weight"} | {
+        n for n, _ in rm.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    with_random_adapters(rm)
+    with torch.no_grad():
+        rm.head.weight.add_(0.3)
+    rm.save_pretrained(tmp_path / "final", tokenizer=tok, base=tmp_path / "base")
+    x = torch.randint(3, 200, (2, 7))
+    ours = rm(x)[:, -1]
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    assert torch.allclose(merged(x).logits[:, 0], ours, atol=1e-4)
+    seq_cls = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    on_base = peft.PeftModel.from_pretrained(seq_cls, tmp_path / "final" / "adapter").eval()
+    assert torch.allclose(on_base(x).logits[:, 0], ours, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_sft_resumes_exactly_and_ranks_match_one_process(tmp_path):
+    """sft.py --lora_rank on the committed tiny model: step checkpoints hold the adapters and their optimizer state
+    only; a resumed run ends with the uninterrupted run's weights; 2-process DDP and FSDP runs (gradients reduced
+    for the adapters only) end with the 1-process weights; the final folder is merged."""
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    args = ["--model", "checkpoints/tiny-sft", "--lora_rank", "8", "--lr", "1e-2", "--builtin_size", "200",
+            "--batch_size", "8", "--max_steps", "4", "--heldout_problems", "8", "--eval_every", "0",
+            "--warmup_steps", "1", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py"]
+    run = lambda cmd, out, *more: subprocess.run([*cmd, *args, *more, "--out", str(tmp_path / out)], check=True,
+                                                 env=env, capture_output=True, timeout=600)
+    run([sys.executable, "sft.py"], "one", "--save_every", "2")
+    assert not (tmp_path / "one" / "ckpt-000002" / "model.safetensors").exists()
+    assert (tmp_path / "one" / "ckpt-000002" / "adapter" / "adapter_model.safetensors").exists()
+    run([sys.executable, "sft.py"], "resumed", "--resume", str(tmp_path / "one" / "ckpt-000002"))
+    run(torchrun, "ddp")
+    run(torchrun, "fsdp", "--fsdp")
+    final = {d: load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "resumed", "ddp", "fsdp")}
+    base = load_file("checkpoints/tiny-sft/model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(final["one"][q], base[q])  # merged: the adapters moved the weights
+    for name in final["one"]:
+        assert torch.equal(final["resumed"][name], final["one"][name]), name
+        for d in ("ddp", "fsdp"):
+            assert torch.allclose(final[d][name], final["one"][name], atol=1e-5), (d, name)
