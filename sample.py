@@ -156,8 +156,8 @@ class ToolUse:
     def from_args(cls, args, tokenizer):
         """The --tools flags of a script (None without tools)."""
         found = tools.make_tools(args)
-        return cls(found, tokenizer, tools.ToolRunner(args.tool_workers, args.tool_timeout), args.max_turns,
-                   args.max_observation_tokens) if found else None
+        runner = tools.ToolRunner(args.tool_workers, args.tool_timeout + 2)  # the tools time their own calls out
+        return cls(found, tokenizer, runner, args.max_turns, args.max_observation_tokens) if found else None
 
 
 @dataclass
@@ -396,7 +396,8 @@ class Engine:
 class RowTools:
     """A prompt row's tool use, on the host: its model text since its last observation as bytes (ends: where each of
     its tokens ends in them; start: the completion index of the first), the completion tokens read so far, its calls,
-    the call it waits for (future, ToolCall, tool, start time) and whether it wrote a call past max_turns."""
+    the call it waits for (future, ToolCall, tool, the box of its start time) and whether it wrote a call past
+    max_turns."""
     text: bytearray = field(default_factory=bytearray)
     ends: list = field(default_factory=list)
     start: int = 0
@@ -465,9 +466,9 @@ def check_tools(rows, out, host, tool_use, window, M):
                 row.drop_through(cut)
                 continue
             calls = [c.text for c in row.calls if c.tool == tool.name] + [text]
-            future, call = tool_use.runner.submit(tool, calls)
+            future, call, started = tool_use.runner.submit(tool, calls)
             row.calls.append(call)
-            row.pending, row.seen = (future, call, tool, time.monotonic()), cut
+            row.pending, row.seen = (future, call, tool, started), cut
             row.restart(cut)
             state[i][1:4] = [cut, False, True]
             waiting = True
@@ -492,9 +493,9 @@ def answer_calls(state, host, tool_use, M):
         waits = [host[s[0]].pending for s in state.values() if not s[2] and s[3]]
         if not waits or len(waits) < sum(not s[2] for s in state.values()):
             return
-        deadline = min(p[3] for p in waits) + tool_use.runner.timeout
-        concurrent.futures.wait([p[0] for p in waits], timeout=max(0.0, deadline - time.monotonic()),
-                                return_when=concurrent.futures.FIRST_COMPLETED)
+        deadline = tool_use.runner.next_deadline([(p[0], p[1], p[3]) for p in waits])
+        concurrent.futures.wait([p[0] for p in waits], return_when=concurrent.futures.FIRST_COMPLETED,
+                                timeout=0.05 if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def apply_tool_changes(rows, out, state):

@@ -18,7 +18,8 @@ Top to bottom:
   knowledge_base() (one short document per entity: 360 documents of 45-82 characters).
 - Task builtin:search. Questions about the knowledge base needing one lookup ("In which city was X born?") or
   two ("Which river flows through the city where X was born?"): search_problems, search_worked_solution.
-- Task builtin:tool_arithmetic. Sums and products of 3-5 digit numbers, one line of Python with the tool:
+- Task builtin:tool_arithmetic. Sums and products of 3-digit numbers with 6-digit answers, one line of Python with
+  the tool:
   tool_arithmetic_problem, tool_arithmetic_problems, evaluate_arithmetic, tool_arithmetic_worked_solution.
 
 How the engine uses a format: a row pauses when its text ends with call_close after a call_open; the call is
@@ -336,14 +337,20 @@ def search_worked_solution(problem, index, k=DEFAULT_SEARCH_K, max_chars=DEFAULT
 # builtin:tool_arithmetic: sums and products of big numbers, one line of Python with the tool
 
 
-def tool_arithmetic_problem(rng, min_operands=2, max_operands=3, min_digits=3, max_digits=5, operators="+*"):
-    """A random problem: {"prompt", "answer", "expr"}, e.g. "Compute 48213*7719+5126." with answer
-    "372161273". Operands have min_digits..max_digits digits (no leading zero), joined by random operators
-    (Python's precedence: * before +). operators="+-*" adds subtraction, and with it negative answers."""
-    digits = [rng.randint(min_digits, max_digits) for _ in range(rng.randint(min_operands, max_operands))]
-    operands = [rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits]
-    expr = str(operands[0]) + "".join(rng.choice(operators) + str(x) for x in operands[1:])
-    return {"prompt": f"Compute {expr}.", "answer": str(evaluate_arithmetic(expr)), "expr": expr}
+def tool_arithmetic_problem(rng, min_operands=3, max_operands=3, min_digits=3, max_digits=3, operators="+*",
+                            answer_digits=6):
+    """A random problem: {"prompt", "answer", "expr"}, e.g. "Compute 482*771+512." with answer "372134". Operands
+    have min_digits..max_digits digits (no leading zero), joined by random operators (Python's precedence: * before
+    +); drawn again until the answer has answer_digits digits (None: any). operators="+-*" adds subtraction, and with
+    it negative answers. The default keeps every worked solution the same shape (three 3-digit numbers, a 6-digit
+    answer: a*b+c or a+b*c), so a 1M-parameter model can learn where to copy from; wider settings are harder."""
+    while True:
+        digits = [rng.randint(min_digits, max_digits) for _ in range(rng.randint(min_operands, max_operands))]
+        operands = [rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits]
+        expr = str(operands[0]) + "".join(rng.choice(operators) + str(x) for x in operands[1:])
+        answer = str(evaluate_arithmetic(expr))
+        if answer_digits is None or len(answer.lstrip("-")) == answer_digits:
+            return {"prompt": f"Compute {expr}.", "answer": answer, "expr": expr}
 
 
 def tool_arithmetic_problems(split, n, seed=0, **difficulty):
@@ -473,37 +480,44 @@ def user_tool(spec, timeout=5.0, memory_mb=1024, fmt=None):
 
 class ToolRunner:
     """Runs tool calls concurrently on a pool of worker threads (the work itself happens in a sandbox process, a
-    child interpreter or in memory), so N calls cost about N / workers call latencies; a call that has not
-    answered within `timeout` seconds is answered with an error, and its row goes on."""
+    child interpreter or in memory), so N calls cost about N / workers call latencies; a call that has not answered
+    within `timeout` seconds of starting (queueing does not count) is answered with an error, and its row goes on."""
 
     def __init__(self, workers=None, timeout=10.0):
         self.pool = ThreadPoolExecutor(workers or os.cpu_count() or 1)
         self.timeout = timeout
 
     def submit(self, tool, calls):
-        """Start tool.run(calls) -> (future, the ToolCall that ready() fills in once it has answered)."""
-        return self.pool.submit(self.run, tool, calls), ToolCall(tool.name, calls[-1])
+        """Start tool.run(calls) -> (future, the ToolCall that ready() fills in once it has answered, a box the
+        worker puts its start time in)."""
+        started = []
+        return self.pool.submit(self.run, tool, calls, started), ToolCall(tool.name, calls[-1]), started
 
     @staticmethod
-    def run(tool, calls):
+    def run(tool, calls, started):
         """tool.run(calls) -> (output, error, seconds); a broken tool answers with its error, the rollout goes on."""
-        start = time.monotonic()
+        started.append(time.monotonic())
         try:
             output, error = tool.run(calls)
         except Exception as e:
             output, error = f"Error: {type(e).__name__}: {e}", True
-        return output, error, time.monotonic() - start
+        return output, error, time.monotonic() - started[0]
 
     def ready(self, future, call, started):
-        """Whether the call has its answer (filled into call): done, or past the timeout (then an error; whatever
-        the call returns later is ignored)."""
+        """Whether the call has its answer (filled into call): done, or past the timeout since it started running
+        (then an error; whatever it returns later is ignored)."""
         if future.done():
             call.output, call.error, call.seconds = future.result()
             return True
-        if time.monotonic() - started > self.timeout:
+        if started and time.monotonic() - started[0] > self.timeout:
             call.output, call.error, call.seconds = f"Error: no answer within {self.timeout:g} s", True, self.timeout
             return True
         return False
+
+    def next_deadline(self, pending):
+        """The soonest moment one of the (future, call, started) calls times out, or None while all are queued."""
+        starts = [s[0] for _, _, s in pending if s]
+        return min(starts) + self.timeout if starts else None
 
 
 def tool_names(spec):

@@ -51,9 +51,9 @@ class InlineRunner(tools.ToolRunner):
     """Answers each call as it is made (no thread): a row never waits a step, so counts are exact."""
 
     def submit(self, tool, calls):
-        future = concurrent.futures.Future()
-        future.set_result(self.run(tool, calls))
-        return future, tools.ToolCall(tool.name, calls[-1])
+        future, started = concurrent.futures.Future(), []
+        future.set_result(self.run(tool, calls, started))
+        return future, tools.ToolCall(tool.name, calls[-1]), started
 
 
 def tool_use(tool_list, runner=None, **kw):
@@ -277,3 +277,14 @@ def test_sft_keeps_tool_outputs_out_of_the_loss():
     trained = TOK.decode([i for i, m in zip(ids, mask) if m])
     assert trained == solution.replace(tools.PYTHON_FORMAT.observation(problem["answer"]), "") + "<|im_end|>\n"
     assert TOK.decode(ids) == TOK.decode(sft.tokenize_chat(TOK, chat)[0])  # the same text, only the mask differs
+
+
+def test_time_waiting_for_a_worker_does_not_count_against_the_timeout():
+    """6 rows' calls of 0.4 s each on one worker, timeout 1 s: the last one starts 2 s after it was made, and still
+    answers (a timeout counted from the call would fail half of them)."""
+    slow = fake_tool(fn=lambda t: time.sleep(0.4) or "42\n")
+    m = scripted_model([CALL + "X" * len(OUTPUT) + "ok"] * 6)
+    records = sample.generate(m, prompts(6), 100, temperature=0, stop_token_ids=[EOS],
+                              tool_use=tool_use([slow], tools.ToolRunner(1, timeout=1.0)))
+    assert [c.error for r in records for c in r.calls] == [False] * 6
+    assert all(text(r.ids) == CALL + OUTPUT + "ok" for r in records)
