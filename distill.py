@@ -60,7 +60,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     optimizer_step, positive, resume, save_checkpoint, step_problems, user_input)
 from model import ModelConfig, tokenizer_mismatch
 from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, prompt_ids,
-                    rl_problems, rollout)
+                    rl_data_defaults, rl_problems, rollout)
 from sft import builtin_chats, load_chats, tokenize_dataset
 from sft import train as sft_train
 
@@ -115,7 +115,7 @@ def parser():
 
 def parse_args(argv=None):
     p = parser()
-    args = p.parse_args(argv)
+    args = rl_data_defaults(p.parse_args(argv), 96)
     args.teacher = args.teacher or next((t for t in DEFAULT_TEACHERS if Path(t, "config.json").exists()),
                                         DEFAULT_TEACHERS[-1])
     args.kd_data = args.kd_data or ("builtin" if tools.is_builtin(args.data) else "teacher")

@@ -66,7 +66,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     resume, shared_prompt_micro_batches, step_problems, user_input, world_size)
 from reward_model import load_reward_model
 from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, log_heldout,
-                    rl_problems, rollout_metrics, sample_groups)
+                    rl_data_defaults, rl_problems, rollout_metrics, sample_groups)
 from tools import default_checkpoint
 from verify import add_reward_args
 
@@ -134,7 +134,7 @@ def parse_args(argv=None):
     add_training_args(p, "grpo", lr=1e-4, max_steps=25, batch_size=256)
     add_reward_args(p)
     add_tool_args(p)
-    args = p.parse_args(argv)
+    args = rl_data_defaults(p.parse_args(argv), 64)
     args.model = args.model or default_checkpoint(args.data)
     for knob, value in {**KNOB_DEFAULTS, **PRESETS[args.loss]}.items():  # the preset fills what was not given
         if getattr(args, knob) is None:

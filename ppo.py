@@ -45,7 +45,7 @@ from grpo import clipped_surrogate
 from model import Tokenizer
 from reward_model import RewardModel, last_token_index, load_reward_model
 from sample import (Engine, ToolUse, add_rl_data_args, add_tool_args, check_sandbox, heldout_accuracy, log_heldout,
-                    rl_problems, rollout_metrics, sample_groups)
+                    rl_data_defaults, rl_problems, rollout_metrics, sample_groups)
 from tools import default_checkpoint
 from verify import add_reward_args
 
@@ -82,7 +82,7 @@ def build_parser():
 
 def parse_args(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
+    args = rl_data_defaults(p.parse_args(argv), 64)
     args.model = args.model or default_checkpoint(args.data)
     world = world_size()
     if args.batch_size % (args.group_size * world):

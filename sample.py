@@ -32,7 +32,7 @@ import tools
 import verify
 from common import (ArgumentParser, Run, add_compile_decode_arg, add_prompt_args, count, dtype_name, json_object,
                     load_tokenizer, non_negative, positive, probability, prompt_template, unwrap, user_input)
-from model import KVCache, Tokenizer, Transformer
+from model import KVCache, Tokenizer, Transformer, is_adapter
 
 
 # How a math problem from a data file becomes the user turn (R1 style: think first, then a boxed answer).
@@ -219,8 +219,10 @@ class Engine:
 
     def weights(self):
         """The module to decode with: the model, or a copy of its weights in self.dtype (kept and refreshed in place
-        when compiled)."""
-        if self.dtype is None or all(p.dtype == self.dtype for p in self.model.parameters()):
+        when compiled). A LoRA model whose frozen base is already in self.dtype decodes as it is, its small float32
+        adapters applied in each forward: no copy of the base."""
+        if self.dtype is None or all(p.dtype == self.dtype for n, p in self.model.named_parameters()
+                                     if not is_adapter(n)):
             return self.model
         if not self.compile:
             return cast_weights(self.model, self.dtype)
@@ -661,14 +663,16 @@ def load_eval_problems(source, template, n=500):
 
 def add_rl_data_args(p, max_new_tokens, temperature=1.0):
     """The problem and rollout flags of every script that samples from prompts (grpo.py, ppo.py, distill.py), read by
-    rl_problems and the rollouts. temperature None: the script chooses (and checks) its own default."""
+    rl_problems and the rollouts (their --max_new_tokens then set by rl_data_defaults). temperature None: the
+    script chooses (and checks) its own default."""
     p.add_argument("--data", default="builtin", help="problems JSONL (prompt/answer, GSM8K or MATH; code, Countdown "
                    f"or knights records), or a built-in task: {', '.join(tools.BUILTIN_TASKS)} ('builtin': arithmetic)")
     p.add_argument("--heldout_data", default=None, help="held-out problems JSONL (default: the task's held-out split)")
     p.add_argument("--heldout_problems", type=count, default=500, help="held-out problems for greedy accuracy")
     p.add_argument("--prompt_template", type=prompt_template, default=PROMPT_TEMPLATE,
                    help="how a --data problem becomes the user turn ({question} is replaced)")
-    p.add_argument("--max_new_tokens", type=count, default=max_new_tokens, help="completion length limit")
+    p.add_argument("--max_new_tokens", type=count, default=None, help=f"completion length limit (default: "
+                   f"{max_new_tokens}, or what a built-in task's worked solutions need)")
     p.add_argument("--temperature", type=positive, default=temperature, help="rollout sampling temperature (> 0: "
                    "RL learns from the differences between samples)")
     p.add_argument("--top_p", type=probability, default=None, help="rollout nucleus sampling mass, in (0, 1]")
@@ -716,6 +720,14 @@ def check_sandbox(run, args, problems):
             verify.require_sandbox()
         except RuntimeError as e:
             raise ValueError(f"--require_sandbox: {e}") from None
+
+
+def rl_data_defaults(args, max_new_tokens):
+    """After parsing: --max_new_tokens, if not given, is the script's default (max_new_tokens) or what the built-in
+    task's worked solutions need, if more."""
+    if args.max_new_tokens is None:
+        args.max_new_tokens = tools.default_max_new_tokens(args.data, max_new_tokens)
+    return args
 
 
 def rl_problems(args, models):

@@ -190,6 +190,7 @@ def parse_args(argv=None):
     p.add_argument("--n_layer", type=count, default=4, help="fresh model: layers")
     p.add_argument("--n_embd", type=count, default=128, help="fresh model: hidden size")
     p.add_argument("--n_head", type=count, default=4, help="fresh model: attention heads")
+    p.add_argument("--max_positions", type=count, default=512, help="fresh model: context length (rope positions)")
     add_training_args(p, "sft", lr=3e-3, max_steps=500, batch_size=64)
     return p.parse_args(argv)
 
@@ -237,7 +238,8 @@ def main(argv=None):
                               step_fraction=args.step_fraction)
     run = Run.start(args, "sft")
     config = ModelConfig(hidden_size=args.n_embd, intermediate_size=3 * args.n_embd, num_hidden_layers=args.n_layer,
-                         num_attention_heads=args.n_head, num_key_value_heads=args.n_head, max_position_embeddings=512)
+                         num_attention_heads=args.n_head, num_key_value_heads=args.n_head,
+                         max_position_embeddings=args.max_positions)
     builtin = is_builtin(args.data)
     with user_input():
         model, tokenizer = load_model(run, args.model, config)

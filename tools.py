@@ -589,18 +589,20 @@ class Task:
     solution: Callable
     tool: str = ""
     checkpoint: str = "checkpoints/tiny-sft"
+    max_new_tokens: int = 64  # room for its worked solutions (the RL scripts' default --max_new_tokens)
 
 
 TASKS = {
     "builtin": Task(verify.builtin_problems, verify.worked_solution),
     "builtin:countdown": Task(verify.countdown_problems, verify.countdown_worked_solution,
                               checkpoint="checkpoints/tiny-countdown"),
-    "builtin:knights": Task(verify.knights_problems, verify.knights_worked_solution, checkpoint="checkpoints/tiny-knights"),
+    "builtin:knights": Task(verify.knights_problems, verify.knights_worked_solution, checkpoint="checkpoints/tiny-knights",
+                            max_new_tokens=512),
     TOOL_ARITHMETIC_TASK: Task(tool_arithmetic_problems, tool_arithmetic_worked_solution, "python",
-                               "checkpoints/tiny-tool-arithmetic"),
+                               "checkpoints/tiny-tool-arithmetic", 96),
     SEARCH_TASK: Task(search_problems, lambda problem, show_steps=True: search_worked_solution(
         problem, builtin_search_index()) if show_steps else search_no_tool_solution(problem), "search",
-        "checkpoints/tiny-search"),
+        "checkpoints/tiny-search", 320),
 }
 BUILTIN_TASKS = tuple(TASKS)
 
@@ -628,6 +630,11 @@ def task_tools(args):
     data = getattr(args, "data", None) or getattr(args, "eval", None)
     spec = args.tools or (TASKS[data].tool if is_builtin(data) else "")
     return "" if spec == "none" else spec
+
+
+def default_max_new_tokens(data, fallback):
+    """The completion budget a built-in task's worked solutions need (fallback for a file)."""
+    return max(TASKS[data].max_new_tokens, fallback) if is_builtin(data) else fallback
 
 
 def default_checkpoint(data):

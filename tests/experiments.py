@@ -6,6 +6,13 @@ table and a PNG into --out. The README's "The papers' claims, measured here" sec
     python -m tests.experiments dynamic_sampling   # DAPO: held-out accuracy per generated token, with and without
     python -m tests.experiments distilled          # DeepSeek-R1: RL on a distilled student, before / after
     python -m tests.experiments kl                 # the KL estimators k1 / k2 / k3 with --beta > 0
+    python -m tests.experiments objectives         # GRPO, GSPO, CISPO, RLOO, REINFORCE++-baseline, 80/20 entropy (mu 2)
+    python -m tests.experiments tools              # tool tasks: no-tool SFT, tool SFT, tool GRPO (tiny models)
+    python -m tests.experiments concise            # Fatemi et al.: a second RL stage on sometimes-solved problems
+    python -m tests.experiments knights_transfer   # Logic-RL: GRPO on knights, held-out knights and arithmetic
+                                                   # (SmolLM2-135M-Instruct, --smollm2 DIR; about 2 hours on 2 cores)
+    python -m tests.experiments smollm2_tools      # SmolLM2: tool SFT + GRPO with Python vs the same without tools
+    python -m tests.experiments smollm2_lora       # SmolLM2: GRPO with LoRA from the recipe's SFT checkpoint
     python -m tests.experiments all --tiny         # every experiment with tiny settings (what the slow test runs)
 
 Spread is reported as the half-range over seeds (mean +- (max - min) / 2). Needs matplotlib for the PNG.
@@ -13,6 +20,7 @@ Spread is reported as the half-range over seeds (mean +- (max - min) / 2). Needs
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 from tests.recipe_smollm2 import stage
@@ -209,7 +217,221 @@ def kl(args, out):
     write(out, "kl", text, plot)
 
 
-EXPERIMENTS = {"length_bias": length_bias, "dynamic_sampling": dynamic_sampling, "distilled": distilled, "kl": kl}
+# ----------------------------------------------------------------------------------------------------
+# 5. The policy-gradient menu (grpo.py's presets) side by side, with mu = 2 so that the ratio and the clip matter
+
+
+OBJECTIVES = {"grpo": ["--loss", "grpo"], "gspo": ["--loss", "gspo"], "cispo": ["--loss", "cispo"],
+              "rloo": ["--loss", "rloo"], "reinforce_pp_baseline": ["--loss", "reinforce_pp_baseline"],
+              "grpo-top20-entropy": ["--loss", "grpo", "--top_entropy_quantile", 0.2]}
+
+
+def objectives(args, out):
+    every = 1 if args.tiny else 5
+    chosen = {k: OBJECTIVES[k] for k in ("gspo", "grpo-top20-entropy")} if args.tiny else OBJECTIVES  # smoke test
+    arms = {name: [run_script("grpo.py", [*grpo_base(args), *flags, "--mu", 2, "--seed", s, "--eval_every", every],
+                              out / f"{name}-seed{s}") for s in args.seeds] for name, flags in chosen.items()}
+    rows = []
+    for name, runs in arms.items():
+        train = [[x for x in r[0] if "entropy" in x] for r in runs]
+        rows.append([name, spread([r[1]["heldout_acc_before"] for r in runs]),
+                     spread([r[1]["heldout_acc_after"] for r in runs]),
+                     spread([t[0]["entropy"] for t in train]), spread([t[-1]["entropy"] for t in train]),
+                     spread([sum(x["clip_frac"] for x in t) / len(t) for t in train]),
+                     spread([max(x["mismatch_k3"] for x in t) for t in train])])
+    text = (f"{args.model}, built-in arithmetic, {args.steps} steps x 256 completions, --mu 2, seeds "
+            f"{', '.join(map(str, args.seeds))}\n\n"
+            + table(["arm", "held-out acc before", "held-out acc after", "entropy, first step", "entropy, last step",
+                     "clip fraction (mean over steps)", "sampler/trainer k3 (max)"], rows))
+
+    def plot(ax):
+        for name, runs in arms.items():
+            ax.plot(*mean_curve([r[0] for r in runs], "heldout_acc"), "o-", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"held-out greedy accuracy, mean of {len(args.seeds)} seeds")
+    write(out, "objectives", text, plot)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Tool tasks on tiny models: the best no-tool policy, the tool SFT policy, and GRPO with the tool
+
+
+TOOL_TASKS = {"tool_arithmetic": "builtin:tool_arithmetic", "search": "builtin:search"}
+
+
+def tools(args, out):
+    import tools as task_table
+    sft_small = ["--max_steps", 4, "--builtin_size", 64, "--batch_size", 8] if args.tiny else []
+    rows, curves = [], {}
+    for name, task in list(TOOL_TASKS.items())[:1 if args.tiny else None]:
+        checkpoint = task_table.TASKS[task].checkpoint
+        if not Path(checkpoint).exists():
+            print(f"{checkpoint} missing: skipping {task}")
+            continue
+        heldout = 16 if args.tiny else 500
+        no_tool = run_script("sft.py", ["--data", task, "--step_fraction", 0, "--tools", "none", *sft_small,
+                                        "--heldout_problems", heldout, "--device", "cpu"], out / f"{name}-no-tool-sft")[1]
+        base = [*grpo_base(args)[2:], "--data", task, "--model", checkpoint, "--eval_every", 0]
+        runs = [run_script("grpo.py", [*base, "--seed", s], out / f"{name}-grpo-seed{s}") for s in args.seeds]
+        curves[name] = [r[0] for r in runs]
+        calls = [[x["tool_calls_per_sample"] for x in r[0] if "tool_calls_per_sample" in x] for r in runs]
+        rows.append([task, f"{no_tool['heldout_acc']:.3f}", spread([r[1]["heldout_acc_before"] for r in runs]),
+                     spread([r[1]["heldout_acc_after"] for r in runs]), spread([c[0] for c in calls]),
+                     spread([c[-1] for c in calls])])
+    text = (f"held-out greedy accuracy ({16 if args.tiny else 500} problems); GRPO {args.steps} steps x 256 completions "
+            f"from the committed tool SFT checkpoint, seeds {', '.join(map(str, args.seeds))}\n\n"
+            + table(["task", "no-tool SFT policy (no tools)", "tool SFT policy", "after tool GRPO",
+                     "tool calls / sample, first step", "last step"], rows))
+
+    def plot(ax):
+        for name, runs in curves.items():
+            ax.plot(*mean_curve(runs, "tool_calls_per_sample"), label=f"{name}: tool calls per sample")
+            ax.plot(*mean_curve(runs, "accuracy"), "--", label=f"{name}: sample accuracy")
+        ax.set_xlabel("GRPO step")
+    write(out, "tools", text, plot)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Concise reasoning (Fatemi et al. 2025): a second, short RL stage on the few problems solved only sometimes
+
+
+def concise(args, out):
+    import tools as task_table
+    base = grpo_base(args)
+    first = run_script("grpo.py", [*base, "--seed", 0, "--eval_every", 0], out / "stage1")[1]
+    n_problems, samples = (32, 4) if args.tiny else (512, 8)
+    pool = out / "train_problems.jsonl"  # the built-in training split as a file, prompts as the model saw them
+    pool.write_text("".join(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n"
+                            for p in task_table.task_problems("builtin", "train", n_problems, seed=7)))
+    rates_dir = out / "pass_rates"
+    stage("pass rates", "sample.py", ["--model", first["final_checkpoint"], "--eval", pool, "--prompt_template",
+                                      "{question}", "--n", samples, "--temperature", 1.0, "--max_new_tokens", 64,
+                                      "--device", "cpu"], rates_dir, print)
+    rewards = {}
+    for line in (rates_dir / "samples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rewards.setdefault(r["id"], []).append(r["reward"])
+    problems = [json.loads(l) for l in pool.read_text().splitlines()]
+    sometimes = [problems[i] for i, r in sorted(rewards.items()) if 0 < sum(r) < len(r)]
+    (out / "sometimes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sometimes))
+    steps = 2 if args.tiny else 10
+    arm_data = {"sometimes-solved problems": out / "sometimes.jsonl", "all problems": "builtin"}
+    arms = {name: [run_script("grpo.py", [*base, "--model", first["final_checkpoint"], "--data", data,
+                                          "--prompt_template", "{question}", "--max_steps", steps, "--seed", s,
+                                          "--eval_every", 0], out / f"{name.split()[0]}-seed{s}")[1]
+                   for s in args.seeds] for name, data in arm_data.items()}
+    rows = [[name, len(sometimes) if "sometimes" in name else "endless", spread([r["heldout_acc_before"] for r in runs]),
+             spread([r["heldout_acc_after"] for r in runs]),
+             spread([first["heldout_mean_length_after"]] * len(runs)),
+             spread([r["heldout_mean_length_after"] for r in runs])] for name, runs in arms.items()]
+    text = (f"first stage: GRPO from {args.model} (held-out {first['heldout_acc_after']:.3f}); {len(sometimes)} of "
+            f"{n_problems} training problems solved by 1 to {samples - 1} of {samples} samples; second stage "
+            f"{steps} steps, seeds {', '.join(map(str, args.seeds))}\n\n"
+            + table(["second stage on", "problems", "held-out acc before", "after", "held-out mean length before",
+                     "after"], rows))
+
+    def plot(ax):
+        for i, (name, runs) in enumerate(arms.items()):
+            for j, r in enumerate(runs):
+                ax.plot([r["heldout_mean_length_after"]], [r["heldout_acc_after"]], "o", color=f"C{i}",
+                        label=name if j == 0 else None)
+        ax.plot([first["heldout_mean_length_after"]], [first["heldout_acc_after"]], "k*", label="after stage 1")
+        ax.set_xlabel("held-out mean completion length (tokens)")
+        ax.set_ylabel("held-out greedy accuracy")
+    write(out, "concise", text, plot)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8-10. On the real SmolLM2-135M-Instruct (--smollm2): tools against no tools, LoRA, and transfer from logic puzzles
+
+
+def smollm2_stages(args, out, name, data, sft_flags=(), grpo_flags=(), seed=0, sft_from=None, rl_name=None,
+                   tokens=None):
+    """The recipe's cold start (sft.py on a few hundred worked solutions of `data`) and GRPO from it, on SmolLM2:
+    (SFT summary, (GRPO metrics, GRPO summary)); each stage kept when it finished before with the same command."""
+    n = 16 if args.tiny else 400
+    heldout = 8 if args.tiny else args.smollm2_heldout
+    tokens = tokens or args.smollm2_tokens
+    sft = sft_from or run_script("sft.py", [
+        "--model", args.smollm2, "--data", data, "--builtin_size", n, "--max_steps", 2 if args.tiny else 50,
+        "--batch_size", 16, "--lr", 1e-4, "--warmup_steps", 2 if args.tiny else 5, "--eval_every", 0,
+        "--heldout_problems", heldout, "--max_new_tokens", tokens, "--seed", 0, "--device", "cpu",
+        *sft_flags], out / f"{name}-sft")[1]
+    rl = run_script("grpo.py", [
+        "--model", sft["final_checkpoint"], "--data", data, "--max_steps", 2 if args.tiny else args.smollm2_steps,
+        "--batch_size", 8 if args.tiny else 64, "--group_size", 4 if args.tiny else 8, "--lr", 5e-6,
+        "--warmup_steps", 1 if args.tiny else 3, "--max_new_tokens", tokens, "--heldout_problems", heldout,
+        "--eval_every", 0, "--seed", seed, "--device", "cpu", *grpo_flags], out / f"{rl_name or name}-grpo-seed{seed}")
+    return sft, rl
+
+
+def smollm2_tools(args, out):
+    arms = {"with the python tool": ("tools", ["--step_fraction", 0.5], []),
+            "without tools": ("no-tools", ["--step_fraction", 0, "--tools", "none"], ["--tools", "none"])}
+    rows = []
+    for label, (name, sft_flags, grpo_flags) in arms.items():
+        sft, (metrics, rl) = smollm2_stages(args, out, name, "builtin:tool_arithmetic", sft_flags, grpo_flags)
+        calls = [x.get("tool_calls_per_sample") for x in metrics if "reward" in x]
+        rows.append([label, f"{sft['heldout_acc']:.3f}", f"{rl['heldout_acc_before']:.3f}",
+                     f"{rl['heldout_acc_after']:.3f}", f"{calls[0] or 0:.2f} -> {calls[-1] or 0:.2f}"])
+    text = (f"SmolLM2-135M-Instruct on builtin:tool_arithmetic, {args.smollm2_heldout} held-out problems, greedy\n\n"
+            + table(["recipe", "after cold-start SFT", "GRPO before", "GRPO after", "tool calls / sample"], rows))
+    write(out, "smollm2_tools", text, lambda ax: ax.bar([r[0] for r in rows], [float(r[3]) for r in rows]))
+
+
+def smollm2_lora(args, out):
+    sft = run_script("sft.py", [
+        "--model", args.smollm2, "--data", "builtin", "--builtin_size", 16 if args.tiny else 400,
+        "--max_steps", 2 if args.tiny else 50, "--batch_size", 16, "--lr", 1e-4, "--warmup_steps", 2 if args.tiny else 5,
+        "--eval_every", 0, "--heldout_problems", 8 if args.tiny else args.smollm2_heldout, "--seed", 0,
+        "--device", "cpu"], out / "sft")[1]  # the recipe's cold start (tests/recipe_smollm2.py)
+    rows = []
+    for lr in args.lora_lrs:
+        _, (metrics, rl) = smollm2_stages(args, out, f"lora-lr{lr}", "builtin", grpo_flags=[
+            "--lora_rank", 16, "--lr", lr], sft_from=sft)
+        rows.append([f"LoRA r 16 (all projections), lr {lr:g}", f"{rl['heldout_acc_before']:.3f}",
+                     f"{rl['heldout_acc_after']:.3f}", f"{rl['wall_time_s'] / 60:.1f} min"])
+    text = (f"GRPO from the recipe's cold-start SFT checkpoint (SmolLM2-135M-Instruct), {args.smollm2_steps} steps x "
+            f"64 completions, {args.smollm2_heldout} held-out problems\n\n"
+            + table(["run", "held-out before", "held-out after", "wall time"], rows))
+    write(out, "smollm2_lora", text, lambda ax: ax.bar([r[0][-12:] for r in rows], [float(r[2]) for r in rows]))
+
+
+def knights_transfer(args, out):
+    rows = []
+    for seed in args.seeds:
+        sft = None
+        for arm, data in (("knights", "builtin:knights"), ("arithmetic control", "builtin")):
+            sft, (_, rl) = smollm2_stages(args, out, "knights", "builtin:knights", seed=seed, sft_from=sft,
+                                          grpo_flags=["--data", data], rl_name=arm.split()[0],
+                                          tokens=48 if args.tiny else 384)  # both arms from the knights cold start
+            scores = [heldout_scores(args, out / f"eval-{arm.split()[0]}-{stage_}-seed{seed}", model)
+                      for stage_, model in (("before", sft["final_checkpoint"]), ("after", rl["final_checkpoint"]))]
+            rows.append([arm, seed, *(f"{s[task]:.3f}" for task in ("builtin:knights", "builtin") for s in scores)])
+    text = (f"SmolLM2-135M-Instruct: cold-start SFT on knights worked solutions, then GRPO ({args.smollm2_steps} steps) on "
+            f"knights or, as a control, on arithmetic; greedy held-out accuracy on both tasks\n\n"
+            + table(["GRPO on", "seed", "knights before", "knights after", "arithmetic before", "arithmetic after"],
+                    rows))
+    write(out, "knights_transfer", text, lambda ax: ax.bar(
+        [f"{r[0]} s{r[1]}" for r in rows], [float(r[5]) - float(r[4]) for r in rows], label="arithmetic gain"))
+
+
+def heldout_scores(args, out, model):
+    """Greedy held-out accuracy of a checkpoint on the knights and arithmetic tasks (sample.py --eval)."""
+    scores = {}
+    for task in ("builtin:knights", "builtin"):
+        summary, _ = stage(f"eval {task}", "sample.py", [
+            "--model", model, "--eval", task, "--limit", 8 if args.tiny else args.smollm2_heldout, "--n", 1,
+            "--temperature", 0, "--max_new_tokens", 48 if args.tiny else 384, "--device", "cpu"],
+            out / task.replace(":", "_"), print)
+        scores[task] = summary["pass@1"]
+    return scores
+
+
+EXPERIMENTS = {"length_bias": length_bias, "dynamic_sampling": dynamic_sampling, "distilled": distilled, "kl": kl,
+               "objectives": objectives, "tools": tools, "concise": concise, "smollm2_tools": smollm2_tools,
+               "smollm2_lora": smollm2_lora, "knights_transfer": knights_transfer}
+SMOLLM2 = ("smollm2_tools", "smollm2_lora", "knights_transfer")  # not in `all`: hours on a CPU
 
 
 def main(argv=None):
@@ -220,13 +442,19 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=25, help="GRPO steps per arm (batch 256 = 32 prompts x 8)")
     p.add_argument("--beta", type=float, default=0.1, help="kl: the KL coefficient")
     p.add_argument("--tiny", action="store_true", help="2 steps x 16 completions, 16 held-out problems (a smoke test)")
+    p.add_argument("--smollm2", default=os.environ.get("SMOLLM2_DIR", os.path.expanduser("~/.cache/smollm2-135m-instruct")),
+                   help="SmolLM2-135M-Instruct folder (tests/make_smollm2.py), for the smollm2_* and knights experiments")
+    p.add_argument("--smollm2_steps", type=int, default=30, help="GRPO steps on SmolLM2 (64 completions each)")
+    p.add_argument("--smollm2_heldout", type=int, default=200, help="held-out problems of the SmolLM2 experiments")
+    p.add_argument("--smollm2_tokens", type=int, default=96, help="--max_new_tokens of the SmolLM2 experiments")
+    p.add_argument("--lora_lrs", type=float, nargs="+", default=[5e-5], help="smollm2_lora: the learning rates tried")
     p.add_argument("--out", default="out/experiments", help="folder for every arm's run, the tables and PNGs")
     args = p.parse_args(argv)
     if len(args.seeds) < 2:
         p.error("--seeds: at least two seeds per arm, so that the spread can be reported")
     if args.tiny:
         args.steps = 2
-    for name in (EXPERIMENTS if args.experiment == "all" else [args.experiment]):
+    for name in ([e for e in EXPERIMENTS if e not in SMOLLM2] if args.experiment == "all" else [args.experiment]):
         out = Path(args.out).resolve() / name  # the scripts run from the project folder
         out.mkdir(parents=True, exist_ok=True)
         print(f"== {name}")

@@ -39,7 +39,9 @@ def test_every_experiment_writes_its_table_and_png(tmp_path):
     subprocess.run([sys.executable, "-m", "tests.experiments", "all", "--tiny", "--out", str(tmp_path)],
                    cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
     for name, arms in {"length_bias": ("grpo", "dr_grpo", "dapo"), "dynamic_sampling": ("on", "off"),
-                       "distilled": ("seed", "significant"), "kl": ("k1", "k2", "k3")}.items():
+                       "distilled": ("seed", "significant"), "kl": ("k1", "k2", "k3"),
+                       "objectives": ("gspo", "grpo-top20-entropy"), "tools": ("builtin:tool_arithmetic",),
+                       "concise": ("sometimes-solved problems", "all problems")}.items():
         table = (tmp_path / name / f"{name}.md").read_text()
         assert all(a in table for a in arms), (name, table)
         png = (tmp_path / name / f"{name}.png").read_bytes()

@@ -288,3 +288,32 @@ def test_time_waiting_for_a_worker_does_not_count_against_the_timeout():
                               tool_use=tool_use([slow], tools.ToolRunner(1, timeout=1.0)))
     assert [c.error for r in records for c in r.calls] == [False] * 6
     assert all(text(r.ids) == CALL + OUTPUT + "ok" for r in records)
+
+
+# ------------------------------------------------------------------ end to end (slow)
+
+TOOL_RUN = ["--data", "builtin:tool_arithmetic", "--batch_size", "16", "--group_size", "4", "--heldout_problems", "16",
+            "--eval_every", "0", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_two_process_runs_with_tools_log_the_same_metrics_under_ddp_and_fsdp(tmp_path):
+    """grpo.py with the python tool on 2 gloo processes: each rank runs its rows' calls in its own pool, the tool
+    metrics are summed over ranks, and DDP and FSDP runs log the same rewards, tool calls and gradients."""
+    import json
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py", *TOOL_RUN,
+           "--max_steps", "2"]
+    logs = {}
+    for sharding in ("ddp", "fsdp"):
+        subprocess.run(cmd + ["--out", str(tmp_path / sharding)] + (["--fsdp"] if sharding == "fsdp" else []),
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
+        logs[sharding] = [json.loads(l) for l in (tmp_path / sharding / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs["ddp"] if "tool_calls_per_sample" in r]
+    assert len(steps) == 2 and all(r["tool_calls_per_sample"] > 0 for r in steps)
+    for a, b in zip(logs["ddp"], logs["fsdp"]):
+        for k in ("reward", "tool_calls_per_sample", "observation_tokens_per_sample", "grad_norm", "heldout_acc"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
