@@ -60,7 +60,11 @@ def test_prompt_tokens_carry_no_gradient(tok):
                 for q, a in (("2+2?", "4"), ("a longer question", "ok"))]
     (_, x, y, w), = common.micro_batches(examples, 10_000, tok.pad_token_id)
     logits = torch.randn(*x.shape, tok.vocab_size, requires_grad=True)
-    sft.sft_loss_sum(lambda _, logits_from=0: logits[:, logits_from:], x, y, w).backward()
+
+    def model(_, targets, logits_from=0):  # the log-prob mode of Transformer.forward, on these logits
+        logp = logits[:, logits_from:].log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        return logp, None
+    sft.sft_loss_sum(model, x, y, w).backward()
     assert w.sum() == (1 + 2) + 2 * 2  # the answers "4" and "ok", each + <|im_end|> + newline
     assert (logits.grad[w == 0] == 0).all()
     assert (logits.grad[w == 1].abs().sum(-1) > 0).all()
