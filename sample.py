@@ -304,8 +304,13 @@ class Engine:
                 rows, live = self.compact(rows, cache, P + hi, B)
                 if live == 0:
                     break
-            self.feed(step, model, rows, cache, P, M, min(S, P + hi + paused))
+            self.feed(step, model, rows, cache, P, M, self.attention_length(P + hi + paused, S))
         return self.records(prompts, out, host, stop_token_ids, M)
+
+    def attention_length(self, filled, S):
+        """Cache slots a decode step attends over: those filled so far; compiled, rounded up to 128, so that each
+        (batch bucket, length) shape is captured once and replayed for 128 steps of every rollout."""
+        return min(S, -(-filled // 128) * 128 if self.compile else filled)
 
     @staticmethod
     def prefill(model, distinct, share, W, P, cache, observation_width):
