@@ -369,6 +369,24 @@ def test_a_few_steps_of_smollm2_on_the_builtin_task(smollm2_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_one_step_on_builtin_knights_from_its_checkpoint(tmp_path):
+    """`--data builtin:knights` alone picks the task's committed checkpoint and token budget; one step samples
+    case analyses, grades them with knights_reward and saves a model that scores what its summary says."""
+    import json
+    import subprocess
+    import sys
+    import tools
+    subprocess.run([sys.executable, "grpo.py", "--data", "builtin:knights", "--max_steps", "1", "--batch_size", "8",
+                    "--group_size", "4", "--heldout_problems", "4", "--eval_every", "0", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["heldout_problems"] == 4
+    step = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"reward"' in l][0]
+    task = tools.TASKS["builtin:knights"]
+    assert 0 < step["completion_len_max"] <= task.max_new_tokens and 0 <= step["accuracy"] <= 1
+    assert summary["args"]["model"] == task.checkpoint and summary["args"]["max_new_tokens"] == task.max_new_tokens
+
+@pytest.mark.slow
 def test_fsdp_dapo_finishes_when_one_ranks_groups_are_all_equal(tmp_path):
     """2 gloo processes under FSDP, DAPO's dynamic sampling, rank 0's groups all equal (tests/uneven_dapo.py): rank 0
     needs every sampling round while rank 1 is full sooner; the run must finish, both ranks running the same rounds."""

@@ -334,3 +334,18 @@ def test_grpo_teaches_the_tiny_model_when_to_call_python(tmp_path):
     steps = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     calls = [r["tool_calls_per_sample"] for r in steps if "tool_calls_per_sample" in r]
     assert calls[-1] > calls[0] + 0.1, calls
+
+
+@pytest.mark.slow
+def test_grpo_with_search_improves_the_tiny_models_heldout_accuracy(tmp_path):
+    """checkpoints/tiny-search answers from memory in a third of its samples and miscopies names into its queries:
+    on the held-out cities (never seen in training) only a correct search answers. GRPO with the search tool
+    nearly doubles its held-out accuracy in 10 steps (measured: 0.055 -> 0.100 on these 200 problems)."""
+    import json
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "grpo.py", "--data", "builtin:search", "--max_steps", "10", "--batch_size", "128",
+                    "--heldout_problems", "200", "--eval_every", "0", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=900)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heldout_acc_after"] - summary["heldout_acc_before"] >= 0.03, summary
