@@ -306,8 +306,23 @@ def user_input():
 # Flags: argparse with one-line errors, and the types that check each flag's range as it is parsed
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's line breaks (its command lines) and prints each flag's default, where its help
+    does not already say it (and not for switches off by default, or flags with no default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the flag and why) instead of the usage message of forty flags."""
+    """argparse whose --help shows each flag's default and whose errors are one line (the flag and why) instead of
+    the usage message of forty flags."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

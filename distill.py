@@ -40,7 +40,6 @@ divergence is multiplied by tau^2 so that its gradient keeps the same scale as t
               the end points themselves use --loss forward_kl / reverse_kl.
 The loss is the mean over every completion token of the step (all micro-batches and ranks), like sft.py's.
 """
-import argparse
 import json
 import math
 import os
@@ -68,7 +67,7 @@ DEFAULT_TEACHERS = ("out/grpo/final", "checkpoints/tiny-sft")  # the first that 
 
 
 def parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--mode", choices=["traces", "logits"], default="traces",
                    help="traces: rejection-sampled teacher traces + SFT; logits: token-level KD (see above)")
     p.add_argument("--teacher", default=None, help="teacher model folder (default: the first of "

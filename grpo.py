@@ -52,7 +52,6 @@ that ratio (truncated importance sampling, Yao et al. 2025; masks: tokens or who
 --correction_bounds). --top_entropy_quantile rho trains only on the step's highest-entropy tokens ("Beyond the
 80/20 rule", Wang et al. 2025). Rewards (verify.compute_rewards, shared with ppo.py) are under "rewards" in --help.
 """
-import argparse
 import math
 import random
 import time
@@ -90,7 +89,7 @@ KNOB_DEFAULTS = dict(epsilon=0.2, epsilon_high=None, dynamic_sampling=0)  # what
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="policy to start from (Hugging Face folder; default: the built-in "
                    "task's committed tiny policy, checkpoints/tiny-sft for a file)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL term (default: --model)")

@@ -29,7 +29,6 @@ positions whose next token is a completion token):
   loss             clipped surrogate (grpo.clipped_surrogate) - c_H entropy     policy, token mean
                    0.5 max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)          critic, token mean
 """
-import argparse
 import math
 import random
 import time
@@ -51,7 +50,7 @@ from verify import add_reward_args
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="policy to start from (Hugging Face folder; default: the built-in "
                    "task's committed tiny policy, checkpoints/tiny-sft for a file)")
     p.add_argument("--ref_model", default=None, help="frozen reference for the KL penalty (default: --model)")

@@ -30,7 +30,6 @@ AutoModelForSequenceClassification.from_pretrained(folder) gives the same scores
 The score is read at the last token of each sequence. transformers reads it at the last token that is not
 pad_token_id, so sequences never end in the pad token here (trailing pad tokens are dropped).
 """
-import argparse
 import dataclasses
 import json
 import random
@@ -377,7 +376,7 @@ def evaluate(run, model, pairs, micro_batch_tokens, pad_id):
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default="checkpoints/tiny-sft",
                    help="checkpoint to start from: any causal LM folder (fresh head) or a reward-model folder")
     p.add_argument("--data", default="builtin", help="preference JSONL (prompt/chosen/rejected), or 'builtin'")

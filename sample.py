@@ -13,7 +13,6 @@ GPU (one device is enough for sampling; --compile_decode auto replays the decode
     python sample.py --model DIR --prompt "What is 12+7?" --device cuda    # bf16, decode step as CUDA graphs
     python sample.py --model DIR --eval gsm8k_test.jsonl --n 16 --device cuda --dtype bfloat16 --batch_size 512
 """
-import argparse
 import bisect
 import concurrent.futures
 import dataclasses
@@ -661,8 +660,8 @@ def drop_long_prompts(problems, tokenizer, max_new_tokens, max_positions, source
 
 def load_eval_problems(source, template, n=500):
     """Problems from a JSONL file (the template turns each question into the user turn), or the built-in task's
-    held-out split of a built-in task ('builtin', 'builtin:countdown': prompts used as they are, the way the built-in
-    models were trained)."""
+    held-out split of a built-in task (tools.BUILTIN_TASKS: prompts used as they are, the way the built-in models
+    were trained)."""
     return tools.task_problems(source, "heldout", n) if tools.is_builtin(source) else templated_problems(source, template)
 
 
@@ -812,7 +811,7 @@ def evaluate(run, engine, tokenizer, problems, n=1, max_new_tokens=512, temperat
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default="checkpoints/tiny-sft", help="Hugging Face model folder")
     p.add_argument("--prompt", default="Compute 7+5-3+8.", help="user message (or raw text with --no_chat_template)")
     p.add_argument("--no_chat_template", action="store_true", help="feed the prompt as raw text")
@@ -827,8 +826,8 @@ def parse_args(argv=None):
                    "CPU, bfloat16 on a GPU, whatever the checkpoint stores)")
     add_compile_decode_arg(p)
     p.add_argument("--eval", default=None, metavar="DATA", help="evaluate on a problems JSONL (prompt/answer, GSM8K or "
-                   "MATH format; code or Countdown records) or a built-in task's 500 held-out problems ('builtin', "
-                   "'builtin:countdown')")
+                   "MATH format; code, Countdown or knights records) or a built-in task's held-out problems: "
+                   f"{', '.join(tools.BUILTIN_TASKS)}")
     p.add_argument("--n", type=count, default=1, help="--eval: samples per problem (pass@k and maj@k for k = 1, 2, "
                    "4.. n)")
     p.add_argument("--limit", type=count, default=None, help="--eval: only the first N problems")

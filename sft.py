@@ -17,7 +17,6 @@ or {"prompt": ..., "completion": ...}. Loss is on assistant tokens only. Batches
 step's examples are sorted by length and cut into micro-batches of at most --micro_batch_tokens padded tokens
 (right padding, so plain causal attention is exact and no packing masks are needed).
 """
-import argparse
 import json
 import random
 import time
@@ -31,7 +30,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     save_checkpoint, step_indices, user_input)
 from model import ModelConfig
 from sample import Engine, ToolUse, add_tool_args, check_sandbox, heldout_accuracy, render
-from tools import is_builtin, observation_spans, task_problems, task_solution, task_tools, tool_formats
+from tools import BUILTIN_TASKS, is_builtin, observation_spans, task_problems, task_solution, task_tools, tool_formats
 from verify import read_jsonl
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,10 +169,10 @@ def eval_loss(run, model, examples, micro_batch_tokens, pad_id):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="Hugging Face folder to fine-tune (default: a fresh small model)")
-    p.add_argument("--data", default="builtin", help="chat JSONL file, or a built-in task: 'builtin' (arithmetic) or "
-                   "'builtin:countdown'")
+    p.add_argument("--data", default="builtin", help="chat JSONL file, or a built-in task's worked solutions: "
+                   f"{', '.join(BUILTIN_TASKS)} ('builtin': arithmetic)")
     p.add_argument("--eval_data", default=None, help="held-out chat JSONL (default: builtin held-out, or none)")
     p.add_argument("--builtin_size", type=count, default=50000, help="training examples of the built-in task")
     p.add_argument("--step_fraction", type=fraction, default=0.4,
