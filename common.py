@@ -228,6 +228,7 @@ class Run:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if curve:
                 plot_curve(self.out, curve)
+        self.barrier()  # the ranks leave together: none tears the process group down (atexit) under another's feet
 
     def wrap(self, model):
         """The model as it trains across ranks; call before make_optimizer. --fsdp: FSDP2, every transformer block

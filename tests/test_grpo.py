@@ -306,7 +306,11 @@ def test_compiled_decode_step_trains_exactly_as_eager(tmp_path):
     for mode in ("off", "on"):
         subprocess.run([sys.executable, "grpo.py", *TINY_RUN, "--max_steps", "3", "--compile_decode", mode,
                         "--out", str(tmp_path / mode)], check=True, capture_output=True)
-    assert grpo_metrics(tmp_path / "on") == grpo_metrics(tmp_path / "off")
+    on, off = grpo_metrics(tmp_path / "on"), grpo_metrics(tmp_path / "off")
+    # the sampler's own log-probs (mismatch_k3 only) come from differently fused float32 kernels: equal to rounding
+    assert [r.get("mismatch_k3", 0) for r in on] == pytest.approx([r.get("mismatch_k3", 0) for r in off], abs=1e-6)
+    assert [{k: v for k, v in r.items() if k != "mismatch_k3"} for r in on] == \
+        [{k: v for k, v in r.items() if k != "mismatch_k3"} for r in off]
     summaries = [json.loads((tmp_path / mode / "summary.json").read_text()) for mode in ("off", "on")]
     assert summaries[0]["heldout_acc_after"] == summaries[1]["heldout_acc_after"]
     assert summaries[1]["args"]["compile_decode"] == "on"

@@ -17,12 +17,12 @@ rank = int(os.environ.get("RANK", "0"))
 rounds = []
 
 
-def sample_groups(run, args, policy, tokenizer, problems, seed, reward_model=None):
-    r = real_sample_groups(run, args, policy, tokenizer, problems, seed, reward_model)
-    rounds.append(seed)
+def sample_groups(run, args, *rest, **kwargs):
+    records, rewards, parts = real_sample_groups(run, args, *rest, **kwargs)
+    rounds.append(1)
     if run.rank == 0:
-        r["rewards"] = [0.0] * len(r["rewards"])
-    return r
+        rewards = [0.0] * len(rewards)
+    return records, rewards, parts
 
 
 def fill_batch(run, args, *rest):
