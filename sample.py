@@ -649,12 +649,12 @@ def drop_long_prompts(problems, tokenizer, max_new_tokens, max_positions, source
     """Problems whose prompt leaves room for max_new_tokens within the context; the others are dropped, counted
     and reported (a prompt that does not fit is never silently cut)."""
     kept = [p for p in problems if len(prompt_ids(tokenizer, p["prompt"])) + max_new_tokens <= max_positions]
+    if not kept:
+        raise SystemExit(f"error: {source}: no problem's prompt + --max_new_tokens {max_new_tokens} fits the model's "
+                         f"context of {max_positions} tokens")
     if len(kept) < len(problems):
         print(f"{source}: dropped {len(problems) - len(kept)} of {len(problems)} problems whose prompt + "
               f"{max_new_tokens} new tokens exceeds the context ({max_positions})", file=sys.stderr)
-    if not kept:
-        raise SystemExit(f"{source}: no problem fits the context of {max_positions} tokens with "
-                         f"max_new_tokens {max_new_tokens}")
     return kept
 
 

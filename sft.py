@@ -29,7 +29,7 @@ from common import (ArgumentParser, Run, add_training_args, checkpoint_or_stop, 
                     load_model, lr_at, make_optimizer, micro_batches, non_negative_int, optimizer_step, resume,
                     save_checkpoint, step_indices, user_input)
 from model import ModelConfig
-from sample import Engine, ToolUse, add_tool_args, check_sandbox, heldout_accuracy, render
+from sample import Engine, ToolUse, add_tool_args, check_sandbox, drop_long_prompts, heldout_accuracy, render
 from tools import BUILTIN_TASKS, is_builtin, observation_spans, task_problems, task_solution, task_tools, tool_formats
 from verify import read_jsonl
 
@@ -255,7 +255,9 @@ def main(argv=None):
         raise SystemExit(f"{args.data}: every example was dropped (no assistant tokens within --max_len {args.max_len})")
     run.print(f"{len(examples)} training examples ({stats['truncated']} truncated to {args.max_len} tokens, "
               f"{stats['dropped']} dropped); model {model.num_params() / 1e6:.2f}M parameters")
-    heldout = task_problems(args.data, "heldout", args.heldout_problems, args.seed) if builtin else None
+    heldout = drop_long_prompts(task_problems(args.data, "heldout", args.heldout_problems, args.seed), tokenizer,
+                                args.max_new_tokens, model.config.max_position_embeddings,
+                                f"{args.data} held-out") if builtin and args.heldout_problems else None
 
     before = eval_loss(run, model, evals, args.micro_batch_tokens, tokenizer.pad_token_id) if evals else None
     steps, tokens = train(run, args, model, tokenizer, examples, evals)

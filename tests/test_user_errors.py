@@ -79,6 +79,8 @@ def cases():
              ("ppo", ["--ref_model", "{other_vocab}"], "reference model"),
              ("sft", ["--data", "{chat_number}"], "{chat_number}:1"), ("sft", ["--data", "{chat_role}"], "{chat_role}:1"),
              ("sft", ["--builtin_size", "0"], "--builtin_size"),
+             ("sft", ["--data", "builtin:knights", "--max_positions", "256"], "--max_new_tokens"),
+             ("grpo", ["--data", "builtin:knights", "--model", TINY], "--max_new_tokens"),
              ("reward_model", ["--data", "{pairs_same}"], "{pairs_same}:2"),
              ("sample", ["--eval", "builtin", "--n", "0"], "--n"), ("sample", ["--eval", "builtin", "--limit", "0"], "--limit"),
              ("sample", ["--top_p", "0"], "--top_p"), ("sample", ["--max_new_tokens", "-5"], "--max_new_tokens"),
