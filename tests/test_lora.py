@@ -212,5 +212,6 @@ def test_lora_grpo_raises_smollm2s_heldout_accuracy(smollm2_dir, tmp_path):
                     "--max_new_tokens", "64", *common_flags, "--out", str(tmp_path / "grpo")],
                    check=True, env=env, capture_output=True)
     summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
-    assert summary["heldout_acc_after"] >= summary["heldout_acc_before"] + 0.1, summary
+    # measured: 0.234 -> 0.344 (15 -> 22 of 64 problems) in 6 steps at lr 5e-5 (10x the recipe's full fine-tune rate)
+    assert summary["heldout_acc_after"] >= summary["heldout_acc_before"] + 4 / 64, summary
     assert (tmp_path / "grpo" / "final" / "adapter" / "adapter_model.safetensors").exists()
