@@ -405,8 +405,9 @@ def knights_transfer(args, out):
             sft, (_, rl) = smollm2_stages(args, out, "knights", "builtin:knights", seed=seed, sft_from=sft,
                                           grpo_flags=["--data", data], rl_name=arm.split()[0],
                                           tokens=48 if args.tiny else 384)  # both arms from the knights cold start
-            scores = [heldout_scores(args, out / f"eval-{arm.split()[0]}-{stage_}-seed{seed}", model)
-                      for stage_, model in (("before", sft["final_checkpoint"]), ("after", rl["final_checkpoint"]))]
+            # every arm and seed starts from the one cold-start checkpoint: scored once, in eval-sft
+            scores = [heldout_scores(args, out / "eval-sft", sft["final_checkpoint"]),
+                      heldout_scores(args, out / f"eval-{arm.split()[0]}-after-seed{seed}", rl["final_checkpoint"])]
             rows.append([arm, seed, *(f"{s[task]:.3f}" for task in ("builtin:knights", "builtin") for s in scores)])
     text = (f"SmolLM2-135M-Instruct: cold-start SFT on knights worked solutions, then GRPO ({args.smollm2_steps} steps) on "
             f"knights or, as a control, on arithmetic; greedy held-out accuracy on both tasks\n\n"

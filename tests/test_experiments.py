@@ -51,6 +51,24 @@ def test_every_experiment_writes_its_table_and_png(tmp_path):
         [f"{k}-seed{s}" for k in ("k1", "k2", "k3") for s in (0, 1)]
 
 
+@pytest.mark.slow
+def test_knights_transfer_runs_tiny(tmp_path):
+    """Logic-RL's transfer experiment with tiny settings, wired end to end: the knights cold start, GRPO on knights
+    and on arithmetic (the control) for both seeds, each scored greedy on both tasks. The committed tiny-knights model
+    stands in for SmolLM2 (the same commands; on SmolLM2 the tiny run takes about 10 minutes on 2 cores)."""
+    pytest.importorskip("matplotlib")
+    subprocess.run([sys.executable, "-m", "tests.experiments", "knights_transfer", "--tiny", "--smollm2",
+                    "checkpoints/tiny-knights", "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
+                   text=True, check=True)
+    lines = (tmp_path / "knights_transfer" / "knights_transfer.md").read_text().splitlines()
+    rows = [l.split(" | ") for l in lines if l.startswith("| knights |") or l.startswith("| arithmetic control |")]
+    assert sorted((r[0].strip("| "), r[1]) for r in rows) == [("arithmetic control", "0"), ("arithmetic control", "1"),
+                                                                ("knights", "0"), ("knights", "1")], lines
+    assert all(0 <= float(x.strip(" |")) <= 1 for r in rows for x in r[2:]), lines
+    png = (tmp_path / "knights_transfer" / "knights_transfer.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_experiments_refuse_a_single_seed(capsys):
     from tests import experiments
     with pytest.raises(SystemExit):
