@@ -174,7 +174,7 @@ def main():
                                                    do_sample=False, pad_token_id=0), device)
             cell += f" (transformers {B * decode_tokens / tr:.0f})"
         rows.append((f"decode tokens/s, batch {B}, {decode_tokens} new tokens", cell))
-    del ref
+    ref = None  # free transformers' copy before the long rollouts
 
     # 4. a GRPO-shaped rollout with long-tailed lengths
     lengths = torch.exp(torch.randn(groups * G, generator=g) * 0.6) * median

@@ -46,7 +46,7 @@ def render_both(ours, hf, messages, add_generation_prompt, **kwargs):
                                                   add_generation_prompt=add_generation_prompt, **kwargs)):
         try:
             out.append(render())
-        except Exception as e:  # a template that raises (role checks) must raise on both sides
+        except Exception:  # a template that raises (role checks) must raise on both sides
             out.append("raised")
     return out
 

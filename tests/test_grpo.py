@@ -332,7 +332,6 @@ def test_two_process_runs_under_ddp_and_fsdp_log_the_same_metrics(tmp_path):
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
         summary = json.loads((tmp_path / sharding / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["steps"] == 2
-        from model import Transformer
         Transformer.from_pretrained(tmp_path / sharding / "final")
     ddp, fsdp = grpo_metrics(tmp_path / "ddp"), grpo_metrics(tmp_path / "fsdp")
     assert [r["step"] for r in ddp] == [r["step"] for r in fsdp]

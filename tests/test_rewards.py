@@ -32,7 +32,6 @@ def test_worked_solutions_are_correct_and_well_formed():
 
 
 def test_arithmetic_problem_answer_is_the_expression_value():
-    import random
     rng = random.Random(0)
     for _ in range(300):
         p = verify.arithmetic_problem(rng)

@@ -1,6 +1,5 @@
 """sft.py: the built-in task as chats, chat data and loss masks, the SFT loss, end-to-end runs (resume, DDP, FSDP)."""
 import json
-import math
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ import common
 import sft
 import verify
 from model import ModelConfig, Tokenizer, Transformer
-from verify import math_reward
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--builtin_size", "200", "--batch_size", "8",
         "--heldout_problems", "16", "--eval_every", "0", "--warmup_steps", "2"]
