@@ -745,10 +745,11 @@ def rl_problems(args, models):
     builtin = tools.is_builtin(args.data)
     data = None if builtin else fitting(templated_problems(args.data, args.prompt_template), args.data)
     if args.heldout_data is None:  # the task's own held-out split (the arithmetic task's for a file)
-        task = args.data if builtin else "builtin"
-        return data, fitting(tools.task_problems(task, "heldout", args.heldout_problems), f"{task} held-out")
-    heldout = load_eval_problems(args.heldout_data, args.prompt_template)[:args.heldout_problems]
-    return data, fitting(heldout, args.heldout_data)
+        source = args.data if builtin else "builtin"
+        heldout = tools.task_problems(source, "heldout", args.heldout_problems)
+    else:
+        source, heldout = args.heldout_data, load_eval_problems(args.heldout_data, args.prompt_template)
+    return data, fitting(heldout[:args.heldout_problems], source)
 
 
 @torch.no_grad()

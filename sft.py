@@ -257,7 +257,7 @@ def main(argv=None):
               f"{stats['dropped']} dropped); model {model.num_params() / 1e6:.2f}M parameters")
     heldout = drop_long_prompts(task_problems(args.data, "heldout", args.heldout_problems, args.seed), tokenizer,
                                 args.max_new_tokens, model.config.max_position_embeddings,
-                                f"{args.data} held-out") if builtin and args.heldout_problems else None
+                                f"{args.data} held-out") if builtin else None
 
     before = eval_loss(run, model, evals, args.micro_batch_tokens, tokenizer.pad_token_id) if evals else None
     steps, tokens = train(run, args, model, tokenizer, examples, evals)
