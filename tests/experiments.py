@@ -376,7 +376,8 @@ def smollm2_tools(args, out):
                      f"{rl['heldout_acc_after']:.3f}", f"{calls[0] or 0:.2f} -> {calls[-1] or 0:.2f}"])
     text = (f"SmolLM2-135M-Instruct on builtin:tool_arithmetic, {args.smollm2_heldout} held-out problems, greedy\n\n"
             + table(["recipe", "after cold-start SFT", "GRPO before", "GRPO after", "tool calls / sample"], rows))
-    write(out, "smollm2_tools", text, lambda ax: ax.bar([r[0] for r in rows], [float(r[3]) for r in rows]))
+    write(out, "smollm2_tools", text, lambda ax: ax.bar([r[0] for r in rows], [float(r[3]) for r in rows],
+                                                  label="held-out greedy accuracy after GRPO"))
 
 
 def smollm2_lora(args, out):
@@ -394,7 +395,8 @@ def smollm2_lora(args, out):
     text = (f"GRPO from the recipe's cold-start SFT checkpoint (SmolLM2-135M-Instruct), {args.smollm2_steps} steps x "
             f"64 completions, {args.smollm2_heldout} held-out problems\n\n"
             + table(["run", "held-out before", "held-out after", "wall time"], rows))
-    write(out, "smollm2_lora", text, lambda ax: ax.bar([r[0][-12:] for r in rows], [float(r[2]) for r in rows]))
+    write(out, "smollm2_lora", text, lambda ax: ax.bar([r[0][-12:] for r in rows], [float(r[2]) for r in rows],
+                                                 label="held-out greedy accuracy after GRPO"))
 
 
 def knights_transfer(args, out):
