@@ -395,7 +395,7 @@ def smollm2_lora(args, out):
     text = (f"GRPO from the recipe's cold-start SFT checkpoint (SmolLM2-135M-Instruct), {args.smollm2_steps} steps x "
             f"64 completions, {args.smollm2_heldout} held-out problems\n\n"
             + table(["run", "held-out before", "held-out after", "wall time"], rows))
-    write(out, "smollm2_lora", text, lambda ax: ax.bar([r[0].rsplit(", ", 1)[-1] for r in rows], [float(r[2]) for r in rows],
+    write(out, "smollm2_lora", text, lambda ax: ax.bar([f"lr {lr:g}" for lr in args.lora_lrs], [float(r[2]) for r in rows],
                                                  label="held-out greedy accuracy after GRPO"))
 
 
