@@ -359,7 +359,7 @@ def smollm2_stages(args, out, name, data, sft_flags=(), grpo_flags=(), seed=0, s
         *sft_flags], out / f"{name}-sft")[1]
     rl = run_script("grpo.py", [
         "--model", sft["final_checkpoint"], "--data", data, "--max_steps", 2 if args.tiny else args.smollm2_steps,
-        "--batch_size", 8 if args.tiny else 64, "--group_size", 4 if args.tiny else 8, "--lr", 5e-6,
+        "--batch_size", 8 if args.tiny else args.smollm2_batch, "--group_size", 4 if args.tiny else 8, "--lr", 5e-6,
         "--warmup_steps", 1 if args.tiny else 3, "--max_new_tokens", tokens, "--heldout_problems", heldout,
         "--eval_every", 0, "--seed", seed, "--device", "cpu", *grpo_flags], out / f"{rl_name or name}-grpo-seed{seed}")
     return sft, rl
@@ -393,42 +393,49 @@ def smollm2_lora(args, out):
         rows.append([f"LoRA r 16 (all projections), lr {lr:g}", f"{rl['heldout_acc_before']:.3f}",
                      f"{rl['heldout_acc_after']:.3f}", f"{rl['wall_time_s'] / 60:.1f} min"])
     text = (f"GRPO from the recipe's cold-start SFT checkpoint (SmolLM2-135M-Instruct), {args.smollm2_steps} steps x "
-            f"64 completions, {args.smollm2_heldout} held-out problems\n\n"
+            f"{args.smollm2_batch} completions, {args.smollm2_heldout} held-out problems\n\n"
             + table(["run", "held-out before", "held-out after", "wall time"], rows))
     write(out, "smollm2_lora", text, lambda ax: ax.bar([f"lr {lr:g}" for lr in args.lora_lrs], [float(r[2]) for r in rows],
                                                  label="held-out greedy accuracy after GRPO"))
 
 
 def knights_transfer(args, out):
-    rows = []
+    arms = {"knights": ("builtin:knights", "builtin"), "arithmetic control": ("builtin", "builtin:knights")}
+    scores = {}  # (arm, seed) -> {task: (before, after)}, greedy held-out accuracy
     for seed in args.seeds:
         sft = None
-        for arm, data in (("knights", "builtin:knights"), ("arithmetic control", "builtin")):
+        for arm, (task, other) in arms.items():
+            name = arm.split()[0]
             sft, (_, rl) = smollm2_stages(args, out, "knights", "builtin:knights", seed=seed, sft_from=sft,
-                                          grpo_flags=["--data", data], rl_name=arm.split()[0],
+                                          grpo_flags=["--data", task], rl_name=name,
                                           tokens=48 if args.tiny else 384)  # both arms from the knights cold start
-            # every arm and seed starts from the one cold-start checkpoint: scored once, in eval-sft
-            scores = [heldout_scores(args, out / "eval-sft", sft["final_checkpoint"]),
-                      heldout_scores(args, out / f"eval-{arm.split()[0]}-after-seed{seed}", rl["final_checkpoint"])]
-            rows.append([arm, seed, *(f"{s[task]:.3f}" for task in ("builtin:knights", "builtin") for s in scores)])
-    text = (f"SmolLM2-135M-Instruct: cold-start SFT on knights worked solutions, then GRPO ({args.smollm2_steps} steps) on "
-            f"knights or, as a control, on arithmetic; greedy held-out accuracy on both tasks\n\n"
+            # grpo.py scores its own task before and after; the other task is scored here, after (its "before" is
+            # the other arm's: the same cold-start checkpoint, so each problem is evaluated once per checkpoint)
+            scores[arm, seed] = {task: (rl["heldout_acc_before"], rl["heldout_acc_after"]),
+                                 other: (None, heldout_score(args, out / f"eval-{name}-after-seed{seed}",
+                                                             rl["final_checkpoint"], other))}
+    rows = []
+    for (arm, seed), got in scores.items():
+        before = {task: scores[a, seed][task][0] for a, (task, _) in arms.items()}
+        rows.append([arm, seed, *(f"{x:.3f}" for task in ("builtin:knights", "builtin")
+                                  for x in (before[task], got[task][1]))])
+    text = (f"SmolLM2-135M-Instruct: cold-start SFT on knights worked solutions, then GRPO ({args.smollm2_steps} steps "
+            f"x {args.smollm2_batch} completions) on knights or, as a control, on arithmetic; greedy accuracy on "
+            f"{args.smollm2_heldout} held-out problems of both tasks (the trained task scored by grpo.py, the other by "
+            f"sample.py --eval)\n\n"
             + table(["GRPO on", "seed", "knights before", "knights after", "arithmetic before", "arithmetic after"],
                     rows))
     write(out, "knights_transfer", text, lambda ax: ax.bar(
         [f"{r[0]} s{r[1]}" for r in rows], [float(r[5]) - float(r[4]) for r in rows], label="arithmetic gain"))
 
 
-def heldout_scores(args, out, model):
-    """Greedy held-out accuracy of a checkpoint on the knights and arithmetic tasks (sample.py --eval)."""
-    scores = {}
-    for task in ("builtin:knights", "builtin"):
-        summary, _ = stage(f"eval {task}", "sample.py", [
-            "--model", model, "--eval", task, "--limit", 8 if args.tiny else args.smollm2_heldout, "--n", 1,
-            "--temperature", 0, "--max_new_tokens", 48 if args.tiny else 384, "--device", "cpu"],
-            out / task.replace(":", "_"), print)
-        scores[task] = summary["pass@1"]
-    return scores
+def heldout_score(args, out, model, task):
+    """Greedy held-out accuracy of a checkpoint on a built-in task (sample.py --eval)."""
+    summary, _ = stage(f"eval {task}", "sample.py", [
+        "--model", model, "--eval", task, "--limit", 8 if args.tiny else args.smollm2_heldout, "--n", 1,
+        "--temperature", 0, "--max_new_tokens", 48 if args.tiny else 384, "--device", "cpu"],
+        out / task.replace(":", "_"), print)
+    return summary["pass@1"]
 
 
 EXPERIMENTS = {"length_bias": length_bias, "dynamic_sampling": dynamic_sampling, "distilled": distilled, "kl": kl,
@@ -447,7 +454,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="2 steps x 16 completions, 16 held-out problems (a smoke test)")
     p.add_argument("--smollm2", default=os.environ.get("SMOLLM2_DIR", os.path.expanduser("~/.cache/smollm2-135m-instruct")),
                    help="SmolLM2-135M-Instruct folder (tests/make_smollm2.py), for the smollm2_* and knights experiments")
-    p.add_argument("--smollm2_steps", type=int, default=30, help="GRPO steps on SmolLM2 (64 completions each)")
+    p.add_argument("--smollm2_steps", type=int, default=30, help="GRPO steps on SmolLM2")
+    p.add_argument("--smollm2_batch", type=int, default=64, help="completions per GRPO step on SmolLM2 (groups of 8)")
     p.add_argument("--smollm2_heldout", type=int, default=200, help="held-out problems of the SmolLM2 experiments")
     p.add_argument("--smollm2_tokens", type=int, default=96, help="--max_new_tokens of the SmolLM2 experiments")
     p.add_argument("--lora_lrs", type=float, nargs="+", default=[5e-5], help="smollm2_lora: the learning rates tried")
