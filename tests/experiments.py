@@ -10,7 +10,7 @@ table and a PNG into --out. The README's "The papers' claims, measured here" sec
     python -m tests.experiments tools              # tool tasks: no-tool SFT, tool SFT, tool GRPO (tiny models)
     python -m tests.experiments concise            # Fatemi et al.: a second RL stage on sometimes-solved problems
     python -m tests.experiments knights_transfer   # Logic-RL: GRPO on knights, held-out knights and arithmetic
-                                                   # (SmolLM2-135M-Instruct, --smollm2 DIR; about 2 hours on 2 cores)
+                                                   # (SmolLM2-135M-Instruct, --smollm2 DIR; README's run took 1.8 h)
     python -m tests.experiments smollm2_tools      # SmolLM2: tool SFT + GRPO with Python vs the same without tools
     python -m tests.experiments smollm2_lora       # SmolLM2: GRPO with LoRA from the recipe's SFT checkpoint
     python -m tests.experiments all --tiny         # every experiment with tiny settings (what the slow test runs)
@@ -425,8 +425,16 @@ def knights_transfer(args, out):
             f"sample.py --eval)\n\n"
             + table(["GRPO on", "seed", "knights before", "knights after", "arithmetic before", "arithmetic after"],
                     rows))
-    write(out, "knights_transfer", text, lambda ax: ax.bar(
-        [f"{r[0]} s{r[1]}" for r in rows], [float(r[5]) - float(r[4]) for r in rows], label="arithmetic gain"))
+
+    def plot(ax):  # each run's held-out accuracy after GRPO on both tasks; the dashed lines are the cold start's
+        x = range(len(rows))
+        for i, (task, col) in enumerate((("knights", 3), ("arithmetic", 5))):
+            ax.bar([k + 0.4 * i for k in x], [float(r[col]) for r in rows], width=0.4, color=f"C{i}",
+                   label=f"{task}, after GRPO")
+            ax.axhline(float(rows[0][col - 1]), color=f"C{i}", linestyle="--", label=f"{task}, cold start")
+        ax.set_xticks([k + 0.2 for k in x], [f"on {r[0].split()[0]}\nseed {r[1]}" for r in rows], fontsize=8)
+        ax.set_ylabel("held-out greedy accuracy")
+    write(out, "knights_transfer", text, plot)
 
 
 def heldout_score(args, out, model, task):
