@@ -409,8 +409,8 @@ def knights_transfer(args, out):
             sft, (_, rl) = smollm2_stages(args, out, "knights", "builtin:knights", seed=seed, sft_from=sft,
                                           grpo_flags=["--data", task], rl_name=name,
                                           tokens=48 if args.tiny else 384)  # both arms from the knights cold start
-            # grpo.py scores its own task before and after; the other task is scored here, after (its "before" is
-            # the other arm's: the same cold-start checkpoint, so each problem is evaluated once per checkpoint)
+            # grpo.py scores its own task before and after; the other task is scored here, after only: its "before"
+            # is the other arm's (both arms start from the one cold-start checkpoint)
             scores[arm, seed] = {task: (rl["heldout_acc_before"], rl["heldout_acc_after"]),
                                  other: (None, heldout_score(args, out / f"eval-{name}-after-seed{seed}",
                                                              rl["final_checkpoint"], other))}
