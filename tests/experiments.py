@@ -401,24 +401,23 @@ def smollm2_lora(args, out):
 
 def knights_transfer(args, out):
     arms = {"knights": ("builtin:knights", "builtin"), "arithmetic control": ("builtin", "builtin:knights")}
-    scores = {}  # (arm, seed) -> {task: (before, after)}, greedy held-out accuracy
+    tokens = 48 if args.tiny else 384  # room for the longest worked knights solution
+    before, after = {}, {}  # (seed, task) and (arm, seed, task) -> greedy held-out accuracy
     for seed in args.seeds:
         sft = None
         for arm, (task, other) in arms.items():
             name = arm.split()[0]
             sft, (_, rl) = smollm2_stages(args, out, "knights", "builtin:knights", seed=seed, sft_from=sft,
                                           grpo_flags=["--data", task], rl_name=name,
-                                          tokens=48 if args.tiny else 384)  # both arms from the knights cold start
+                                          tokens=tokens)  # both arms from the knights cold start
             # grpo.py scores its own task before and after; the other task is scored here, after only: its "before"
             # is the other arm's (both arms start from the one cold-start checkpoint)
-            scores[arm, seed] = {task: (rl["heldout_acc_before"], rl["heldout_acc_after"]),
-                                 other: (None, heldout_score(args, out / f"eval-{name}-after-seed{seed}",
-                                                             rl["final_checkpoint"], other))}
-    rows = []
-    for (arm, seed), got in scores.items():
-        before = {task: scores[a, seed][task][0] for a, (task, _) in arms.items()}
-        rows.append([arm, seed, *(f"{x:.3f}" for task in ("builtin:knights", "builtin")
-                                  for x in (before[task], got[task][1]))])
+            before[seed, task], after[arm, seed, task] = rl["heldout_acc_before"], rl["heldout_acc_after"]
+            after[arm, seed, other] = heldout_score(args, out / f"eval-{name}-after-seed{seed}",
+                                                    rl["final_checkpoint"], other, tokens)
+    rows = [[arm, seed, *(f"{x:.3f}" for task in ("builtin:knights", "builtin")
+                          for x in (before[seed, task], after[arm, seed, task]))]
+            for seed in args.seeds for arm in arms]
     text = (f"SmolLM2-135M-Instruct: cold-start SFT on knights worked solutions, then GRPO ({args.smollm2_steps} steps "
             f"x {args.smollm2_batch} completions) on knights or, as a control, on arithmetic; greedy accuracy on "
             f"{args.smollm2_heldout} held-out problems of both tasks (the trained task scored by grpo.py, the other by "
@@ -437,11 +436,11 @@ def knights_transfer(args, out):
     write(out, "knights_transfer", text, plot)
 
 
-def heldout_score(args, out, model, task):
+def heldout_score(args, out, model, task, tokens):
     """Greedy held-out accuracy of a checkpoint on a built-in task (sample.py --eval)."""
     summary, _ = stage(f"eval {task}", "sample.py", [
         "--model", model, "--eval", task, "--limit", 8 if args.tiny else args.smollm2_heldout, "--n", 1,
-        "--temperature", 0, "--max_new_tokens", 48 if args.tiny else 384, "--device", "cpu"],
+        "--temperature", 0, "--max_new_tokens", tokens, "--device", "cpu"],
         out / task.replace(":", "_"), print)
     return summary["pass@1"]
 
